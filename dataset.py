@@ -1,0 +1,402 @@
+"""Dataset and data loader for SOLO instance segmentation (CIS680 handout, section 4).
+
+Data files (names fixed, FILE_NAMES; `dataset_paths(data_dir)` lists them in this order):
+  images h5  key "data", uint8 (N, 3, 300, 400) RGB
+  masks h5   key "data", uint8 (total_objects, 300, 400) in {0, 1}, in image order
+  labels npy object array (N,), entry i int (n_i,): 1 vehicle, 2 person, 3 animal (CLASS_NAMES[k - 1])
+  bboxes npy object array (N,), entry i float (n_i, 4): x1 y1 x2 y2 in pixels of the 300x400 frame
+The masks of image i are rows offset[i] : offset[i] + n_i of the masks file (offsets = cumulative n_i).
+
+Boxes use pixel-edge coordinates: pixel column c spans [c, c + 1), so scaling a box by the image's scale
+factors keeps it around the resized mask (every mask pixel centre lies inside the box).
+
+Preprocessing (handout 4.3), for input_height = 800:
+  [0, 255] -> [0, 1] -> bilinear resize to 800 x 1066 -> ImageNet normalisation -> zero pad right/bottom
+  to 800 x 1088 (multiples of 32). Masks: same resize (bilinear, then >= 0.5) and padding. Boxes: x scaled
+  by 1066 / 400, y by 800 / 300. Padded pixels are exactly 0 in the normalised image and in the masks.
+
+Visual check (saves `--num` PNGs into `--out`; uses data/synthetic when the real files are missing):
+  python dataset.py [--data-dir data] [--out figures] [--num 5]
+"""
+import argparse
+import math
+import operator
+import os
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from torch.utils.data import DataLoader, Dataset, Subset
+
+CLASS_NAMES = ("vehicle", "person", "animal")  # label k is CLASS_NAMES[k - 1]; 0 = background
+FILE_NAMES = (
+    "hw3_mycocodata_img_comp_zlib.h5",
+    "hw3_mycocodata_mask_comp_zlib.h5",
+    "hw3_mycocodata_labels_comp_zlib.npy",
+    "hw3_mycocodata_bboxes_comp_zlib.npy",
+)
+ROLES = ("images", "masks", "labels", "bboxes")  # what each of the four files holds, for error messages
+H5_KEY = "data"
+MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean
+STD = (0.229, 0.224, 0.225)  # ImageNet RGB std
+PAD_MULTIPLE = 32  # the input is padded to a multiple of the backbone's coarsest stride
+
+
+def dataset_paths(data_dir):
+    """[images_h5, masks_h5, labels_npy, bboxes_npy] inside `data_dir`."""
+    return [os.path.join(data_dir, name) for name in FILE_NAMES]
+
+
+def denormalize(img):
+    """Undo the ImageNet normalisation of img (3, H, W) or (B, 3, H, W); returns values clamped to [0, 1]."""
+    if img.ndim not in (3, 4) or img.shape[-3] != 3:
+        raise ValueError(f"expected an image (3, H, W) or (B, 3, H, W), got shape {tuple(img.shape)}")
+    mean = torch.tensor(MEAN, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    return (img * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and validation (each helper raises an error naming the file, the image and what was expected)
+# ----------------------------------------------------------------------------------------------------
+def _check_files_exist(paths):
+    if len(paths) != 4:
+        raise ValueError(f"expected 4 paths [images_h5, masks_h5, labels_npy, bboxes_npy], got {len(paths)}")
+    for role, name, path in zip(ROLES, FILE_NAMES, paths):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{role} file not found: {path} (expected the {name} of the dataset). The real CIS680 data "
+                f"comes with the course handout; `python synthetic.py --out DIR` writes a synthetic dataset "
+                f"in the same format.")
+
+
+def _h5_shape(path, role, expected):
+    """Shape of the uint8 dataset "data" in `path`; `expected` describes its layout, e.g. "(N, 3, H, W)"."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{role} file {path} is not a readable HDF5 file ({err})") from None
+    with f:
+        if H5_KEY not in f:
+            raise ValueError(f"{role} file {path} has no dataset '{H5_KEY}' (keys: {list(f.keys())})")
+        data = f[H5_KEY]
+        if data.dtype != np.uint8 or data.ndim != expected.count(",") + 1:
+            raise ValueError(f"{role} file {path}: '{H5_KEY}' is {data.dtype} {data.shape}, "
+                             f"expected uint8 {expected}")
+        return data.shape
+
+
+def _load_entries(path, role):
+    """The per-image entries of an npy file (an object array (N,) or a regular array (N, ...))."""
+    try:
+        array = np.load(path, allow_pickle=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{role} file {path} is not a readable .npy file ({err})") from None
+    if array.ndim == 0:
+        raise ValueError(f"{role} file {path} holds a scalar, expected one entry per image")
+    return list(array)
+
+
+def _parse_labels(entries, path):
+    """Entries -> list of int64 (n_i,) arrays with values in 1..3."""
+    labels = []
+    for i, entry in enumerate(entries):
+        try:
+            label = np.atleast_1d(np.asarray(entry, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ValueError(f"labels file {path}: image {i} has a non-numeric entry {entry!r}") from None
+        if label.ndim != 1:
+            raise ValueError(f"labels file {path}: image {i} has shape {label.shape}, expected (n,)")
+        bad = label[(label < 1) | (label > len(CLASS_NAMES)) | (label != np.round(label))]
+        if bad.size:
+            raise ValueError(f"labels file {path}: image {i} has label {bad[0]:g}; labels must be 1 "
+                             f"(vehicle), 2 (person) or 3 (animal)")
+        labels.append(label.astype(np.int64))
+    return labels
+
+
+def _parse_bboxes(entries, path, labels):
+    """Entries -> list of float32 (n_i, 4) arrays, one box per label."""
+    bboxes = []
+    for i, (entry, label) in enumerate(zip(entries, labels)):
+        try:
+            bbox = np.asarray(entry, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"bboxes file {path}: image {i} has a non-numeric entry") from None
+        if bbox.size == 0:
+            bbox = bbox.reshape(0, 4)
+        if bbox.ndim != 2 or bbox.shape[1] != 4:
+            raise ValueError(f"bboxes file {path}: image {i} has boxes of shape {bbox.shape}, "
+                             f"expected (n, 4) x1 y1 x2 y2")
+        if len(bbox) != len(label):
+            raise ValueError(f"bboxes file {path}: image {i} has {len(bbox)} boxes but the labels file "
+                             f"lists {len(label)} objects for it")
+        if not np.isfinite(bbox).all() or (bbox[:, 2:] < bbox[:, :2]).any():
+            raise ValueError(f"bboxes file {path}: image {i} has a box that is not finite with x1 <= x2, "
+                             f"y1 <= y2: {bbox.tolist()}")
+        bboxes.append(bbox)
+    return bboxes
+
+
+def _check_counts(paths, num_images, num_masks, labels, bboxes):
+    """One labels entry and one bboxes entry per image, one mask per label."""
+    if num_images == 0:
+        raise ValueError(f"images file {paths[0]} holds no images")
+    for role, path, entries in (("labels", paths[2], labels), ("bboxes", paths[3], bboxes)):
+        if len(entries) != num_images:
+            raise ValueError(f"{role} file {path} has {len(entries)} entries but the images file {paths[0]} "
+                             f"has {num_images} images")
+    num_objects = sum(len(label) for label in labels)
+    if num_masks != num_objects:
+        raise ValueError(f"masks file {paths[1]} has {num_masks} masks but the labels file {paths[2]} lists "
+                         f"{num_objects} objects")
+
+
+class BuildDataset(Dataset):
+    """Images, labels, masks and boxes of the CIS680 data, preprocessed as in handout 4.3.
+
+    Args:
+        paths: [images_h5, masks_h5, labels_npy, bboxes_npy] (see `dataset_paths`).
+        input_height: height of the resized image; width = int(input_height * W / H) (800 -> 800 x 1066).
+        hflip: if True, flip image, masks and boxes horizontally with probability 0.5 (torch RNG).
+
+    dataset[i] -> (img float32 (3, Hp, Wp) normalised, label int64 (n,) in 1..3,
+                   mask float32 (n, Hp, Wp) in {0, 1}, bbox float32 (n, 4) x1 y1 x2 y2 in input pixels);
+    n may be 0 (label (0,), mask (0, Hp, Wp), bbox (0, 4)).
+    Attributes: ori_size (H, W) of the files, scaled_size (Hs, Ws) after resizing, input_size (Hp, Wp)
+    after padding, num_objects int array (N,).
+
+    The h5 files are opened lazily, once per process, so DataLoader workers (num_workers > 0) each get
+    their own handle.
+    """
+
+    def __init__(self, paths, input_height=800, hflip=False):
+        paths = [os.fspath(p) for p in paths]
+        _check_files_exist(paths)
+        num_images, channels, height, width = _h5_shape(paths[0], "images", "(N, 3, H, W)")
+        if channels != 3:
+            raise ValueError(f"images file {paths[0]}: shape {(num_images, channels, height, width)}, "
+                             f"expected (N, 3, H, W) RGB")
+        mask_shape = _h5_shape(paths[1], "masks", "(total_objects, H, W)")
+        if mask_shape[1:] != (height, width):
+            raise ValueError(f"masks file {paths[1]}: masks are {mask_shape[1:]}, but the images in "
+                             f"{paths[0]} are {(height, width)}")
+        labels = _parse_labels(_load_entries(paths[2], "labels"), paths[2])
+        bbox_entries = _load_entries(paths[3], "bboxes")
+        _check_counts(paths, num_images, mask_shape[0], labels, bbox_entries)
+
+        self.paths = paths
+        self.labels = labels  # list (N,) of int64 (n_i,)
+        self.bboxes = _parse_bboxes(bbox_entries, paths[3], labels)  # list (N,) of float32 (n_i, 4)
+        self.num_objects = np.array([len(label) for label in labels], dtype=np.int64)  # (N,)
+        self.mask_offsets = np.concatenate([[0], np.cumsum(self.num_objects)[:-1]])  # (N,) first mask row
+        self.hflip = hflip
+        self.ori_size = (height, width)
+        self.scaled_size = (input_height, int(input_height * width / height))
+        self.input_size = tuple(math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE for s in self.scaled_size)
+        self._h5 = None  # {"images": h5py.File, "masks": h5py.File}, opened by the process that reads them
+        self._h5_pid = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_h5"] = state["_h5_pid"] = None  # h5py handles cannot be pickled; each worker reopens
+        return state
+
+    def _data(self, role):
+        if self._h5 is None or self._h5_pid != os.getpid():  # first access in this (possibly forked) process
+            self._h5 = {name: h5py.File(path, "r") for name, path in zip(ROLES[:2], self.paths)}
+            self._h5_pid = os.getpid()
+        return self._h5[role][H5_KEY]
+
+    def _index(self, index):
+        index = operator.index(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"image index {index} out of range for {len(self)} images")
+        return index % len(self)
+
+    def get_raw(self, index):
+        """Ground truth in the original frame: img uint8 (3, H, W), label int64 (n,),
+        mask uint8 (n, H, W), bbox float32 (n, 4) x1 y1 x2 y2 in original pixels."""
+        i = self._index(index)
+        start, num = int(self.mask_offsets[i]), int(self.num_objects[i])
+        img = torch.from_numpy(self._data("images")[i])  # (3, H, W)
+        mask = torch.from_numpy(self._data("masks")[start:start + num])  # (n, H, W)
+        return img, torch.tensor(self.labels[i]), mask, torch.tensor(self.bboxes[i])  # copies: callers may edit
+
+    def __getitem__(self, index):
+        img, label, mask, bbox = self.get_raw(index)
+        img, mask, bbox = self._resize(img, mask, bbox)
+        if self.hflip and torch.rand(()) < 0.5:
+            img, mask, bbox = self._flip(img, mask, bbox)
+        img = TF.normalize(img, MEAN, STD)
+        return self._pad(img), label, self._pad(mask), bbox
+
+    def _resize(self, img, mask, bbox):
+        """Original frame -> scaled frame (Hs, Ws): img float [0, 1], mask float {0, 1}, bbox scaled."""
+        (height, width), size = self.ori_size, self.scaled_size
+        img = F.interpolate(img[None].float() / 255, size=size, mode="bilinear", align_corners=False)[0]
+        if len(mask):
+            mask = F.interpolate(mask[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            mask = (mask >= 0.5).float()  # (n, Hs, Ws)
+        else:  # interpolate rejects zero channels
+            mask = torch.zeros((0,) + size)
+        scale = torch.tensor([size[1] / width, size[0] / height] * 2)  # x1 y1 x2 y2 factors
+        return img, mask, bbox * scale  # (3, Hs, Ws), (n, Hs, Ws), (n, 4)
+
+    def _flip(self, img, mask, bbox):
+        """Horizontal flip in the scaled frame (before padding): x -> Ws - x, so x1' = Ws - x2, x2' = Ws - x1."""
+        width = self.scaled_size[1]
+        bbox = torch.stack([width - bbox[:, 2], bbox[:, 1], width - bbox[:, 0], bbox[:, 3]], dim=1)
+        return img.flip(-1), mask.flip(-1), bbox
+
+    def _pad(self, x):
+        """Zero-pad (C, Hs, Ws) on the right and bottom to (C, Hp, Wp)."""
+        pad_h, pad_w = (p - s for p, s in zip(self.input_size, self.scaled_size))
+        return F.pad(x, (0, pad_w, 0, pad_h))
+
+
+class BuildDataLoader:
+    """Batches of (img (B, 3, Hp, Wp), label_list [(n,)], mask_list [(n, Hp, Wp)], bbox_list [(n, 4)]).
+
+    Pass either `shuffle=True` or a `sampler` (e.g. a DistributedSampler), not both.
+    """
+
+    def __init__(self, dataset, batch_size, shuffle, num_workers, sampler=None):
+        if sampler is not None and shuffle:
+            raise ValueError("shuffle must be False when a sampler is given (the sampler sets the order)")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.sampler = sampler
+
+    @staticmethod
+    def collect_fn(batch):
+        """Stack the images; keep labels, masks and boxes as per-image lists (object counts differ)."""
+        imgs, labels, masks, bboxes = zip(*batch)
+        return torch.stack(imgs, dim=0), list(labels), list(masks), list(bboxes)
+
+    def loader(self):
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, sampler=self.sampler,
+                          num_workers=self.num_workers, collate_fn=self.collect_fn,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+
+
+def split_dataset(dataset, train_frac=0.8, seed=0):
+    """Reproducible disjoint split -> (train Subset, test Subset), covering every index.
+
+    The first round(train_frac * N) indices of torch.randperm(N) (seeded generator) go to train, the rest
+    to test; each subset's indices are sorted. 3265 images -> 2612 train, 653 test.
+    """
+    if not 0 <= train_frac <= 1:
+        raise ValueError(f"train_frac must be in [0, 1], got {train_frac}")
+    num_train = round(train_frac * len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # (N,)
+    train, test = order[:num_train].sort().values, order[num_train:].sort().values
+    return Subset(dataset, train.tolist()), Subset(dataset, test.tolist())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Visual check
+# ----------------------------------------------------------------------------------------------------
+CLASS_COLORS = ((1.0, 0.85, 0.0), (0.0, 0.9, 0.9), (1.0, 0.2, 1.0))  # overlay colours: vehicle, person, animal
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Save dataset visualisations (image, boxes, masks).")
+    parser.add_argument("--data-dir", default="data", type=str, help="folder with the four real data files")
+    parser.add_argument("--synthetic-dir", default="data/synthetic", type=str,
+                        help="synthetic dataset used (and written if missing) when --data-dir lacks the files")
+    parser.add_argument("--synthetic-images", default=400, type=int, help="images in a newly written synthetic set")
+    parser.add_argument("--out", default="figures", type=str, help="output folder for the PNGs")
+    parser.add_argument("--num", default=5, type=int, help="number of images to save")
+    parser.add_argument("--input-height", default=800, type=int, help="network input height")
+    parser.add_argument("--seed", default=0, type=int, help="seed for choosing the images")
+    return parser
+
+
+def write_synthetic_if_missing(folder, num_images=400, seed=0):
+    """Paths of the dataset in `folder`, first writing a synthetic one there if any file is missing."""
+    paths = dataset_paths(folder)
+    if not all(os.path.isfile(p) for p in paths):
+        from synthetic import write_synthetic_dataset  # synthetic imports this module: import late
+
+        print(f"writing a synthetic dataset ({num_images} images, seed {seed}) to {folder} ...")
+        paths = write_synthetic_dataset(folder, num_images=num_images, seed=seed)
+    return paths
+
+
+def resolve_data_dir(data_dir, synthetic=0):
+    """Folder of the four data files for the training scripts: data_dir itself (the real data) when
+    synthetic == 0, else data_dir/synthetic_<N>, holding a synthetic dataset of N images (seed 0) written
+    there on first use."""
+    if synthetic <= 0:
+        return data_dir
+    folder = os.path.join(data_dir, f"synthetic_{synthetic}")
+    write_synthetic_if_missing(folder, num_images=synthetic)
+    return folder
+
+
+def resolve_paths(data_dir, synthetic_dir, num_images=400):
+    """The real files in data_dir if all four exist, else the synthetic ones (written if missing)."""
+    paths = dataset_paths(data_dir)
+    if all(os.path.isfile(p) for p in paths):
+        return paths
+    print(f"real data not found in {data_dir}; using the synthetic dataset in {synthetic_dir}")
+    return write_synthetic_if_missing(synthetic_dir, num_images)
+
+
+def choose_images(num_objects, num, seed=0):
+    """Two of the most crowded images (like the handout's figures), then random others."""
+    crowded = [int(i) for i in np.argsort(-num_objects, kind="stable")[:min(2, num)]]
+    others = [int(i) for i in np.random.default_rng(seed).permutation(len(num_objects)) if i not in crowded]
+    return crowded + others[:num - len(crowded)]
+
+
+def plot_item(img, label, mask, bbox, title, path):
+    """Save the denormalised input with masks (class colour, alpha 0.5), boxes and class names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rgb = denormalize(img).permute(1, 2, 0).numpy()  # (Hp, Wp, 3)
+    label = label.tolist()
+    for k in range(len(label)):
+        colour = np.array(CLASS_COLORS[label[k] - 1])
+        on = mask[k].numpy() > 0  # (Hp, Wp)
+        rgb[on] = 0.5 * rgb[on] + 0.5 * colour
+    height, width = rgb.shape[:2]
+    fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
+    ax.imshow(rgb)
+    for k in range(len(label)):
+        x1, y1, x2, y2 = bbox[k].tolist()
+        colour = CLASS_COLORS[label[k] - 1]
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2))
+        ax.text(x1, y1, CLASS_NAMES[label[k] - 1], color="black", fontsize=10, va="bottom",
+                bbox=dict(facecolor=colour, alpha=0.8, pad=1, edgecolor="none"))
+    ax.set_title(title)
+    ax.axis("off")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(args):
+    paths = resolve_paths(args.data_dir, args.synthetic_dir, args.synthetic_images)
+    dataset = BuildDataset(paths, input_height=args.input_height)
+    os.makedirs(args.out, exist_ok=True)
+    for k, index in enumerate(choose_images(dataset.num_objects, args.num, args.seed)):
+        img, label, mask, bbox = dataset[index]
+        path = os.path.join(args.out, f"dataset_{k}.png")
+        title = f"image {index}: {len(label)} objects, input {tuple(img.shape[1:])} (padding right/bottom)"
+        plot_item(img, label, mask, bbox, title, path)
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

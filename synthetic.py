@@ -1,0 +1,301 @@
+"""Synthetic stand-in for the CIS680 instance-segmentation data, in the exact real-data file format.
+
+Writes the four files that `dataset.BuildDataset` reads (names from `dataset.FILE_NAMES`):
+  images h5  key "data", uint8 (N, 3, H, W) RGB                 gzip, one chunk per image
+  masks h5   key "data", uint8 (total_objects, H, W) in {0, 1}  gzip, one chunk per mask, image order
+  labels npy object array (N,), entry i int64 (n_i,): 1 vehicle, 2 person, 3 animal
+  bboxes npy object array (N,), entry i float32 (n_i, 4): x1 y1 x2 y2 in pixel-edge coordinates
+             (pixel column c spans [c, c + 1), so x2 = last mask column + 1): the tight box of the mask.
+
+Scenes: a greyish textured background (smooth colour gradient, low-frequency blobs, mild noise) with 1 to
+`max_objects` objects whose classes differ in shape AND colour:
+  vehicle  wide rounded body + cabin with a window + two dark wheels, blue hue
+  person   tall: round head, elliptic torso with arms, two legs, red/orange hue
+  animal   horizontal elliptic body, neck, head, four legs and a tail, green/brown hue with stripes
+The object size sqrt(w * h) is log-uniform in [min_size, max_size] pixels of the H x W frame (14..240 at
+300x400 is ~37..640 px at the 800-pixel network input, i.e. every FPN scale range of the SOLO head).
+Objects are painted in order, a later one occluding earlier ones; each mask is the VISIBLE part. An object
+with less than 40% of its area or fewer than 30 pixels visible is removed from the scene altogether (never
+left unlabelled); if that removes every object, the last one painted (never occluded) is kept.
+
+Deterministic for a seed (numpy Generator); vectorised numpy drawing.
+
+Usage (CPU only, a few seconds):
+  python synthetic.py --out data/synthetic --num-images 400 --seed 0
+"""
+import argparse
+import colorsys
+import functools
+import multiprocessing
+import os
+import time
+
+import h5py
+import numpy as np
+
+from dataset import dataset_paths
+
+ASPECT_RANGE = {1: (1.5, 2.3), 2: (0.35, 0.5), 3: (1.2, 1.7)}  # w / h per class
+MIN_VISIBLE_FRAC = 0.4  # drop an object with less of its area visible ...
+MIN_VISIBLE_PIXELS = 30  # ... or fewer visible pixels than this
+NOISE_LEVELS = 4  # pixel noise: uniform integer in [-4, 4] grey levels (of 255)
+BACKGROUND_GRID = (11, 14)  # the finest background blobs are ~30 px
+
+
+# ----------------------------------------------------------------------------------------------------
+# Primitive shapes: boolean masks from coordinate grids x (1, w) and y (h, 1), in pixels
+# ----------------------------------------------------------------------------------------------------
+def _ellipse(x, y, cx, cy, rx, ry):
+    rx, ry = max(rx, 0.7), max(ry, 0.7)  # keep thin parts at least ~1 pixel wide
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0  # (h, w)
+
+
+def _round_rect(x, y, x0, y0, x1, y1, r):
+    """Rectangle [x0, x1] x [y0, y1] with corners rounded by radius r (distance field)."""
+    r = min(r, (x1 - x0) / 2, (y1 - y0) / 2)
+    dx = np.maximum(np.maximum(x0 + r - x, x - (x1 - r)), 0)  # (1, w)
+    dy = np.maximum(np.maximum(y0 + r - y, y - (y1 - r)), 0)  # (h, 1)
+    return dx ** 2 + dy ** 2 <= r ** 2 + 1e-9  # (h, w)
+
+
+def _hsv(rng, hue, sat, val):
+    """RGB (3,) float32 from (low, high) ranges of hue (wraps around 1), saturation and value."""
+    h, s, v = (rng.uniform(*hue) % 1.0, rng.uniform(*sat), rng.uniform(*val))
+    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)
+
+
+def _layer(rgb, mask, colour):
+    """Paint `colour` ((3,) or (3, h, w)) into rgb (3, h, w) where mask (h, w)."""
+    colour = np.asarray(colour, np.float32)
+    if colour.ndim == 1:
+        colour = colour[:, None, None]  # (3, 1, 1)
+    return np.where(mask[None], colour, rgb)  # (3, h, w)
+
+
+def _shading(y, h, rgb):
+    """Darken towards the bottom of the object a little (a cue of volume, not of class)."""
+    return rgb[:, None, None] * (1.1 - 0.3 * np.clip(y / h, 0, 1))[None]  # (3, h, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Class drawers: local coordinates x (1, cw), y (ch, 1) with the object's box at [0, w] x [0, h]
+# Each returns (mask (ch, cw) bool, rgb (3, ch, cw) float32).
+# ----------------------------------------------------------------------------------------------------
+def _draw_vehicle(x, y, w, h, rng):
+    body = _round_rect(x, y, 0, 0.35 * h, w, 0.8 * h, 0.15 * h)
+    cab_x0, cab_x1 = rng.uniform(0.12, 0.3) * w, rng.uniform(0.65, 0.85) * w
+    cabin = _round_rect(x, y, cab_x0, 0, cab_x1, 0.45 * h, 0.15 * h)
+    window = _round_rect(x, y, cab_x0 + 0.08 * h, 0.08 * h, cab_x1 - 0.08 * h, 0.35 * h, 0.05 * h)
+    r = min(0.2 * h, 0.14 * w)  # wheel radius
+    wheels = _ellipse(x, y, 0.22 * w, h - r, r, r) | _ellipse(x, y, 0.78 * w, h - r, r, r)
+    rgb = np.zeros((3,) + wheels.shape, np.float32)
+    rgb = _layer(rgb, body | cabin, _shading(y, h, _hsv(rng, (0.55, 0.68), (0.5, 0.9), (0.45, 0.9))))
+    rgb = _layer(rgb, window & cabin, _hsv(rng, (0.5, 0.6), (0.05, 0.25), (0.75, 0.95)))
+    rgb = _layer(rgb, wheels, _hsv(rng, (0, 1), (0, 0.1), (0.05, 0.15)))
+    return body | cabin | wheels, rgb
+
+
+def _draw_person(x, y, w, h, rng):
+    r = min(0.11 * h, 0.4 * w)  # head radius
+    head = _ellipse(x, y, 0.5 * w, 0.11 * h, r, r)
+    torso = _ellipse(x, y, 0.5 * w, 0.4 * h, 0.36 * w, 0.2 * h)
+    arms = np.zeros_like(torso)
+    legs = np.zeros_like(torso)
+    for side in (0, 1):  # left, right
+        arms |= _ellipse(x, y, (0.12 + 0.76 * side) * w, 0.42 * h, 0.1 * w, 0.15 * h)
+        legs |= _round_rect(x, y, (0.22 + 0.32 * side) * w, 0.55 * h, (0.46 + 0.32 * side) * w, h, 0.08 * w)
+    shirt = _hsv(rng, (-0.03, 0.08), (0.65, 0.95), (0.6, 0.95))
+    rgb = np.zeros((3,) + torso.shape, np.float32)
+    rgb = _layer(rgb, legs, shirt * rng.uniform(0.35, 0.55))
+    rgb = _layer(rgb, torso | arms, _shading(y, h, shirt))
+    rgb = _layer(rgb, head, _hsv(rng, (0.05, 0.09), (0.25, 0.5), (0.7, 0.95)))
+    return head | torso | arms | legs, rgb
+
+
+def _draw_animal(x, y, w, h, rng):
+    if rng.random() < 0.5:  # face left or right
+        x = w - x
+    body = _ellipse(x, y, 0.42 * w, 0.45 * h, 0.32 * w, 0.22 * h)
+    neck = _ellipse(x, y, 0.7 * w, 0.33 * h, 0.08 * w, 0.15 * h)
+    head = _ellipse(x, y, 0.84 * w, 0.2 * h, 0.12 * w, 0.14 * h)
+    legs = np.zeros_like(body)
+    for u in (0.16, 0.28, 0.52, 0.64):
+        legs |= _round_rect(x, y, u * w, 0.5 * h, (u + 0.07) * w, h, 0.03 * w)
+    tail = _ellipse(x, y, 0.08 * w, 0.38 * h, 0.08 * w, 0.03 * h)
+    mask = body | neck | head | legs | tail
+    fur = _shading(y, h, _hsv(rng, (0.08, 0.35), (0.45, 0.8), (0.4, 0.8)))  # (3, ch, 1)
+    stripes = np.sin(2 * np.pi * (x / w * rng.uniform(4, 8) + rng.random())) > 0.3  # (1, cw)
+    fur = fur * np.where(stripes, 0.55, 1.0)[None]  # (3, ch, cw)
+    return mask, _layer(np.zeros((3,) + mask.shape, np.float32), mask, fur)
+
+
+DRAWERS = {1: _draw_vehicle, 2: _draw_person, 3: _draw_animal}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scene
+# ----------------------------------------------------------------------------------------------------
+def _upsample(grid, height, width):
+    """(C, gh, gw) -> (C, H, W) by separable linear interpolation (grid corners on image corners)."""
+    for axis, size in ((1, height), (2, width)):
+        pos = np.linspace(0, grid.shape[axis] - 1, size, dtype=np.float32)
+        lo = np.minimum(pos.astype(np.int64), grid.shape[axis] - 2)  # (size,)
+        frac = (pos - lo).reshape((-1, 1) if axis == 1 else (1, -1))
+        low, high = np.take(grid, lo, axis), np.take(grid, lo + 1, axis)
+        grid = low + (high - low) * frac
+    return grid
+
+
+def _background(rng, height, width):
+    """Greyish textured background (3, H, W) float32: a gradient plus low-frequency blobs of grey and tint."""
+    medium = np.full((3,) + BACKGROUND_GRID, rng.uniform(0.3, 0.7), np.float32)  # (3, 11, 14)
+    for grid, lum_amp, tint_amp in (((2, 2), 0.2, 0.06), ((5, 6), 0.12, 0.05), (BACKGROUND_GRID, 0.06, 0.03)):
+        coarse = lum_amp * rng.uniform(-1, 1, (1,) + grid) + tint_amp * rng.uniform(-1, 1, (3,) + grid)
+        medium += _upsample(coarse.astype(np.float32), *BACKGROUND_GRID)
+    return _upsample(medium, height, width)  # one full-size interpolation: cheap
+
+
+def _sample_object(rng, height, width, min_size, max_size):
+    """One object: (label, (row slice, col slice), full mask crop (ch, cw), rgb crop (3, ch, cw))."""
+    label = int(rng.integers(1, 4))
+    size = np.exp(rng.uniform(np.log(min_size), np.log(max_size)))  # sqrt(w * h) in pixels
+    aspect = rng.uniform(*ASPECT_RANGE[label])
+    w, h = size * np.sqrt(aspect), size / np.sqrt(aspect)
+    shrink = min(1.0, 0.95 * width / w, 0.95 * height / h)  # stay inside the frame
+    w, h = w * shrink, h * shrink
+    x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+    cols = slice(int(np.floor(x0)), int(np.ceil(x0 + w)))
+    rows = slice(int(np.floor(y0)), int(np.ceil(y0 + h)))
+    x = (np.arange(cols.start, cols.stop, dtype=np.float32) + 0.5 - x0)[None, :]  # (1, cw) pixel centres
+    y = (np.arange(rows.start, rows.stop, dtype=np.float32) + 0.5 - y0)[:, None]  # (ch, 1)
+    mask, rgb = DRAWERS[label](x, y, w, h, rng)
+    return label, (rows, cols), mask, rgb
+
+
+def _visible_owner(objects, keep, height, width):
+    """(H, W) int map: index of the top-most kept object at each pixel, -1 for background."""
+    owner = np.full((height, width), -1, np.int64)
+    for k, (_, window, mask, _) in enumerate(objects):
+        if keep[k]:
+            owner[window][mask] = k
+    return owner
+
+
+def _tight_boxes(masks):
+    """(n, H, W) masks -> (n, 4) float32 x1 y1 x2 y2, pixel-edge convention (x2 = last column + 1)."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for k, m in enumerate(masks):
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
+
+
+def render_image(rng, height=300, width=400, max_objects=5, min_size=14, max_size=240):
+    """One synthetic scene.
+
+    Returns: image uint8 (3, H, W), masks uint8 (n, H, W) visible parts in {0, 1}, labels int64 (n,) in 1..3,
+    boxes float32 (n, 4) tight x1 y1 x2 y2 (pixel-edge) with 1 <= n <= max_objects.
+    """
+    objects = [_sample_object(rng, height, width, min_size, max_size)
+               for _ in range(int(rng.integers(1, max_objects + 1)))]
+    full_area = np.array([obj[2].sum() for obj in objects])  # (n0,)
+    owner = _visible_owner(objects, np.ones(len(objects), bool), height, width)
+    visible = np.bincount(owner.ravel() + 1, minlength=len(objects) + 1)[1:]  # (n0,)
+    keep = (visible >= MIN_VISIBLE_FRAC * full_area) & (visible >= MIN_VISIBLE_PIXELS)
+    keep[-1] |= not keep.any()  # the last one painted is never occluded
+    # removing objects only uncovers the ones below them, so every kept object stays visible enough
+    owner = _visible_owner(objects, keep, height, width)
+
+    image = _background(rng, height, width)  # (3, H, W)
+    for k, (_, (rows, cols), mask, rgb) in enumerate(objects):
+        if keep[k]:
+            image[:, rows, cols] = np.where(mask[None], rgb, image[:, rows, cols])
+    noise = rng.integers(-NOISE_LEVELS, NOISE_LEVELS + 1, image.shape, dtype=np.int16)  # (3, H, W)
+    image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.int16)  # rounded grey levels
+    image = np.clip(image + noise, 0, 255).astype(np.uint8)  # (3, H, W)
+
+    kept = np.flatnonzero(keep)  # (n,)
+    masks = (owner[None] == kept[:, None, None]).astype(np.uint8)  # (n, H, W)
+    labels = np.array([objects[k][0] for k in kept], np.int64)
+    return image, masks, labels, _tight_boxes(masks)
+
+
+def _object_array(entries):
+    arr = np.empty(len(entries), dtype=object)  # stays 1-D even when all entries have one shape
+    for i, entry in enumerate(entries):
+        arr[i] = entry
+    return arr
+
+
+def _render_seeded(seed_seq, **scene):
+    return render_image(np.random.default_rng(seed_seq), **scene)
+
+
+def _rendered_images(num_images, seed, workers, scene):
+    """Yield render_image(...) results in image order. Image i draws from its own child seed of `seed`, so
+    the files do not depend on `workers` (processes rendering in parallel)."""
+    render = functools.partial(_render_seeded, **scene)
+    seeds = np.random.SeedSequence(seed).spawn(num_images)
+    if workers <= 1:
+        yield from map(render, seeds)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        yield from pool.imap(render, seeds, chunksize=4)
+
+
+def write_synthetic_dataset(out_dir, num_images=200, seed=0, max_objects=5, min_size=14, max_size=240,
+                            height=300, width=400, workers=2):
+    """Write a synthetic dataset into `out_dir` (created if needed) and return its four paths.
+
+    Same file names, h5 key "data", dtypes and layout as the real data (see the module docstring), so
+    `BuildDataset(write_synthetic_dataset(...))` works. The same seed gives identical arrays; image i only
+    depends on (seed, i), so a larger dataset with the same seed starts with the images of a smaller one.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = dataset_paths(out_dir)
+    scene = dict(height=height, width=width, max_objects=max_objects, min_size=min_size, max_size=max_size)
+    gzip = dict(compression="gzip", compression_opts=1)  # level 1: the noisy images barely gain from more
+    labels, boxes = [], []
+    with h5py.File(paths[0], "w") as f_img, h5py.File(paths[1], "w") as f_mask:
+        images = f_img.create_dataset("data", (num_images, 3, height, width), np.uint8,
+                                      chunks=(1, 3, height, width), **gzip)
+        masks = f_mask.create_dataset("data", (0, height, width), np.uint8, maxshape=(None, height, width),
+                                      chunks=(1, height, width), **gzip)
+        for i, (image, mask, label, box) in enumerate(_rendered_images(num_images, seed, workers, scene)):
+            images[i] = image  # (3, H, W)
+            masks.resize(len(masks) + len(mask), axis=0)
+            masks[len(masks) - len(mask):] = mask  # (n, H, W)
+            labels.append(label)
+            boxes.append(box)
+    np.save(paths[2], _object_array(labels), allow_pickle=True)
+    np.save(paths[3], _object_array(boxes), allow_pickle=True)
+    return paths
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Write a synthetic SOLO dataset (real-data file format).")
+    parser.add_argument("--out", default="data/synthetic", type=str, help="output folder")
+    parser.add_argument("--num-images", default=400, type=int, help="number of images")
+    parser.add_argument("--seed", default=0, type=int, help="random seed (same seed, same files)")
+    parser.add_argument("--max-objects", default=5, type=int, help="at most this many objects per image")
+    parser.add_argument("--min-size", default=14, type=float, help="smallest sqrt(w*h) in 300x400 pixels")
+    parser.add_argument("--max-size", default=240, type=float, help="largest sqrt(w*h) in 300x400 pixels")
+    parser.add_argument("--workers", default=2, type=int, help="processes rendering images (1: no pool)")
+    return parser
+
+
+def main(args):
+    start = time.perf_counter()
+    paths = write_synthetic_dataset(args.out, args.num_images, args.seed, args.max_objects, args.min_size,
+                                    args.max_size, workers=args.workers)
+    seconds = time.perf_counter() - start
+    labels = np.load(paths[2], allow_pickle=True)
+    counts = np.bincount(np.concatenate(labels), minlength=4)[1:]
+    print(f"wrote {args.num_images} images, {counts.sum()} objects (vehicle {counts[0]}, person {counts[1]}, "
+          f"animal {counts[2]}) to {args.out} in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
