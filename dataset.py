@@ -159,7 +159,8 @@ class BuildDataset(Dataset):
 
     Args:
         paths: [images_h5, masks_h5, labels_npy, bboxes_npy] (see `dataset_paths`).
-        input_height: height of the resized image; width = int(input_height * W / H) (800 -> 800 x 1066).
+        input_height: height of the resized image, a multiple of 32; width = int(input_height * W / H)
+            (800 -> 800 x 1066, padded on the right to 800 x 1088).
         hflip: if True, flip image, masks and boxes horizontally with probability 0.5 (torch RNG).
 
     dataset[i] -> (img float32 (3, Hp, Wp) normalised, label int64 (n,) in 1..3,
@@ -173,6 +174,10 @@ class BuildDataset(Dataset):
     """
 
     def __init__(self, paths, input_height=800, hflip=False):
+        if input_height % PAD_MULTIPLE:
+            raise ValueError(f"input_height {input_height} is not a multiple of {PAD_MULTIPLE}: the image is "
+                             f"padded only on the right, so the SOLO head can read the resized height off the "
+                             f"padded input (800, the handout's, is)")
         paths = [os.fspath(p) for p in paths]
         _check_files_exist(paths)
         num_images, channels, height, width = _h5_shape(paths[0], "images", "(N, 3, H, W)")

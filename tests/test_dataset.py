@@ -99,15 +99,20 @@ class TestItems:
 
     def test_masks_are_linked_to_images_by_label_counts(self, tiny_paths):
         images, masks, _, _ = tiny_data()
-        dataset = BuildDataset(tiny_paths, input_height=60)
+        dataset = BuildDataset(tiny_paths, input_height=64)
         np.testing.assert_array_equal(dataset.get_raw(0)[2].numpy(), masks[0:2])
         np.testing.assert_array_equal(dataset.get_raw(2)[2].numpy(), masks[2:3])
         np.testing.assert_array_equal(dataset.get_raw(-1)[0].numpy(), images[2])
 
+    def test_input_height_must_be_a_multiple_of_32(self, tiny_paths):
+        # the head and PostProcess take the padded height as the resized height, so no vertical padding
+        with pytest.raises(ValueError, match="input_height 60 .* multiple of 32"):
+            BuildDataset(tiny_paths, input_height=60)
+
     def test_image_without_objects_gives_empty_tensors(self, tiny_paths):
-        dataset = BuildDataset(tiny_paths, input_height=60)
+        dataset = BuildDataset(tiny_paths, input_height=64)
         img, label, mask, bbox = dataset[1]
-        assert img.shape == (3, 64, 96)  # 60 x 80 padded to multiples of 32
+        assert img.shape == (3, 64, 96)  # 64 x 85 padded to multiples of 32
         assert label.shape == (0,) and mask.shape == (0, 64, 96) and bbox.shape == (0, 4)
 
     def test_index_out_of_range(self, small):
@@ -213,7 +218,7 @@ class TestLoader:
         assert torch.equal(clone[0][0], small[0][0])
 
     def test_empty_image_in_a_batch(self, tiny_paths):
-        dataset = BuildDataset(tiny_paths, input_height=60)
+        dataset = BuildDataset(tiny_paths, input_height=64)
         _, labels, masks, bboxes = next(iter(BuildDataLoader(dataset, 3, False, 0).loader()))
         assert [len(x) for x in labels] == [2, 0, 1]
         assert masks[1].shape == (0, 64, 96) and bboxes[1].shape == (0, 4)
