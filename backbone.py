@@ -112,6 +112,10 @@ def _load_trained(backbone: BackboneWithFPN, state: dict, source: str, name: str
         raise ValueError(
             f"backbone weights file {source!r} does not hold {name} FPN backbone weights: {len(missing)} missing "
             f"keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}). Expected {layouts}.")
+    _set_frozen_bn_eps(backbone, eps)
+
+
+def _set_frozen_bn_eps(backbone: nn.Module, eps: float) -> None:
     for module in backbone.modules():
         if isinstance(module, FrozenBatchNorm2d):
             module.eps = eps
@@ -146,7 +150,8 @@ def _coco_backbone_state() -> tuple:
 
 
 def build_backbone(name: str = "resnet50", pretrained: bool = True, checkpoint_file: str | None = None,
-                   trainable: bool | None = None, device="cpu", eval: bool = True) -> BackboneWithFPN:
+                   trainable: bool | None = None, device="cpu", eval: bool = True,
+                   load_weights: bool = True) -> BackboneWithFPN:
     """Build a ResNet FPN backbone: backbone(img (bz, 3, H, W)) -> OrderedDict of 5 maps, 256 channels each.
 
     Args:
@@ -162,6 +167,9 @@ def build_backbone(name: str = "resnet50", pretrained: bool = True, checkpoint_f
         device: where to put the module.
         eval: eval mode if True, train mode otherwise (no effect on a frozen backbone: FrozenBatchNorm2d,
             no dropout). The name follows the course's Resnet50Backbone signature.
+        load_weights: False builds the trained backbone's architecture (FrozenBatchNorm2d with torchvision's
+            eps 0, same frozen/trainable split) without reading any file: for a SOLO checkpoint that already
+            holds the backbone's weights, so inference and resuming need no COCO file.
 
     Returns:
         torchvision BackboneWithFPN; its output keys are FEATURE_KEYS with strides FEATURE_STRIDES.
@@ -173,7 +181,9 @@ def build_backbone(name: str = "resnet50", pretrained: bool = True, checkpoint_f
                          "random ones: drop one of the two")
 
     source = state = None
-    if checkpoint_file is not None:
+    if not load_weights and (checkpoint_file is not None or (pretrained and name == "resnet50")):
+        source, state, eps = "<architecture only>", {}, 0.0
+    elif checkpoint_file is not None:
         source = str(checkpoint_file)
         state = _backbone_state(_read_torch_file(source), source)
         # The course's and torchvision's files come from FrozenBatchNorm2d models with eps 0 (torchvision's
@@ -187,7 +197,10 @@ def build_backbone(name: str = "resnet50", pretrained: bool = True, checkpoint_f
         trainable = bool(trainable)  # None -> frozen
         backbone = resnet_fpn_backbone(backbone_name=name, weights=None, norm_layer=FrozenBatchNorm2d,
                                        trainable_layers=FINETUNE_STAGES if trainable else 0)
-        _load_trained(backbone, state, source, name, eps)
+        if load_weights:
+            _load_trained(backbone, state, source, name, eps)
+        else:
+            _set_frozen_bn_eps(backbone, eps)
         if not trainable:
             backbone.requires_grad_(False)  # the FPN too, which trainable_layers=0 leaves trainable
     else:

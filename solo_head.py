@@ -1,0 +1,509 @@
+"""SOLO head: CIS680 handout section 6, following the SOLO authors' code where the handout is unclear.
+
+Conventions (see ../shared/handout-notes.md for why):
+  - images are padded on the right and bottom to (H, W), multiples of 32; 800x1088 in the handout.
+  - FPN levels after NewFPN have strides [8, 8, 16, 32, 32]; level l cuts the image into S_l x S_l cells.
+  - cell (i, j), i the row (y) and j the column (x), is mask channel k = i * S + j, and the category output is
+    flattened the same way.
+  - category labels 0..C-1 with 0 = background; category channel d predicts label d + 1.
+  - boxes are x1 y1 x2 y2 in input pixels; scale_ranges are sqrt(w * h) at an 800-pixel-high input and are
+    scaled with the input height, so a smaller input sends the same objects to the same levels.
+
+python solo_head.py [--data-dir DIR] [--input-height 800] saves the ground-truth plots of handout figures 8-9.
+"""
+import argparse
+import math
+import os
+from functools import partial
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from dataset import CLASS_NAMES, denormalize  # noqa: E402
+
+REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
+CLASS_COLORS = ((0.10, 0.45, 1.00), (1.00, 0.25, 0.10), (0.20, 0.85, 0.25))  # vehicle, person, animal
+
+# Post-processing settings. The handout's keep 5 detections: right for figures, but they cap recall, so mAP
+# uses the SOLO authors' settings (handout-notes 14). Matrix NMS has no IoU threshold: update_thresh is the
+# score a detection must keep after the decay.
+POSTPROCESS_HANDOUT = dict(cate_thresh=0.2, ins_thresh=0.5, pre_NMS_num=50, keep_instance=5,
+                           update_thresh=0.05, nms_kernel="gauss", nms_sigma=2.0, class_wise=True)
+POSTPROCESS_MAP = dict(cate_thresh=0.1, ins_thresh=0.5, pre_NMS_num=500, keep_instance=100,
+                       update_thresh=0.05, nms_kernel="gauss", nms_sigma=2.0, class_wise=True)
+
+
+def center_of_mass(masks):
+    """Centres of mass (cy, cx) of masks (n, H, W), in pixel coordinates where pixel (y, x) covers
+    [y, y + 1) x [x, x + 1) (so its centre is y + 0.5, as box coordinates are). float64, so that a centre on a
+    cell border lands exactly on it. An empty mask gives NaN."""
+    rows = masks.float().sum(2).double()  # (n, H) pixel counts, exact
+    cols = masks.float().sum(1).double()  # (n, W)
+    ys = torch.arange(masks.shape[1], device=masks.device, dtype=torch.float64) + 0.5
+    xs = torch.arange(masks.shape[2], device=masks.device, dtype=torch.float64) + 0.5
+    area = rows.sum(1)  # (n,)
+    return (rows * ys).sum(1) / area, (cols * xs).sum(1) / area
+
+
+def _rgb(color):
+    """A matplotlib colour, or a colormap name such as the handout's "jet", "ocean", "Spectral" (its colour at
+    0.8) -> (r, g, b)."""
+    if matplotlib.colors.is_color_like(color):
+        return matplotlib.colors.to_rgb(color)
+    return tuple(float(c) for c in matplotlib.colormaps[color](0.8)[:3])
+
+
+def coord_feat(feat):
+    """Normalised x then y coordinates in [-1, 1] as two channels (bz, 2, H, W) for CoordConv."""
+    bz, _, h, w = feat.shape
+    y, x = torch.meshgrid(torch.linspace(-1, 1, h, device=feat.device, dtype=feat.dtype),
+                          torch.linspace(-1, 1, w, device=feat.device, dtype=feat.dtype), indexing="ij")
+    return torch.stack([x, y]).expand(bz, 2, h, w)
+
+
+def conv_gn_relu(in_channels, out_channels):
+    """3x3 conv without bias, GroupNorm(32), ReLU: one layer of either branch's tower (handout 6.1.2)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.GroupNorm(32, out_channels), nn.ReLU(inplace=True))
+
+
+class SOLOHead(nn.Module):
+    def __init__(self,
+                 num_classes=4,
+                 in_channels=256,
+                 seg_feat_channels=256,
+                 stacked_convs=7,
+                 strides=(8, 8, 16, 32, 32),
+                 scale_ranges=((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)),
+                 epsilon=0.2,
+                 num_grids=(40, 36, 24, 16, 12),
+                 cate_down_pos=0,
+                 with_deform=False,
+                 mask_loss_cfg=dict(weight=3),
+                 cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize="positives"),
+                 postprocess_cfg=POSTPROCESS_HANDOUT,
+                 init="solo"):
+        super().__init__()
+        if with_deform:
+            raise ValueError("with_deform=True: deformable convolutions are not implemented (the handout "
+                             "and the SOLO R50 baseline use plain convolutions)")
+        if not (len(strides) == len(scale_ranges) == len(num_grids)):
+            raise ValueError(f"strides, scale_ranges and num_grids need one entry per FPN level, got "
+                             f"{len(strides)}, {len(scale_ranges)} and {len(num_grids)}")
+        if cate_loss_cfg.get("normalize", "positives") not in ("positives", "mean"):
+            raise ValueError(f"cate_loss_cfg normalize must be 'positives' (authors) or 'mean' (handout 6.9.1), "
+                             f"got {cate_loss_cfg['normalize']!r}")
+        self.num_classes = num_classes
+        self.cate_out_channels = num_classes - 1
+        self.in_channels = in_channels
+        self.seg_feat_channels = seg_feat_channels
+        self.stacked_convs = stacked_convs
+        self.strides = list(strides)
+        self.scale_ranges = [tuple(r) for r in scale_ranges]
+        self.epsilon = epsilon
+        self.seg_num_grids = list(num_grids)
+        self.cate_down_pos = cate_down_pos
+        self.mask_loss_cfg = dict(mask_loss_cfg)
+        self.cate_loss_cfg = dict(cate_loss_cfg)
+        self.postprocess_cfg = dict(postprocess_cfg)
+        self._init_layers()
+        self._init_weights(init)
+
+    # ---------------------------------------------------------------- model (6.1, 6.2, 6.3, 6.4)
+    def _init_layers(self):
+        c = self.seg_feat_channels
+        self.cate_convs = nn.ModuleList(
+            [conv_gn_relu(self.in_channels if i == 0 else c, c) for i in range(self.stacked_convs)])
+        self.cate_out = nn.Conv2d(c, self.cate_out_channels, 3, padding=1)
+        self.ins_convs = nn.ModuleList(
+            [conv_gn_relu(self.in_channels + 2 if i == 0 else c, c) for i in range(self.stacked_convs)])
+        self.ins_out_list = nn.ModuleList([nn.Conv2d(c, s * s, 1) for s in self.seg_num_grids])
+
+    def _init_weights(self, init="solo"):
+        """'solo' (default, the authors'): normal(std 0.01) weights, zero bias, category output bias -log(99) so
+        every cell starts at probability 0.01 and the summed focal loss starts small. 'xavier': the handout's
+        6.1.3, xavier_uniform_ weights and zero bias (every cell starts at 0.5)."""
+        if init not in ("solo", "xavier"):
+            raise ValueError(f"init must be 'solo' or 'xavier', got {init!r}")
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if init == "solo":
+                    nn.init.normal_(m.weight, std=0.01)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if init == "solo":
+            nn.init.constant_(self.cate_out.bias, -math.log((1 - 0.01) / 0.01))
+
+    def NewFPN(self, fpn_feat_list):
+        """Strides [4, 8, 16, 32, 64] -> [8, 8, 16, 32, 32]: level 0 halved, the last level resized to exactly
+        level 3's size (x2 would give 26x34 against 25x34 at 800x1088)."""
+        feats = list(fpn_feat_list.values()) if isinstance(fpn_feat_list, dict) else list(fpn_feat_list)
+        return [F.interpolate(feats[0], size=feats[1].shape[-2:], mode="bilinear", align_corners=False),
+                *feats[1:-1],
+                F.interpolate(feats[-1], size=feats[-2].shape[-2:], mode="bilinear", align_corners=False)]
+
+    def MultiApply(self, func, *args, **kwargs):
+        pfunc = partial(func, **kwargs) if kwargs else func
+        map_results = map(pfunc, *args)
+        return tuple(map(list, zip(*map_results)))
+
+    def forward(self, fpn_feat_list, eval=False):
+        """fpn_feat_list: the backbone's 5 maps (dict or list), strides [4, 8, 16, 32, 64].
+        Training: cate_pred_list [(bz, C-1, S, S)], ins_pred_list [(bz, S^2, 2H_feat, 2W_feat)], probabilities.
+        eval=True: cate_pred_list [(bz, S, S, C-1)] after points_nms, ins_pred_list [(bz, S^2, H/4, W/4)]."""
+        new_fpn_list = self.NewFPN(fpn_feat_list)
+        quarter_size = tuple(2 * s for s in new_fpn_list[0].shape[-2:])  # stride 4, as level 0 is stride 8
+        cate_pred_list, ins_pred_list = self.MultiApply(self.forward_single_level, new_fpn_list,
+                                                        list(range(len(new_fpn_list))),
+                                                        eval=eval, upsample_shape=quarter_size)
+        return cate_pred_list, ins_pred_list
+
+    def forward_single_level(self, fpn_feat, idx, eval=False, upsample_shape=None):
+        num_grid = self.seg_num_grids[idx]
+        # mask branch: CoordConv, tower, 1x1 to S^2 channels. The 1x1 conv commutes with bilinear upsampling,
+        # so it runs at the feature resolution (4x fewer FLOPs); the sigmoid comes after the upsampling.
+        ins_feat = torch.cat([fpn_feat, coord_feat(fpn_feat)], 1)  # (bz, 256 + 2, H_f, W_f)
+        for conv in self.ins_convs:
+            ins_feat = conv(ins_feat)  # (bz, c, H_f, W_f)
+        ins_pred = self.ins_out_list[idx](ins_feat)  # (bz, S^2, H_f, W_f) logits
+        out_size = upsample_shape if eval else tuple(2 * s for s in fpn_feat.shape[-2:])
+        ins_pred = F.interpolate(ins_pred, size=out_size, mode="bilinear", align_corners=False).sigmoid()
+
+        # category branch: resized to S x S at position cate_down_pos of the tower (0: before the first conv)
+        cate_feat = fpn_feat
+        for i, conv in enumerate(self.cate_convs):
+            if i == self.cate_down_pos:
+                cate_feat = F.interpolate(cate_feat, size=(num_grid, num_grid), mode="bilinear",
+                                          align_corners=False)  # (bz, c, S, S)
+            cate_feat = conv(cate_feat)
+        cate_pred = self.cate_out(cate_feat).sigmoid()  # (bz, C-1, S, S)
+        if eval:
+            cate_pred = self.points_nms(cate_pred).permute(0, 2, 3, 1)  # (bz, S, S, C-1)
+        return cate_pred, ins_pred
+
+    # ---------------------------------------------------------------- targets (6.5)
+    def target(self, ins_pred_list, bbox_list, label_list, mask_list):
+        """ins_pred_list: [(bz, S^2, 2H_f, 2W_f)], only its sizes are used. bbox_list [(n, 4)], label_list [(n,)],
+        mask_list [(n, H, W)] per image, at the padded input size.
+        Returns, each a list over images of a list over levels:
+          ins_gts_list (S^2, 2H_f, 2W_f) uint8, ins_ind_gts_list (S^2,) bool, cate_gts_list (S, S) int64."""
+        featmap_sizes = [tuple(p.shape[-2:]) for p in ins_pred_list]
+        device = ins_pred_list[0].device
+        ins_gts_list, cate_gts_list, ins_ind_gts_list = self.MultiApply(
+            self.target_single_img,
+            [b.to(device) for b in bbox_list], [l.to(device) for l in label_list], [m.to(device) for m in mask_list],
+            featmap_sizes=featmap_sizes)
+        return ins_gts_list, ins_ind_gts_list, cate_gts_list
+
+    def target_single_img(self, gt_bboxes_raw, gt_labels_raw, gt_masks_raw, featmap_sizes):
+        """Targets of one image (the authors' rules, handout-notes 6-9).
+        An object trains every level whose (inclusive) scale range holds sqrt(w * h) of its box; its positive
+        cells are those its centre region (centre of mass, half-size eps*w/2 x eps*h/2) covers, clipped to the
+        3x3 cells around the centre-of-mass cell. When objects claim one cell the smallest box wins: the cell is
+        all a small object has, while a large one keeps its other cells (the authors let the last one win).
+        gt_bboxes_raw (n, 4), gt_labels_raw (n,), gt_masks_raw (n, H, W), featmap_sizes [(2H_f, 2W_f)].
+        Returns ins_label_list [(S^2, 2H_f, 2W_f) uint8], cate_label_list [(S, S) int64],
+        ins_ind_label_list [(S^2,) bool]."""
+        device = gt_masks_raw.device
+        n, height, width = gt_masks_raw.shape
+        if n == 0:  # no object: every level is background
+            return ([torch.zeros(s * s, *size, dtype=torch.uint8, device=device)
+                     for s, size in zip(self.seg_num_grids, featmap_sizes)],
+                    [torch.zeros(s, s, dtype=torch.long, device=device) for s in self.seg_num_grids],
+                    [torch.zeros(s * s, dtype=torch.bool, device=device) for s in self.seg_num_grids])
+        box_w = gt_bboxes_raw[:, 2] - gt_bboxes_raw[:, 0]  # (n,)
+        box_h = gt_bboxes_raw[:, 3] - gt_bboxes_raw[:, 1]
+        obj_scale = torch.sqrt(box_w * box_h) * (REFERENCE_HEIGHT / height)  # (n,) in 800-pixel units
+        box_area = box_w * box_h
+        cy, cx = center_of_mass(gt_masks_raw)  # (n,)
+        has_pixels = gt_masks_raw.flatten(1).any(1)  # (n,)
+        resized = {}  # masks resized once per distinct level size (levels 0-1 and 3-4 share theirs)
+        ins_label_list, cate_label_list, ins_ind_label_list = [], [], []
+        for (lower, upper), num_grid, size in zip(self.scale_ranges, self.seg_num_grids, featmap_sizes):
+            hit = (obj_scale >= lower) & (obj_scale <= upper) & has_pixels  # (n,)
+            claims = self._centre_cells(cy, cx, 0.5 * self.epsilon * box_h.double(),
+                                        0.5 * self.epsilon * box_w.double(), height, width,
+                                        num_grid) & hit[:, None, None]  # (n, S, S)
+            owner = torch.where(claims, box_area[:, None, None], torch.inf).argmin(0).flatten()  # (S^2,)
+            ins_ind = claims.any(0).flatten()  # (S^2,)
+            cate_label = torch.where(ins_ind, gt_labels_raw.long()[owner], 0).view(num_grid, num_grid)
+            ins_label = torch.zeros(num_grid ** 2, *size, dtype=torch.uint8, device=device)
+            if ins_ind.any():
+                if size not in resized:
+                    resized[size] = (F.interpolate(gt_masks_raw[None].float(), size=size, mode="bilinear",
+                                                   align_corners=False)[0] >= 0.5).to(torch.uint8)  # (n, 2H_f, 2W_f)
+                ins_label[ins_ind] = resized[size][owner[ins_ind]]
+            ins_label_list.append(ins_label)
+            cate_label_list.append(cate_label)
+            ins_ind_label_list.append(ins_ind)
+        return ins_label_list, cate_label_list, ins_ind_label_list
+
+    @staticmethod
+    def _centre_cells(cy, cx, half_h, half_w, height, width, num_grid):
+        """(n, S, S) bool: the cells of an S x S grid over an height x width image that the centre regions
+        [cy +- half_h] x [cx +- half_w] cover, clipped to the 3x3 cells around the cell holding (cy, cx)."""
+        def cell(v, size):  # cell index of coordinate v along an axis of length size
+            return torch.floor(v / size * num_grid).long()
+        coord_h, coord_w = cell(cy, height).clamp(0, num_grid - 1), cell(cx, width).clamp(0, num_grid - 1)
+        top = torch.maximum(cell(cy - half_h, height).clamp(min=0), coord_h - 1)  # (n,)
+        down = torch.minimum(cell(cy + half_h, height).clamp(max=num_grid - 1), coord_h + 1)
+        left = torch.maximum(cell(cx - half_w, width).clamp(min=0), coord_w - 1)
+        right = torch.minimum(cell(cx + half_w, width).clamp(max=num_grid - 1), coord_w + 1)
+        grid = torch.arange(num_grid, device=cy.device)
+        rows = (grid >= top[:, None]) & (grid <= down[:, None])  # (n, S)
+        cols = (grid >= left[:, None]) & (grid <= right[:, None])  # (n, S)
+        return rows[:, :, None] & cols[:, None, :]
+
+    # ---------------------------------------------------------------- loss (6.9)
+    def loss(self, cate_pred_list, ins_pred_list, ins_gts_list, ins_ind_gts_list, cate_gts_list):
+        """L = L_cate + 3 L_mask. Predictions are probabilities as forward returns them (training mode).
+        Returns (cate_loss, mask_loss, total_loss); the first two unweighted."""
+        # mask loss: dice over the positive channels of every level and image
+        dice = []
+        for level, ins_pred_level in enumerate(ins_pred_list):  # (bz, S^2, 2H_f, 2W_f)
+            ind = torch.stack([ind_img[level] for ind_img in ins_ind_gts_list])  # (bz, S^2)
+            gts = torch.cat([gts_img[level][ind_img[level]]
+                             for gts_img, ind_img in zip(ins_gts_list, ins_ind_gts_list)])  # (n_pos, 2H_f, 2W_f)
+            dice.append(self.DiceLoss(ins_pred_level[ind].float(), gts.float()))  # (n_pos,)
+        dice = torch.cat(dice)
+        # no positive cell: zero, still part of the graph so backward works
+        mask_loss = dice.mean() if dice.numel() else ins_pred_list[0].float().mean() * 0
+
+        # category loss: level, image, cell order on both sides
+        cate_gts = torch.cat([torch.stack([gts_img[level] for gts_img in cate_gts_list]).flatten()
+                              for level in range(len(cate_pred_list))])  # (bz * sum S^2,)
+        cate_preds = torch.cat([p.permute(0, 2, 3, 1).reshape(-1, self.cate_out_channels)
+                                for p in cate_pred_list])  # (bz * sum S^2, C-1)
+        cate_loss = self.FocalLoss(cate_preds.float(), cate_gts)
+        total_loss = self.cate_loss_cfg["weight"] * cate_loss + self.mask_loss_cfg["weight"] * mask_loss
+        return cate_loss, mask_loss, total_loss
+
+    @staticmethod
+    def DiceLoss(mask_pred, mask_gt, eps=1e-3):
+        """1 - 2 sum(p q) / (sum(p^2) + sum(q^2)) over the last two dims: (..., H, W) -> (...).
+        eps on each sum (the authors') keeps empty masks finite."""
+        inter = (mask_pred * mask_gt).sum((-2, -1))
+        return 1 - 2 * inter / ((mask_pred ** 2).sum((-2, -1)) + eps + (mask_gt ** 2).sum((-2, -1)) + eps)
+
+    def FocalLoss(self, cate_preds, cate_gts, prob_eps=1e-6):
+        """Focal loss on probabilities cate_preds (num_entry, C-1) against labels cate_gts (num_entry,), 0 the
+        background; channel d's target is (label == d + 1). Summed over every entry, then divided by the number
+        of positive cells + 1 (authors, default) or averaged over entries (handout 6.9.1, normalize='mean').
+        Probabilities are clamped only inside the logs, so gradients stay finite at 0 and 1."""
+        alpha, gamma = self.cate_loss_cfg["alpha"], self.cate_loss_cfg["gamma"]
+        target = F.one_hot(cate_gts.long(), self.num_classes)[:, 1:].to(cate_preds.dtype)  # (num_entry, C-1)
+        p_t = torch.where(target > 0, cate_preds, 1 - cate_preds)
+        alpha_t = torch.where(target > 0, alpha, 1 - alpha)
+        fl = -alpha_t * (1 - p_t) ** gamma * torch.log(p_t.clamp(min=prob_eps))
+        if self.cate_loss_cfg.get("normalize", "positives") == "mean":
+            return fl.mean()
+        return fl.sum() / ((cate_gts > 0).sum() + 1)
+
+    # ---------------------------------------------------------------- post-processing (6.10)
+    def PostProcess(self, ins_pred_list, cate_pred_list, ori_size, cfg=None):
+        """ins_pred_list [(bz, S^2, H/4, W/4)], cate_pred_list [(bz, S, S, C-1)] as forward(eval=True) returns,
+        ori_size (ori_H, ori_W) of the images before resizing. cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP style
+        dict (default self.postprocess_cfg). Returns per image: scores (k,), labels (k,) in 1..C-1 and masks
+        (k, ori_H, ori_W) in {0, 1}, sorted by score; k = 0 gives empty tensors."""
+        bz = cate_pred_list[0].shape[0]
+        ins_pred_all = torch.cat(ins_pred_list, 1)  # (bz, sum S^2, H/4, W/4)
+        cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
+        return self.MultiApply(self.PostProcessImg, ins_pred_all, cate_pred_all,
+                               ori_size=tuple(ori_size), cfg=cfg or self.postprocess_cfg)
+
+    def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg):
+        """One image: ins_pred_img (sum S^2, H/4, W/4), cate_pred_img (sum S^2, C-1)."""
+        device = ins_pred_img.device
+        # filter: every (cell, class) above the category threshold is a candidate
+        cell, cls = (cate_pred_img > cfg["cate_thresh"]).nonzero(as_tuple=True)  # (k,), (k,)
+        scores = cate_pred_img[cell, cls]  # (k,)
+        masks = ins_pred_img[cell].float()  # (k, H/4, W/4)
+        hard = masks > cfg["ins_thresh"]
+        area = hard.sum((1, 2)).float()  # (k,)
+        # drop masks no larger than their level's stride (the authors'), then weight by maskness
+        cell_stride = torch.cat([torch.full((s * s,), float(st), device=device)
+                                 for s, st in zip(self.seg_num_grids, self.strides)])  # (sum S^2,)
+        keep = area > cell_stride[cell]
+        cell, scores, masks, hard, area = cell[keep], scores[keep], masks[keep], hard[keep], area[keep]
+        labels = cls[keep] + 1
+        scores = scores * (masks * hard).sum((1, 2)) / area
+        # sort, Matrix NMS, keep the best
+        order = scores.argsort(descending=True)[:cfg["pre_NMS_num"]]
+        scores, labels, masks, hard = scores[order], labels[order], masks[order], hard[order]
+        scores = self.MatrixNMS(hard, scores, labels if cfg["class_wise"] else None,
+                                method=cfg["nms_kernel"], gauss_sigma=cfg["nms_sigma"])
+        keep = scores >= cfg["update_thresh"]
+        order = scores[keep].argsort(descending=True)[:cfg["keep_instance"]]
+        scores, labels, masks = scores[keep][order], labels[keep][order], masks[keep][order]
+        masks = self._masks_to_original(masks, ori_size)  # (k, ori_H, ori_W)
+        visible = masks.flatten(1).any(1)  # a mask lying wholly in the padding is no detection
+        return scores[visible], labels[visible], masks[visible]
+
+    @staticmethod
+    def _masks_to_original(masks, ori_size, chunk=16):
+        """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) in {0, 1}: upsample to the padded input, crop
+        the padding (the image was resized to height H and width H * ori_W / ori_H), resize to ori_size."""
+        k, h4, w4 = masks.shape
+        height, width = 4 * h4, 4 * w4
+        crop_w = int(height * ori_size[1] / ori_size[0])
+        out = torch.zeros(k, *ori_size, device=masks.device)
+        for start in range(0, k, chunk):  # chunks bound the memory of full-size masks
+            m = F.interpolate(masks[None, start:start + chunk], size=(height, width), mode="bilinear",
+                              align_corners=False)[:, :, :height, :crop_w]  # (1, chunk, H, W_scaled)
+            m = F.interpolate(m, size=tuple(ori_size), mode="bilinear", align_corners=False)[0]
+            out[start:start + chunk] = (m > 0.5).float()
+        return out
+
+    @staticmethod
+    def MatrixNMS(sorted_ins, sorted_scores, sorted_labels=None, method="gauss", gauss_sigma=2.0):
+        """Matrix NMS (SOLOv2, Wang et al. 2020, eq. 4), one pass, no IoU threshold.
+        Args: sorted_ins (n, H, W) binary masks in descending score order; sorted_scores (n,); sorted_labels (n,)
+          or None: with labels a mask is only suppressed by higher-scored masks of its class (the authors'),
+          without them by every higher-scored mask (the handout's). method 'gauss' (decay exp(-sigma iou^2),
+          the handout's exp(-iou^2 / 0.5) is sigma = 2) or 'linear' (1 - iou).
+        Returns: decayed scores (n,); the top mask keeps its score and no score grows."""
+        n = sorted_scores.numel()
+        if n == 0:
+            return sorted_scores
+        masks = sorted_ins.reshape(n, -1).float()  # (n, HW)
+        inter = masks @ masks.T  # (n, n)
+        areas = masks.sum(1).expand(n, n)  # areas[i, j] = area_j
+        iou = (inter / (areas + areas.T - inter).clamp(min=1)).triu(diagonal=1)  # iou[i, j], i scored above j
+        if sorted_labels is not None:
+            iou = iou * (sorted_labels[:, None] == sorted_labels[None, :])
+        # iou_cmax[i]: how much mask i is itself suppressed, its largest IoU with any higher-scored mask
+        iou_cmax = iou.max(0).values.expand(n, n).T  # (n, n), row i holds iou_cmax[i]
+        if method == "gauss":
+            decay = torch.exp(-gauss_sigma * (iou ** 2 - iou_cmax ** 2))
+        elif method == "linear":
+            decay = (1 - iou) / (1 - iou_cmax).clamp(min=1e-6)  # a copy of a fully suppressed mask: 0, not 0 / 0
+        else:
+            raise ValueError(f"MatrixNMS method must be 'gauss' or 'linear', got {method!r}")
+        return sorted_scores * decay.min(0).values
+
+    @staticmethod
+    def points_nms(heat, kernel=2):
+        """Keep a category score only where it is the max of its 2x2 neighbourhood, per channel (6.10.4).
+        heat (bz, C-1, S, S)."""
+        if kernel != 2:
+            raise ValueError(f"points_nms kernel must be 2, got {kernel}")
+        hmax = F.max_pool2d(heat, (kernel, kernel), stride=1, padding=1)
+        keep = (hmax[:, :, :-1, :-1] == heat).to(heat.dtype)
+        return heat * keep
+
+    # ---------------------------------------------------------------- plots (6.6, 6.11)
+    def PlotGT(self, ins_gts_list, ins_ind_gts_list, cate_gts_list, color_list, img, save_prefix="figures/gt"):
+        """For each image, one figure of 5 panels (one per FPN level) with that level's positive-channel masks
+        over the image, coloured by class (handout figures 8-9). img (bz, 3, H, W) normalised input.
+        Returns the saved PNG paths."""
+        paths = []
+        for b, image in enumerate(denormalize(img.detach().cpu())):
+            fig, axes = plt.subplots(1, len(self.seg_num_grids), figsize=(4 * len(self.seg_num_grids), 3.4))
+            for level, ax in enumerate(axes):
+                ind = ins_ind_gts_list[b][level].cpu()  # (S^2,)
+                masks = ins_gts_list[b][level].cpu()[ind].float()  # (n_pos, 2H_f, 2W_f)
+                labels = cate_gts_list[b][level].cpu().flatten()[ind]  # (n_pos,)
+                masks = F.interpolate(masks[:, None], size=image.shape[-2:], mode="nearest")[:, 0]  # (n_pos, H, W)
+                ax.imshow(self._overlay(image, masks, labels, color_list))
+                ax.set_title(f"level {level}: S={self.seg_num_grids[level]}, {int(ind.sum())} positive cells")
+                ax.axis("off")
+            paths.append(self._save(fig, f"{save_prefix}_{b}.png"))
+        return paths
+
+    def PlotInfer(self, NMS_sorted_scores_list, NMS_sorted_cate_label_list, NMS_sorted_ins_list, color_list, img,
+                  save_prefix="figures/infer", score_thresh=0.3, start_index=0):
+        """Overlay the kept masks on the original images, coloured by class, with class name and score
+        (handout figures 11-14). img (bz, 3, ori_H, ori_W), uint8 or float in [0, 1]. Returns the PNG paths."""
+        paths = []
+        for b, image in enumerate(img.detach().cpu()):
+            image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+            keep = NMS_sorted_scores_list[b].cpu() >= score_thresh
+            masks = NMS_sorted_ins_list[b].cpu()[keep].float()
+            labels, scores = NMS_sorted_cate_label_list[b].cpu()[keep], NMS_sorted_scores_list[b].cpu()[keep]
+            fig, ax = plt.subplots(figsize=(6, 6 * image.shape[1] / image.shape[2]))
+            ax.imshow(self._overlay(image, masks, labels, color_list))
+            for mask, label, score in zip(masks, labels, scores):
+                ys, xs = mask.nonzero(as_tuple=True)
+                if len(xs) == 0:  # nothing left in the original frame (e.g. a mask inside the padding)
+                    continue
+                ax.text(xs.min().item(), ys.min().item(), f"{CLASS_NAMES[label - 1]} {score:.2f}", fontsize=8,
+                        color="white", bbox=dict(facecolor=_rgb(color_list[label - 1]), alpha=0.8, pad=1, lw=0))
+            ax.axis("off")
+            paths.append(self._save(fig, f"{save_prefix}_{start_index + b}.png"))
+        return paths
+
+    @staticmethod
+    def _overlay(image, masks, labels, color_list, alpha=0.5):
+        """image (3, H, W) in [0, 1], masks (n, H, W) {0, 1}, labels (n,) in 1..C-1 -> (H, W, 3) blended."""
+        out = image.permute(1, 2, 0).clone()  # (H, W, 3)
+        for mask, label in zip(masks, labels):
+            color = torch.tensor(_rgb(color_list[label - 1]))
+            m = mask.bool()
+            out[m] = (1 - alpha) * out[m] + alpha * color
+        return out.clamp(0, 1).numpy()
+
+    @staticmethod
+    def _save(fig, path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+class SOLO(nn.Module):
+    """Backbone + SOLOHead. A backbone with no trainable parameter (pretrained and frozen, the course's setting)
+    runs under no_grad and stays in eval mode, so its BatchNorm statistics never move."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.backbone_frozen = not any(p.requires_grad for p in backbone.parameters())
+
+    def forward(self, img, eval=False):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            fpn_feat_list = self.backbone(img)  # 5 x (bz, 256, H/s, W/s), s = 4, 8, 16, 32, 64
+        return self.head(fpn_feat_list, eval=eval)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+
+# what build_model takes; every key is also a main_train.py flag, and checkpoints store the dict
+MODEL_DEFAULTS = dict(backbone="resnet50", backbone_weights="coco", trainable_backbone=False, num_classes=4,
+                      seg_feat_channels=256, stacked_convs=7, num_grids=(40, 36, 24, 16, 12), init="solo",
+                      cate_norm="positives")
+
+
+def build_model(cfg=None, load_backbone_weights=True):
+    """SOLO from a MODEL_DEFAULTS-style dict. backbone_weights: 'coco' (torchvision's COCO Mask R-CNN weights,
+    frozen unless trainable_backbone), 'none' (random weights, always trained) or a checkpoint file path.
+    load_backbone_weights=False builds the same architecture without reading the weights (a SOLO checkpoint
+    about to be loaded holds them)."""
+    from backbone import build_backbone
+
+    cfg = {**MODEL_DEFAULTS, **(cfg or {})}
+    unknown = set(cfg) - set(MODEL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(MODEL_DEFAULTS)}")
+    weights = cfg["backbone_weights"]
+    pretrained = weights != "none"
+    backbone = build_backbone(cfg["backbone"], pretrained=pretrained,
+                              checkpoint_file=weights if weights not in ("coco", "none") else None,
+                              trainable=cfg["trainable_backbone"] or not pretrained,
+                              load_weights=load_backbone_weights)
+    head = SOLOHead(cfg["num_classes"], seg_feat_channels=cfg["seg_feat_channels"],
+                    stacked_convs=cfg["stacked_convs"], num_grids=cfg["num_grids"], init=cfg["init"],
+                    cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg["cate_norm"]))
+    return SOLO(backbone, head)

@@ -1,0 +1,356 @@
+"""Specification of SOLOHead's inference (handout 6.10, 6.11, handout-notes 12-15).
+
+MatrixNMS (SOLOv2 eq. 4, one pass): mask j's score is multiplied by
+    decay_j = min over higher-scored masks i (of j's class, or all with labels=None) of f(iou_ij) / f(cmax_i),
+    cmax_i = max IoU of mask i with the masks scored above it, f(x) = 1 - x (linear) or exp(-sigma x^2) (gauss).
+PostProcess: candidates are (cell, class) entries above cate_thresh; masks whose area (pixels > 0.5 at H/4) is
+    not larger than the level's stride are dropped; score *= mean of the mask probabilities above 0.5; sort,
+    MatrixNMS, keep decayed scores >= update_thresh, keep_instance best; masks resized to the padded input, the
+    padding cropped, resized to the original frame and thresholded at 0.5.
+The predictions below are built by hand; expected values are derived in the comments.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from solo_head import CLASS_COLORS, POSTPROCESS_HANDOUT, SOLOHead
+
+HANDOUT_COLORS = ["jet", "ocean", "Spectral"]  # handout 6.11's color_list
+
+# ------------------------------------------------------------------ Matrix NMS
+
+
+def reference_matrix_nms(masks, scores, labels=None, method="gauss", sigma=2.0):
+    """Plain loops over the SOLOv2 formula (the slow reference)."""
+    n = len(scores)
+    flat = masks.reshape(n, -1).double()
+
+    def iou(a, b):
+        inter = (flat[a] * flat[b]).sum().item()
+        union = flat[a].sum().item() + flat[b].sum().item() - inter
+        return inter / union if union > 0 else 0.0
+
+    def same_class(a, b):
+        return labels is None or labels[a] == labels[b]
+
+    def f(x):
+        return math.exp(-sigma * x * x) if method == "gauss" else 1 - x
+
+    cmax = [max([iou(k, i) for k in range(i) if same_class(k, i)], default=0.0) for i in range(n)]
+    out = []
+    for j in range(n):
+        decay = 1.0
+        for i in range(j):
+            if same_class(i, j):
+                fi, fc = f(iou(i, j)), f(cmax[i])
+                # a fully suppressed mask i (f(cmax_i) = 0) no longer suppresses anything but its own copies
+                ratio = fi / fc if fc > 0 else (0.0 if fi == 0 else math.inf)
+                decay = min(decay, ratio)
+        out.append(float(scores[j]) * decay)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def strips(*spans, width=10):
+    """1-row masks (n, 1, width): mask k covers columns [a, b) of spans[k]."""
+    m = torch.zeros(len(spans), 1, width)
+    for k, (a, b) in enumerate(spans):
+        m[k, 0, a:b] = 1
+    return m
+
+
+def random_masks(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    density = torch.rand(n, 1, 1, generator=g) * 0.6 + 0.1
+    masks = (torch.rand(n, 5, 6, generator=g) < density).float()
+    scores = torch.rand(n, generator=g).sort(descending=True).values
+    labels = torch.randint(1, 4, (n,), generator=g)
+    return masks, scores, labels
+
+
+class TestMatrixNMS:
+    # handout 6.10.3's example (values corrected in handout-notes 12):
+    #   mask 1 = [[1,1,0],[1,1,0],[0,0,1]] area 5, mask 2 = [[0,0,1],[0,0,1],[0,0,0]] area 2,
+    #   mask 3 = [[1,1,0],[1,1,0],[0,0,0]] area 4; intersections [[5,0,4],[0,2,0],[4,0,4]], only IoU(1,3) = 4/5.
+    HANDOUT_MASKS = torch.tensor([[[1, 1, 0], [1, 1, 0], [0, 0, 1]],
+                                  [[0, 0, 1], [0, 0, 1], [0, 0, 0]],
+                                  [[1, 1, 0], [1, 1, 0], [0, 0, 0]]], dtype=torch.float32)
+    HANDOUT_SCORES = torch.tensor([0.9, 0.8, 0.8])
+
+    def test_handout_example_linear(self):
+        # cmax = [0, 0, 0.8]; decay_3 = min((1 - 0.8) / (1 - 0), (1 - 0) / (1 - 0)) = 0.2 -> [0.9, 0.8, 0.16]
+        out = SOLOHead.MatrixNMS(self.HANDOUT_MASKS, self.HANDOUT_SCORES, method="linear")
+        torch.testing.assert_close(out, torch.tensor([0.9, 0.8, 0.16]))
+
+    def test_handout_example_gauss(self):
+        # decay_3 = exp(-2 * 0.8^2) / exp(-2 * 0^2) = exp(-1.28) = 0.27804 -> [0.9, 0.8, 0.8 * 0.27804]
+        out = SOLOHead.MatrixNMS(self.HANDOUT_MASKS, self.HANDOUT_SCORES, method="gauss", gauss_sigma=2.0)
+        torch.testing.assert_close(out, torch.tensor([0.9, 0.8, 0.8 * math.exp(-1.28)]))
+        assert math.exp(-1.28) == pytest.approx(0.27804, abs=1e-5)
+
+    def test_identical_masks(self):
+        # IoU 1: linear decay (1 - 1) / (1 - 0) = 0; gauss exp(-2 * 1) = 0.13534
+        masks, scores = strips((2, 6), (2, 6)), torch.tensor([0.9, 0.7])
+        torch.testing.assert_close(SOLOHead.MatrixNMS(masks, scores, method="linear"), torch.tensor([0.9, 0.0]))
+        torch.testing.assert_close(SOLOHead.MatrixNMS(masks, scores, method="gauss"),
+                                   torch.tensor([0.9, 0.7 * math.exp(-2)]))
+
+    def test_three_identical_masks_linear_no_nan(self):
+        # masks 2 and 3 are copies of mask 1: both decay to 0 through mask 1. Mask 2 (cmax = 1) adds the term
+        # (1 - 1) / (1 - 1) = 0 / 0 for mask 3: it must not turn the score into NaN.
+        masks, scores = strips((2, 6), (2, 6), (2, 6)), torch.tensor([0.9, 0.8, 0.7])
+        out = SOLOHead.MatrixNMS(masks, scores, method="linear")
+        torch.testing.assert_close(out, torch.tensor([0.9, 0.0, 0.0]))
+        # gauss: exp(-2 (1 - 0)) through mask 1 for both
+        out = SOLOHead.MatrixNMS(masks, scores, method="gauss")
+        torch.testing.assert_close(out, torch.tensor([0.9, 0.8 * math.exp(-2), 0.7 * math.exp(-2)]))
+
+    @pytest.mark.parametrize("method", ["linear", "gauss"])
+    def test_disjoint_masks_unchanged(self, method):
+        masks, scores = strips((0, 3), (3, 5), (6, 10)), torch.tensor([0.9, 0.6, 0.3])
+        torch.testing.assert_close(SOLOHead.MatrixNMS(masks, scores, method=method), scores)
+
+    @pytest.mark.parametrize("big_first", [True, False])
+    def test_nested_masks(self, big_first):
+        # small (4 px) inside big (16 px): IoU = 4 / 16 = 0.25 whichever scores higher.
+        # linear: 1 - 0.25 = 0.75; gauss: exp(-2 * 0.0625) = exp(-0.125) = 0.88250
+        big, small = torch.zeros(6, 6), torch.zeros(6, 6)
+        big[1:5, 1:5] = 1
+        small[2:4, 2:4] = 1
+        masks = torch.stack([big, small] if big_first else [small, big])
+        scores = torch.tensor([0.9, 0.6])
+        torch.testing.assert_close(SOLOHead.MatrixNMS(masks, scores, method="linear"), torch.tensor([0.9, 0.45]))
+        torch.testing.assert_close(SOLOHead.MatrixNMS(masks, scores, method="gauss"),
+                                   torch.tensor([0.9, 0.6 * math.exp(-0.125)]))
+
+    def test_chain_compensation(self):
+        # A = [0, 4), B = [2, 10), C = [4, 10): IoU(A, B) = 2 / 10 = 0.2, IoU(B, C) = 6 / 8 = 0.75, IoU(A, C) = 0.
+        # cmax = [0, 0.2, 0.75]. B is itself suppressed by A, so it suppresses C less than its IoU says:
+        #   linear: decay_B = 0.8; decay_C = min(1 - 0, (1 - 0.75) / (1 - 0.2)) = 0.3125 (0.25 without
+        #           compensation) -> [0.9, 0.64, 0.21875]
+        #   gauss:  decay_B = exp(-2 * 0.04) = 0.92312; decay_C = exp(-2 * (0.5625 - 0.04)) = exp(-1.045) = 0.35169
+        #           (exp(-1.125) = 0.32465 without compensation)
+        masks, scores = strips((0, 4), (2, 10), (4, 10)), torch.tensor([0.9, 0.8, 0.7])
+        torch.testing.assert_close(SOLOHead.MatrixNMS(masks, scores, method="linear"),
+                                   torch.tensor([0.9, 0.64, 0.21875]))
+        torch.testing.assert_close(SOLOHead.MatrixNMS(masks, scores, method="gauss"),
+                                   torch.tensor([0.9, 0.8 * math.exp(-0.08), 0.7 * math.exp(-1.045)]))
+
+    def test_class_wise(self):
+        # identical masks of different classes: untouched with labels, suppressed (exp(-2)) without
+        masks, scores = strips((2, 6), (2, 6)), torch.tensor([0.9, 0.7])
+        out = SOLOHead.MatrixNMS(masks, scores, torch.tensor([1, 2]), method="gauss")
+        torch.testing.assert_close(out, scores)
+        out = SOLOHead.MatrixNMS(masks, scores, None, method="gauss")
+        torch.testing.assert_close(out, torch.tensor([0.9, 0.7 * math.exp(-2)]))
+        # same class: suppressed with labels too
+        out = SOLOHead.MatrixNMS(masks, scores, torch.tensor([3, 3]), method="gauss")
+        torch.testing.assert_close(out, torch.tensor([0.9, 0.7 * math.exp(-2)]))
+
+    @pytest.mark.parametrize("seed", range(4))
+    @pytest.mark.parametrize("method", ["linear", "gauss"])
+    @pytest.mark.parametrize("class_wise", [True, False])
+    def test_top_unchanged_no_score_grows(self, seed, method, class_wise):
+        masks, scores, labels = random_masks(12, seed)
+        out = SOLOHead.MatrixNMS(masks, scores, labels if class_wise else None, method=method)
+        assert out[0] == scores[0]
+        assert (out <= scores).all() and (out >= 0).all()
+
+    @pytest.mark.parametrize("seed", range(4))
+    @pytest.mark.parametrize("method,sigma", [("linear", 2.0), ("gauss", 2.0), ("gauss", 0.5)])
+    @pytest.mark.parametrize("class_wise", [True, False])
+    def test_matches_loop_reference(self, seed, method, sigma, class_wise):
+        masks, scores, labels = random_masks(12, seed)
+        labels = labels if class_wise else None
+        out = SOLOHead.MatrixNMS(masks, scores, labels, method=method, gauss_sigma=sigma)
+        expected = reference_matrix_nms(masks, scores, labels, method, sigma)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+    def test_empty_input(self):
+        out = SOLOHead.MatrixNMS(torch.zeros(0, 4, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        assert out.shape == (0,)
+
+    def test_bad_method_raises(self):
+        with pytest.raises(ValueError, match="method must be 'gauss' or 'linear', got 'box'"):
+            SOLOHead.MatrixNMS(strips((0, 2)), torch.tensor([0.5]), method="box")
+
+
+# ------------------------------------------------------------------ PostProcess
+
+GRIDS = (8, 6, 4, 4, 2)  # small grids, default strides (8, 8, 16, 32, 32)
+INPUT = (256, 352)  # padded input; the image was resized to 256 x int(256 * 256 / 192) = 256 x 341
+QUARTER = (INPUT[0] // 4, INPUT[1] // 4)  # (64, 88)
+ORI = (192, 256)  # original frame; input pixel = 4/3 original pixel, quarter pixel = 3 original pixels
+INSIDE, OUTSIDE = 0.97, 0.02  # near-binary mask probabilities; maskness of such a mask is 0.97
+
+
+@pytest.fixture(scope="module")
+def head():
+    return SOLOHead(num_grids=GRIDS, seg_feat_channels=32, stacked_convs=1)
+
+
+def quarter_rect(top, left, h, w, inside=INSIDE, outside=OUTSIDE):
+    m = torch.full(QUARTER, outside)
+    m[top:top + h, left:left + w] = inside
+    return m
+
+
+def ori_rect(top, left, h, w):
+    m = torch.zeros(ORI)
+    m[top:top + h, left:left + w] = 1
+    return m
+
+
+def eval_preds(objects_per_image, cate_background=0.01):
+    """objects_per_image: per image a list of (level, i, j, label, cate score, quarter mask (64, 88)).
+    Returns cate_pred_list [(bz, S, S, C-1)] and ins_pred_list [(bz, S^2, 64, 88)] as forward(eval=True) does."""
+    bz = len(objects_per_image)
+    cate = [torch.full((bz, s, s, 3), cate_background) for s in GRIDS]
+    ins = [torch.full((bz, s * s, *QUARTER), OUTSIDE) for s in GRIDS]
+    for b, objects in enumerate(objects_per_image):
+        for level, i, j, label, score, mask in objects:
+            cate[level][b, i, j, label - 1] = score
+            ins[level][b, i * GRIDS[level] + j] = mask
+    return cate, ins
+
+
+def iou(a, b):
+    return ((a > 0) & (b > 0)).sum().item() / ((a > 0) | (b > 0)).sum().item()
+
+
+def cfg(**changes):
+    return {**POSTPROCESS_HANDOUT, **changes}
+
+
+# three disjoint objects; original-frame rectangles are multiples of 3 so quarter = original / 3
+OBJ_A = (0, 2, 5, 1, 0.9, quarter_rect(10, 20, 20, 30))  # original rows [30, 90), cols [60, 150)
+OBJ_B = (2, 1, 3, 2, 0.8, quarter_rect(30, 65, 30, 21))  # rows [90, 180), cols [195, 256): right edge.
+# Quarter column 85 is input [340, 344): the crop at 341 keeps [260, 341) -> original [195, 256). Without the
+# crop, 352 input columns map onto 256 and the object lands at [189, 250): IoU 0.82.
+OBJ_C = (4, 1, 0, 3, 0.7, quarter_rect(40, 0, 20, 20))  # rows [120, 180), cols [0, 60)
+EXPECTED = {1: ori_rect(30, 60, 60, 90), 2: ori_rect(90, 195, 90, 61), 3: ori_rect(120, 0, 60, 60)}
+
+
+class TestPostProcess:
+    def test_finds_constructed_objects(self, head):
+        cate, ins = eval_preds([[OBJ_C, OBJ_A, OBJ_B]])
+        scores, labels, masks = head.PostProcess(ins, cate, ORI)
+        assert len(scores) == len(labels) == len(masks) == 1
+        scores, labels, masks = scores[0], labels[0], masks[0]
+        assert labels.tolist() == [1, 2, 3]
+        # disjoint masks: no decay; maskness 0.97
+        torch.testing.assert_close(scores, torch.tensor([0.9, 0.8, 0.7]) * INSIDE)
+        assert masks.shape == (3, *ORI)
+        assert set(masks.unique().tolist()) <= {0.0, 1.0}
+        for label, mask in zip(labels.tolist(), masks):
+            assert iou(mask, EXPECTED[label]) > 0.95, f"label {label}: IoU {iou(mask, EXPECTED[label]):.3f}"
+
+    def test_right_edge_object_reaches_the_edge(self, head):
+        # handout-notes 15: the padding is cropped before resizing to the original frame
+        cate, ins = eval_preds([[OBJ_B]])
+        mask = head.PostProcess(ins, cate, ORI)[2][0][0]
+        cols = mask.nonzero()[:, 1]
+        assert cols.max().item() == ORI[1] - 1 and abs(cols.min().item() - 195) <= 1
+
+    def test_keep_instance_and_pre_nms_caps(self, head):
+        cate, ins = eval_preds([[OBJ_A, OBJ_B, OBJ_C]])
+        scores, labels, masks = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(keep_instance=2)))
+        assert labels.tolist() == [1, 2] and masks.shape == (2, *ORI)
+        scores, labels, masks = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(pre_NMS_num=1)))
+        assert labels.tolist() == [1]
+
+    def test_masks_not_larger_than_stride_dropped(self, head):
+        # level 0 (stride 8): 2 x 4 = 8 px dropped, 3 x 3 = 9 px kept;
+        # level 2 (stride 16): 4 x 4 = 16 px dropped, 3 x 6 = 18 px kept
+        objects = [(0, 0, 0, 1, 0.9, quarter_rect(5, 5, 2, 4, 1.0, 0.0)),
+                   (0, 0, 1, 2, 0.8, quarter_rect(5, 20, 3, 3, 1.0, 0.0)),
+                   (2, 3, 3, 3, 0.7, quarter_rect(40, 40, 4, 4, 1.0, 0.0)),
+                   (2, 3, 0, 1, 0.6, quarter_rect(40, 5, 3, 6, 1.0, 0.0))]
+        cate, ins = eval_preds([objects])
+        scores, labels, _ = (x[0] for x in head.PostProcess(ins, cate, ORI))
+        assert labels.tolist() == [2, 1]
+        torch.testing.assert_close(scores, torch.tensor([0.8, 0.6]))
+
+    def test_maskness_scaling(self, head):
+        # 20 x 10 px at 0.9 and 20 x 10 at 0.7 (mean 0.8), a 20 x 5 strip at exactly 0.5 (not above 0.5,
+        # left out) and background 0.02: score = 0.8 (cate) * 0.8 = 0.64
+        mask = torch.full(QUARTER, OUTSIDE)
+        mask[10:30, 10:20], mask[10:30, 20:30], mask[10:30, 30:35] = 0.9, 0.7, 0.5
+        cate, ins = eval_preds([[(1, 2, 2, 2, 0.8, mask)]])
+        scores, labels, _ = (x[0] for x in head.PostProcess(ins, cate, ORI))
+        assert labels.tolist() == [2]
+        torch.testing.assert_close(scores, torch.tensor([0.64]))
+
+    # two same-class masks with IoU 0.5: rows [10, 30), cols [10, 40) and [20, 50): 400 / 800.
+    # gauss sigma 2: the second decays by exp(-2 * 0.25) = 0.60653 -> 0.5 * 0.60653 = 0.30327 (maskness 1)
+    PAIR = [(0, 1, 1, 1, 0.9, quarter_rect(10, 10, 20, 30, 1.0, 0.0)),
+            (0, 1, 2, 1, 0.5, quarter_rect(10, 20, 20, 30, 1.0, 0.0))]
+
+    def test_update_thresh(self, head):
+        cate, ins = eval_preds([self.PAIR])
+        scores, _, _ = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(update_thresh=0.30)))
+        torch.testing.assert_close(scores, torch.tensor([0.9, 0.5 * math.exp(-0.5)]))
+        scores, _, masks = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(update_thresh=0.31)))
+        torch.testing.assert_close(scores, torch.tensor([0.9]))
+        assert masks.shape == (1, *ORI)
+
+    def test_class_wise_vs_agnostic(self, head):
+        pair = [self.PAIR[0], (*self.PAIR[1][:3], 3, *self.PAIR[1][4:])]  # second object now an animal
+        cate, ins = eval_preds([pair])
+        scores, labels, _ = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(class_wise=True)))
+        assert labels.tolist() == [1, 3]
+        torch.testing.assert_close(scores, torch.tensor([0.9, 0.5]))
+        scores, labels, _ = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(class_wise=False)))
+        assert labels.tolist() == [1, 3]
+        torch.testing.assert_close(scores, torch.tensor([0.9, 0.5 * math.exp(-0.5)]))
+
+    def test_no_detection_gives_empty_tensors(self, head):
+        cate, ins = eval_preds([[]], cate_background=0.1)  # everything below cate_thresh 0.2
+        scores, labels, masks = (x[0] for x in head.PostProcess(ins, cate, ORI))
+        assert scores.shape == (0,) and labels.shape == (0,) and masks.shape == (0, *ORI)
+        assert labels.dtype == torch.int64
+
+    def test_batch_with_one_empty_image(self, head):
+        cate, ins = eval_preds([[], [OBJ_A, OBJ_C]])
+        scores, labels, masks = head.PostProcess(ins, cate, ORI)
+        assert [len(s) for s in scores] == [0, 2] and masks[0].shape == (0, *ORI)
+        assert labels[1].tolist() == [1, 3] and masks[1].shape == (2, *ORI)
+        assert iou(masks[1][1], EXPECTED[3]) > 0.95
+
+
+# ------------------------------------------------------------------ plots
+
+
+def png_ok(path):
+    return os.path.isfile(path) and os.path.getsize(path) > 0 and path.endswith(".png")
+
+
+@pytest.mark.parametrize("color_list", [HANDOUT_COLORS, list(CLASS_COLORS)], ids=["handout", "rgb"])
+class TestPlots:
+    def test_plot_gt(self, head, tmp_path, color_list):
+        torch.manual_seed(0)
+        img = torch.randn(1, 3, *INPUT)  # normalised input
+        masks = torch.zeros(2, *INPUT)
+        masks[0, 40:140, 60:200], masks[1, 150:180, 250:290] = 1, 1
+        bbox = torch.tensor([[60.0, 40, 200, 140], [250, 150, 290, 180]])
+        sizes = [(64, 88), (64, 88), (32, 44), (16, 22), (16, 22)]  # 2H_f x 2W_f at strides 8, 8, 16, 32, 32
+        ins_pred_list = [torch.zeros(1, s * s, *size) for s, size in zip(GRIDS, sizes)]
+        targets = head.target(ins_pred_list, [bbox], [torch.tensor([2, 1])], [masks])
+        paths = head.PlotGT(*targets, color_list, img, save_prefix=str(tmp_path / "gt"))
+        assert len(paths) == 1 and png_ok(paths[0])
+
+    def test_plot_infer(self, head, tmp_path, color_list):
+        cate, ins = eval_preds([[OBJ_A, OBJ_B, OBJ_C], []])
+        results = head.PostProcess(ins, cate, ORI)
+        img = torch.randint(0, 256, (2, 3, *ORI), dtype=torch.uint8)
+        paths = head.PlotInfer(*results, color_list, img, save_prefix=str(tmp_path / "infer"))
+        assert len(paths) == 2 and all(png_ok(p) for p in paths)  # the second image has no detection
+
+    def test_plot_infer_with_empty_mask(self, head, tmp_path, color_list):
+        # a kept detection whose mask is empty in the original frame (e.g. predicted inside the padding only)
+        masks = torch.zeros(2, *ORI)
+        masks[0, 10:50, 10:50] = 1
+        paths = head.PlotInfer([torch.tensor([0.9, 0.8])], [torch.tensor([1, 2])], [masks], color_list,
+                               torch.rand(1, 3, *ORI), save_prefix=str(tmp_path / "infer"))
+        assert png_ok(paths[0])
