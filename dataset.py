@@ -154,6 +154,18 @@ def _check_counts(paths, num_images, num_masks, labels, bboxes):
                          f"{num_objects} objects")
 
 
+def resized_sizes(height, width, input_height):
+    """Sizes of an height x width image as the network sees it: scaled (input_height, int(input_height * width /
+    height)) and padded to multiples of PAD_MULTIPLE (300 x 400 at 800 -> 800 x 1066 -> 800 x 1088)."""
+    scaled = (input_height, int(input_height * width / height))
+    return scaled, tuple(math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE for s in scaled)
+
+
+def pad_to(x, size):
+    """Zero-pad (..., Hs, Ws) on the right and bottom to (..., Hp, Wp) = size."""
+    return F.pad(x, (0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2]))
+
+
 class BuildDataset(Dataset):
     """Images, labels, masks and boxes of the CIS680 data, preprocessed as in handout 4.3.
 
@@ -199,8 +211,7 @@ class BuildDataset(Dataset):
         self.mask_offsets = np.concatenate([[0], np.cumsum(self.num_objects)[:-1]])  # (N,) first mask row
         self.hflip = hflip
         self.ori_size = (height, width)
-        self.scaled_size = (input_height, int(input_height * width / height))
-        self.input_size = tuple(math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE for s in self.scaled_size)
+        self.scaled_size, self.input_size = resized_sizes(height, width, input_height)
         self._h5 = None  # {"images": h5py.File, "masks": h5py.File}, opened by the process that reads them
         self._h5_pid = None
 
@@ -239,7 +250,7 @@ class BuildDataset(Dataset):
         if self.hflip and torch.rand(()) < 0.5:
             img, mask, bbox = self._flip(img, mask, bbox)
         img = TF.normalize(img, MEAN, STD)
-        return self._pad(img), label, self._pad(mask), bbox
+        return pad_to(img, self.input_size), label, pad_to(mask, self.input_size), bbox
 
     def _resize(self, img, mask, bbox):
         """Original frame -> scaled frame (Hs, Ws): img float [0, 1], mask float {0, 1}, bbox scaled."""
@@ -258,11 +269,6 @@ class BuildDataset(Dataset):
         width = self.scaled_size[1]
         bbox = torch.stack([width - bbox[:, 2], bbox[:, 1], width - bbox[:, 0], bbox[:, 3]], dim=1)
         return img.flip(-1), mask.flip(-1), bbox
-
-    def _pad(self, x):
-        """Zero-pad (C, Hs, Ws) on the right and bottom to (C, Hp, Wp)."""
-        pad_h, pad_w = (p - s for p, s in zip(self.input_size, self.scaled_size))
-        return F.pad(x, (0, pad_w, 0, pad_h))
 
 
 class BuildDataLoader:

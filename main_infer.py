@@ -40,7 +40,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import main_train  # noqa: E402
-from dataset import CLASS_NAMES, MEAN, PAD_MULTIPLE, STD, BuildDataLoader  # noqa: E402
+from dataset import CLASS_NAMES, MEAN, STD, BuildDataLoader, pad_to, resized_sizes  # noqa: E402
 from solo_head import CLASS_COLORS, POSTPROCESS_HANDOUT, POSTPROCESS_MAP  # noqa: E402
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -285,14 +285,11 @@ def load_photo(path):
 def preprocess_photo(photo, input_height):
     """uint8 (3, h, w) -> (1, 3, Hp, Wp) network input as BuildDataset makes it: resized to height input_height
     keeping the aspect ratio, normalised, zero-padded right/bottom to multiples of 32."""
-    height, width = photo.shape[-2:]
-    size = (input_height, int(input_height * width / height))
+    scaled, padded = resized_sizes(*photo.shape[-2:], input_height)
     # antialias: a phone photo is usually shrunk several times (a no-op when enlarging, as BuildDataset does)
-    img = F.interpolate(photo[None].float() / 255, size=size, mode="bilinear", align_corners=False,
-                        antialias=True)  # (1, 3, H, W) in [0, 1]
-    img = TF.normalize(img, MEAN, STD)
-    pad_h, pad_w = (math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE - s for s in size)
-    return F.pad(img, (0, pad_w, 0, pad_h))  # (1, 3, Hp, Wp), padding exactly 0 as in BuildDataset
+    img = F.interpolate(photo[None].float() / 255, size=scaled, mode="bilinear", align_corners=False,
+                        antialias=True)  # (1, 3, Hs, Ws) in [0, 1]
+    return pad_to(TF.normalize(img, MEAN, STD), padded)  # (1, 3, Hp, Wp), padding exactly 0 as in BuildDataset
 
 
 def infer_photos(model, paths, input_height, device, figures_dir, score_thresh):
@@ -303,11 +300,8 @@ def infer_photos(model, paths, input_height, device, figures_dir, score_thresh):
         (results,) = predict(model, preprocess_photo(photo, input_height).to(device), photo.shape[-2:],
                              [POSTPROCESS_HANDOUT])
         stem = os.path.splitext(os.path.basename(path))[0]
-        (tmp_path,) = model.head.PlotInfer(*results, list(CLASS_COLORS), photo[None],
-                                           save_prefix=os.path.join(figures_dir, stem), score_thresh=score_thresh)
-        out_path = os.path.join(figures_dir, f"{stem}_infer.png")
-        os.replace(tmp_path, out_path)  # PlotInfer numbers its files; name the overlay after the photo
-        out_paths.append(out_path)
+        out_paths += model.head.PlotInfer(*results, list(CLASS_COLORS), photo[None], score_thresh=score_thresh,
+                                          save_paths=[os.path.join(figures_dir, f"{stem}_infer.png")])
     return out_paths
 
 

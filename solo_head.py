@@ -24,10 +24,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dataset import CLASS_NAMES, denormalize  # noqa: E402
+from dataset import CLASS_COLORS, CLASS_NAMES, denormalize  # noqa: E402
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
-CLASS_COLORS = ((0.10, 0.45, 1.00), (1.00, 0.25, 0.10), (0.20, 0.85, 0.25))  # vehicle, person, animal
 
 # Post-processing settings. The handout's keep 5 detections: right for figures, but they cap recall, so mAP
 # uses the SOLO authors' settings (handout-notes 14). Matrix NMS has no IoU threshold: update_thresh is the
@@ -418,9 +417,10 @@ class SOLOHead(nn.Module):
         return paths
 
     def PlotInfer(self, NMS_sorted_scores_list, NMS_sorted_cate_label_list, NMS_sorted_ins_list, color_list, img,
-                  save_prefix="figures/infer", score_thresh=0.3, start_index=0):
+                  save_prefix="figures/infer", score_thresh=0.3, start_index=0, save_paths=None):
         """Overlay the kept masks on the original images, coloured by class, with class name and score
-        (handout figures 11-14). img (bz, 3, ori_H, ori_W), uint8 or float in [0, 1]. Returns the PNG paths."""
+        (handout figures 11-14). img (bz, 3, ori_H, ori_W), uint8 or float in [0, 1]. Files are
+        <save_prefix>_<start_index + b>.png, or save_paths (one per image). Returns the PNG paths."""
         paths = []
         for b, image in enumerate(img.detach().cpu()):
             image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
@@ -436,7 +436,7 @@ class SOLOHead(nn.Module):
                 ax.text(xs.min().item(), ys.min().item(), f"{CLASS_NAMES[label - 1]} {score:.2f}", fontsize=8,
                         color="white", bbox=dict(facecolor=_rgb(color_list[label - 1]), alpha=0.8, pad=1, lw=0))
             ax.axis("off")
-            paths.append(self._save(fig, f"{save_prefix}_{start_index + b}.png"))
+            paths.append(self._save(fig, save_paths[b] if save_paths else f"{save_prefix}_{start_index + b}.png"))
         return paths
 
     @staticmethod
@@ -507,3 +507,44 @@ def build_model(cfg=None, load_backbone_weights=True):
                     stacked_convs=cfg["stacked_convs"], num_grids=cfg["num_grids"], init=cfg["init"],
                     cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg["cate_norm"]))
     return SOLO(backbone, head)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Plot the SOLO targets of a few images (handout figures 8-9)")
+    parser.add_argument("--data-dir", default="data", type=str, help="folder holding the four real data files")
+    parser.add_argument("--synthetic-dir", default="data/synthetic", type=str,
+                        help="synthetic dataset used (and written if missing) when --data-dir lacks the files")
+    parser.add_argument("--synthetic-images", default=400, type=int, help="images in a newly written synthetic set")
+    parser.add_argument("--input-height", default=800, type=int, help="network input height (multiple of 32)")
+    parser.add_argument("--backbone-weights", default="coco", type=str,
+                        help="'coco', 'none' or a weights file; only the feature sizes matter for the targets")
+    parser.add_argument("--num", default=5, type=int, help="number of images to plot")
+    parser.add_argument("--out", default="figures", type=str, help="output folder for the PNGs")
+    parser.add_argument("--seed", default=0, type=int, help="seed for choosing the images")
+    return parser
+
+
+def main(args):
+    from backbone import WeightsUnavailableError
+    from dataset import BuildDataLoader, BuildDataset, choose_images, resolve_paths
+
+    dataset = BuildDataset(resolve_paths(args.data_dir, args.synthetic_dir, args.synthetic_images),
+                           input_height=args.input_height)
+    images = [dataset[i] for i in choose_images(dataset.num_objects, args.num, args.seed)]
+    img, label_list, mask_list, bbox_list = BuildDataLoader.collect_fn(images)
+    try:
+        model = build_model(dict(backbone_weights=args.backbone_weights)).eval()
+    except WeightsUnavailableError as e:
+        print(f"{e}\n-> using a random backbone: the targets depend only on the feature map sizes")
+        model = build_model(dict(backbone_weights="none")).eval()
+    with torch.no_grad():
+        _, ins_pred_list = model(img)  # [(bz, S^2, 2H_feat, 2W_feat)]
+    ins_gts_list, ins_ind_gts_list, cate_gts_list = model.head.target(ins_pred_list, bbox_list, label_list,
+                                                                      mask_list)
+    for path in model.head.PlotGT(ins_gts_list, ins_ind_gts_list, cate_gts_list, CLASS_COLORS, img,
+                                  save_prefix=os.path.join(args.out, "gt")):
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
