@@ -331,25 +331,27 @@ def get_args_parser():
     return parser
 
 
-def write_synthetic_if_missing(folder, num_images=400, seed=0):
-    """Paths of the dataset in `folder`, first writing a synthetic one there if any file is missing."""
+def write_synthetic_if_missing(folder, num_images=400, seed=0, **options):
+    """Paths of the dataset in `folder`, first writing a synthetic one there if any file is missing.
+    options: write_synthetic_dataset's scene settings (min_size, max_objects, ...)."""
     paths = dataset_paths(folder)
     if not all(os.path.isfile(p) for p in paths):
         from synthetic import write_synthetic_dataset  # synthetic imports this module: import late
 
         print(f"writing a synthetic dataset ({num_images} images, seed {seed}) to {folder} ...")
-        paths = write_synthetic_dataset(folder, num_images=num_images, seed=seed)
+        paths = write_synthetic_dataset(folder, num_images=num_images, seed=seed, **options)
     return paths
 
 
-def resolve_data_dir(data_dir, synthetic=0):
+def resolve_data_dir(data_dir, synthetic=0, **options):
     """Folder of the four data files for the training scripts: data_dir itself (the real data) when
-    synthetic == 0, else data_dir/synthetic_<N>, holding a synthetic dataset of N images (seed 0) written
-    there on first use."""
+    synthetic == 0, else data_dir/synthetic_<N>[_<option><value>...], holding a synthetic dataset of N images
+    (seed 0, scene settings `options` such as min_size=30) written there on first use."""
     if synthetic <= 0:
         return data_dir
-    folder = os.path.join(data_dir, f"synthetic_{synthetic}")
-    write_synthetic_if_missing(folder, num_images=synthetic)
+    suffix = "".join(f"_{key}{value}" for key, value in sorted(options.items()))
+    folder = os.path.join(data_dir, f"synthetic_{synthetic}{suffix}")
+    write_synthetic_if_missing(folder, num_images=synthetic, **options)
     return folder
 
 

@@ -212,7 +212,8 @@ def build_test_split(train_args, data_dir=None, synthetic=None):
         synthetic = 0
     _, test_set = main_train.build_datasets(data_dir if data_dir is not None else train_args["data_dir"],
                                             synthetic if synthetic is not None else train_args["synthetic"],
-                                            train_args["input_height"])
+                                            train_args["input_height"],
+                                            synthetic_options=main_train.synthetic_options(train_args))
     return test_set
 
 

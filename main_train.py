@@ -1,8 +1,7 @@
 """Train SOLO (CIS680 handout section 7) with the SOLO authors' schedule.
 
-  CPU (tiny demo, synthetic data, minutes):
-      python main_train.py --device cpu --synthetic 200 --backbone resnet18 --backbone-weights none \\
-          --input-height 256 --stacked-convs 2 --seg-feat-channels 64 --epochs 2
+  CPU demo (reduced configuration on synthetic data, about 6 minutes on 2 cores; see DEMO below):
+      python main_train.py --demo && python main_infer.py --checkpoint-dir checkpoints/demo --figures-dir figures/demo
   one GPU (the handout's setting: frozen COCO ResNet-50 FPN, 800x1088, batch 2 fits a 16 GB GPU):
       python main_train.py --data-dir data
   several GPUs on one machine (N processes, one per GPU; batch size is per GPU):
@@ -50,6 +49,15 @@ LOSS_NAMES = ("total_loss", "focal_loss", "dice_loss")  # total = focal + 3 dice
 BASE_LR, BASE_BATCH = 0.01, 16  # the authors' lr for 16 images per iteration
 
 
+# --demo: a reduced configuration that learns on the CPU in minutes (README, "The demo"). Same target, loss and
+# post-processing code as the full model; what shrinks is the input (128x192), the backbone (random ResNet-18
+# FPN), the head (2 convs of 64 channels per tower, smaller grids) and the data (synthetic, no tiny objects).
+DEMO = dict(data_dir="data", synthetic=600, synthetic_min_size=30, synthetic_max_objects=4, input_height=128,
+            backbone="resnet18", backbone_weights="none", stacked_convs=2, seg_feat_channels=64,
+            num_grids=[16, 12, 10, 8, 6], batch_size=8, epochs=8, lr=0.06, lr_steps=[7], warmup_iters=30,
+            device="cpu", log_every=10, output_dir="checkpoints/demo", figures_dir="figures/demo")
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, not a SOLO checkpoint, or does not fit the model."""
 
@@ -64,6 +72,10 @@ def get_args_parser(add_help=True):
     parser.add_argument("--data-dir", default="data", type=str, help="folder holding the four data files")
     parser.add_argument("--synthetic", default=0, type=int,
                         help="N > 0: train on a synthetic dataset of N images (written under --data-dir if missing)")
+    parser.add_argument("--synthetic-min-size", default=14, type=int,
+                        help="smallest object (sqrt(w*h), 300x400 pixels) of a newly written synthetic set")
+    parser.add_argument("--synthetic-max-objects", default=5, type=int,
+                        help="most objects per image of a newly written synthetic set")
     parser.add_argument("--input-height", default=800, type=int,
                         help="network input height; width follows the 4:3 aspect (800 -> 800x1066, padded 800x1088)")
     parser.add_argument("--hflip", action="store_true", help="random horizontal flips of the train split (p = 0.5)")
@@ -115,10 +127,23 @@ def get_args_parser(add_help=True):
     parser.add_argument("--log-every", default=100, type=int, help="log the mean losses every N iterations")
     parser.add_argument("--test-loss", default=True, action=argparse.BooleanOptionalAction,
                         help="compute the test-split losses after every epoch")
+    parser.add_argument("--save-every", default=1, type=int,
+                        help="checkpoint (and loss plot) every N epochs and after the last one; 1 (default) lets a "
+                             "crash cost at most one epoch, larger N suits tiny datasets of seconds-long epochs")
     parser.add_argument("--keep-epochs", default=0, type=int,
                         help="keep only the newest N epoch_NNN.pth files (0 = keep all)")
     parser.add_argument("--resume", default=None, type=str, help="continue from this checkpoint")
+    parser.add_argument("--demo", action="store_true",
+                        help="the CPU demo's reduced configuration as defaults (see DEMO); other flags still apply")
     return parser
+
+
+def parse_args(argv=None):
+    """get_args_parser().parse_args, with DEMO as the defaults when --demo is given (explicit flags win)."""
+    parser = get_args_parser()
+    if "--demo" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**DEMO)
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,10 +361,17 @@ def latest_checkpoint(directory):
 # ----------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------
-def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, limit_images=0):
+def synthetic_options(args):
+    """The synthetic scene settings of a run's args (a dict, as checkpoints store them)."""
+    return dict(min_size=args.get("synthetic_min_size", 14), max_objects=args.get("synthetic_max_objects", 5))
+
+
+def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, limit_images=0,
+                   synthetic_options=None):
     """(train Subset, test Subset) as every script builds them: dataset.split_dataset's 80/20 split; the flips
-    (if any) only on the train split; limit_images > 0 keeps the first N images of the train split."""
-    paths = dataset_paths(resolve_data_dir(data_dir, synthetic))
+    (if any) only on the train split; limit_images > 0 keeps the first N images of the train split.
+    synthetic > 0: a synthetic set of that many images with the scene settings synthetic_options."""
+    paths = dataset_paths(resolve_data_dir(data_dir, synthetic, **(synthetic_options or {})))
     train_set, _ = split_dataset(BuildDataset(paths, input_height=input_height, hflip=hflip))
     _, test_set = split_dataset(BuildDataset(paths, input_height=input_height, hflip=False))
     if limit_images > 0:
@@ -492,8 +524,8 @@ def _train(args, distributed, rank, world_size, device, is_main):
         raise RuntimeError("--device cuda, but CUDA is not available here: pass --device cpu")
     if args.lr is None:
         args.lr = scaled_lr(args.batch_size, world_size)
-    if args.log_every < 1:
-        raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
+    if args.log_every < 1 or args.save_every < 1:
+        raise ValueError(f"--log-every and --save-every must be >= 1, got {args.log_every} and {args.save_every}")
     seed_everything(args.seed + 1000 * rank)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
 
@@ -502,7 +534,7 @@ def _train(args, distributed, rank, world_size, device, is_main):
     if distributed and not is_main:
         dist.barrier()
     train_set, test_set = build_datasets(args.data_dir, args.synthetic, args.input_height, args.hflip,
-                                         args.limit_images)
+                                         args.limit_images, synthetic_options(vars(args)))
     if distributed and is_main:
         dist.barrier()
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
@@ -580,7 +612,9 @@ def _train(args, distributed, rank, world_size, device, is_main):
                 append_loss_row(os.path.join(args.output_dir, "test_losses.csv"), [epoch, *test_loss])
                 print(f"epoch {epoch}: test losses total {test_loss[0]:.4f}, focal {test_loss[1]:.4f}, "
                       f"dice {test_loss[2]:.4f}")
-        if is_main:
+        last = epoch == args.epochs - 1 or (args.max_iters and state["iteration"] >= args.max_iters)
+        saving = (epoch + 1) % args.save_every == 0 or last
+        if is_main and saving:
             checkpoint = {
                 "format": CHECKPOINT_FORMAT, "model": model_without_ddp.state_dict(), "model_cfg": model_cfg,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -596,7 +630,8 @@ def _train(args, distributed, rank, world_size, device, is_main):
             plot_loss_curve(state["history"], os.path.join(args.figures_dir, "loss_curve.png"))
         if distributed:
             dist.barrier()  # no process races ahead of the checkpoint
-        ctx["last_checkpoint"] = os.path.join(args.output_dir, "checkpoint.pth")
+        if saving:
+            ctx["last_checkpoint"] = os.path.join(args.output_dir, "checkpoint.pth")
         summary.update(epoch=epoch, iteration=state["iteration"], checkpoint=ctx["last_checkpoint"],
                        train_loss=state["history"]["train"][-1][1:])
     return summary
@@ -613,6 +648,6 @@ def _remove_old_epochs(output_dir, keep):
 
 if __name__ == "__main__":
     try:
-        main(get_args_parser().parse_args())
+        main(parse_args())
     except (NonFiniteLossError, CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -293,3 +293,23 @@ class TestSOLO:
             cate, ins = model(torch.randn(1, 3, 64, 96), eval=True)
         assert [tuple(c.shape) for c in cate] == [(1, s, s, 3) for s in NUM_GRIDS]
         assert all(tuple(i.shape) == (1, s * s, 16, 24) for i, s in zip(ins, NUM_GRIDS))
+
+
+# ---------------------------------------------------------------- mixed precision (main_train.py --amp)
+def test_forward_target_and_loss_under_autocast():
+    """Under autocast (bfloat16 on the CPU, as --amp uses where supported) forward gives low-precision
+    probabilities, and target, loss and backward still give finite float32 losses and gradients."""
+    torch.manual_seed(0)
+    head = SOLOHead(num_classes=4, in_channels=32, seg_feat_channels=32, stacked_convs=2)
+    feats = fpn_maps(128, 160, bz=2, channels=32)
+    mask = torch.zeros(1, 128, 160)
+    mask[0, 40:100, 50:120] = 1  # sqrt(70 * 60) = 64.8 at 128 px: 405 at 800, levels 2 and 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cate, ins = head(feats)
+    assert ins[0].dtype == torch.bfloat16
+    targets = head.target(ins, [torch.tensor([[50., 40, 120, 100]])] * 2, [torch.tensor([2])] * 2, [mask] * 2)
+    cate_loss, mask_loss, total = head.loss(cate, ins, *targets)
+    total.backward()
+    assert total.dtype == torch.float32 and all(torch.isfinite(x) for x in (cate_loss, mask_loss, total))
+    assert 0 < mask_loss < 1
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
