@@ -334,6 +334,11 @@ class TestVisualisation:
         assert "writing a synthetic dataset" in capsys.readouterr().out
         assert ds.resolve_data_dir(str(tmp_path), 4) == folder and capsys.readouterr().out == ""
 
+    def test_resolve_data_dir_names_the_folder_after_the_scene_options(self, tmp_path):
+        folder = ds.resolve_data_dir(str(tmp_path), 3, min_size=30, max_objects=2)
+        assert folder == os.path.join(str(tmp_path), "synthetic_3_max_objects2_min_size30")
+        assert max(BuildDataset(dataset_paths(folder), input_height=64).num_objects) <= 2
+
     def test_first_choices_are_the_most_crowded_images(self):
         assert ds.choose_images(np.array([1, 4, 2, 5, 1]), 4)[:2] == [3, 1]
         assert len(set(ds.choose_images(np.array([1, 4, 2, 5, 1]), 5))) == 5

@@ -123,6 +123,24 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data_dir, stra
         assert read_csv(straight_run[0] / "ckpt" / name) == read_csv(tmp_path / "ckpt" / name)
 
 
+def test_save_every_n_epochs_and_after_the_last(data_dir, tmp_path):
+    main_train.main(train_args(data_dir, tmp_path, "--epochs", 3, "--save-every", 2, "--workers", 0,
+                               "--no-test-loss"))
+    # 0-based epochs: epoch 1 completes the 2nd epoch; epoch 2 is the last
+    assert sorted(n for n in os.listdir(tmp_path / "ckpt") if n.endswith(".pth")) == [
+        "checkpoint.pth", "epoch_001.pth", "epoch_002.pth"]
+    with pytest.raises(ValueError, match="--save-every must be >= 1"):
+        main_train.main(train_args(data_dir, tmp_path / "zero", "--save-every", 0))
+
+
+def test_demo_preset_gives_defaults_that_flags_override():
+    demo = main_train.parse_args(["--demo", "--epochs", "3"])
+    assert (demo.backbone, demo.backbone_weights, demo.input_height, demo.synthetic) == ("resnet18", "none", 128, 600)
+    assert demo.epochs == 3 and demo.output_dir == "checkpoints/demo"
+    plain = main_train.parse_args([])
+    assert (plain.backbone, plain.input_height, plain.epochs) == ("resnet50", 800, 36)
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint to resume in"):
         resume_train.main(resume_train.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
