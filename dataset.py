@@ -318,17 +318,22 @@ def split_dataset(dataset, train_frac=0.8, seed=0):
 CLASS_COLORS = ((1.0, 0.85, 0.0), (0.0, 0.9, 0.9), (1.0, 0.2, 1.0))  # overlay colours: vehicle, person, animal
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser(description="Save dataset visualisations (image, boxes, masks).")
+def add_visual_check_args(parser):
+    """The flags of the visual-check mains (this one and solo_head.py's): which images, where the PNGs go."""
     parser.add_argument("--data-dir", default="data", type=str, help="folder with the four real data files")
     parser.add_argument("--synthetic-dir", default="data/synthetic", type=str,
                         help="synthetic dataset used (and written if missing) when --data-dir lacks the files")
     parser.add_argument("--synthetic-images", default=400, type=int, help="images in a newly written synthetic set")
     parser.add_argument("--out", default="figures", type=str, help="output folder for the PNGs")
     parser.add_argument("--num", default=5, type=int, help="number of images to save")
-    parser.add_argument("--input-height", default=800, type=int, help="network input height")
+    parser.add_argument("--input-height", default=800, type=int, help="network input height (a multiple of 32)")
     parser.add_argument("--seed", default=0, type=int, help="seed for choosing the images")
     return parser
+
+
+def get_args_parser():
+    return add_visual_check_args(argparse.ArgumentParser(description="Save dataset visualisations (image, boxes, "
+                                                                     "masks)."))
 
 
 def write_synthetic_if_missing(folder, num_images=400, seed=0, **options):

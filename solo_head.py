@@ -510,18 +510,12 @@ def build_model(cfg=None, load_backbone_weights=True):
 
 
 def get_args_parser():
+    from dataset import add_visual_check_args
+
     parser = argparse.ArgumentParser(description="Plot the SOLO targets of a few images (handout figures 8-9)")
-    parser.add_argument("--data-dir", default="data", type=str, help="folder holding the four real data files")
-    parser.add_argument("--synthetic-dir", default="data/synthetic", type=str,
-                        help="synthetic dataset used (and written if missing) when --data-dir lacks the files")
-    parser.add_argument("--synthetic-images", default=400, type=int, help="images in a newly written synthetic set")
-    parser.add_argument("--input-height", default=800, type=int, help="network input height (multiple of 32)")
     parser.add_argument("--backbone-weights", default="coco", type=str,
                         help="'coco', 'none' or a weights file; only the feature sizes matter for the targets")
-    parser.add_argument("--num", default=5, type=int, help="number of images to plot")
-    parser.add_argument("--out", default="figures", type=str, help="output folder for the PNGs")
-    parser.add_argument("--seed", default=0, type=int, help="seed for choosing the images")
-    return parser
+    return add_visual_check_args(parser)
 
 
 def main(args):

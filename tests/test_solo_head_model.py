@@ -6,6 +6,7 @@ The backbone is replaced by random feature maps with its output contract: 5 maps
 size is ceil(P5 / 2) (13 x 17 for P5 25 x 34 at 800 x 1088).
 """
 import math
+import os
 from collections import OrderedDict
 
 import pytest
@@ -313,3 +314,16 @@ def test_forward_target_and_loss_under_autocast():
     assert total.dtype == torch.float32 and all(torch.isfinite(x) for x in (cate_loss, mask_loss, total))
     assert 0 < mask_loss < 1
     assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------- python solo_head.py (handout 6.6, 6.7)
+def test_main_plots_the_targets_of_synthetic_images_when_real_files_are_missing(tmp_path, capsys):
+    import solo_head
+
+    args = solo_head.get_args_parser().parse_args([
+        "--data-dir", str(tmp_path / "nothing"), "--synthetic-dir", str(tmp_path / "synthetic"),
+        "--synthetic-images", "4", "--num", "2", "--input-height", "128", "--backbone-weights", "none",
+        "--out", str(tmp_path / "figures")])
+    solo_head.main(args)
+    assert sorted(os.listdir(tmp_path / "figures")) == ["gt_0.png", "gt_1.png"]
+    assert "real data not found" in capsys.readouterr().out
