@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import sys
 
 import matplotlib
 
@@ -366,4 +367,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (main_train.CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,12 +1,13 @@
 """Train SOLO (CIS680 handout section 7) with the SOLO authors' schedule.
 
-  CPU demo (reduced configuration on synthetic data, about 6 minutes on 2 cores; see DEMO below):
+  CPU demo (reduced configuration on synthetic data, about 7 minutes on 2 cores; see DEMO below):
       python main_train.py --demo && python main_infer.py --checkpoint-dir checkpoints/demo --figures-dir figures/demo
   one GPU (the handout's setting: frozen COCO ResNet-50 FPN, 800x1088, batch 2 fits a 16 GB GPU):
       python main_train.py --data-dir data
   several GPUs on one machine (N processes, one per GPU; batch size is per GPU):
       torchrun --nproc_per_node=N main_train.py --data-dir data
-  continue an interrupted run: python resume_train.py   (or python main_train.py --resume checkpoints/checkpoint.pth)
+  continue an interrupted run with its stored settings: python resume_train.py [--output-dir checkpoints/demo]
+  (main_train.py --resume PATH also continues, but takes data and schedule flags from its own command line)
 
 Learning rate: 0.01 for 16 images per iteration, scaled linearly with the total batch, i.e.
 lr = 0.01 * batch_size * world_size / 16 (0.00125 for one GPU at batch 2) unless --lr is given. SGD, momentum 0.9,
@@ -77,7 +78,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--synthetic-max-objects", default=5, type=int,
                         help="most objects per image of a newly written synthetic set")
     parser.add_argument("--input-height", default=800, type=int,
-                        help="network input height; width follows the 4:3 aspect (800 -> 800x1066, padded 800x1088)")
+                        help="network input height, a multiple of 32; width follows the 4:3 aspect (800 -> 800x1066, "
+                             "padded 800x1088)")
     parser.add_argument("--hflip", action="store_true", help="random horizontal flips of the train split (p = 0.5)")
     parser.add_argument("--limit-images", default=0, type=int,
                         help="use only the first N images of the train split (0 = all): tiny runs, overfit checks")
@@ -141,7 +143,7 @@ def get_args_parser(add_help=True):
 def parse_args(argv=None):
     """get_args_parser().parse_args, with DEMO as the defaults when --demo is given (explicit flags win)."""
     parser = get_args_parser()
-    if "--demo" in (sys.argv[1:] if argv is None else argv):
+    if parser.parse_args(argv).demo:  # parsed twice so that an abbreviation (--dem) counts too
         parser.set_defaults(**DEMO)
     return parser.parse_args(argv)
 

@@ -137,6 +137,7 @@ def test_demo_preset_gives_defaults_that_flags_override():
     demo = main_train.parse_args(["--demo", "--epochs", "3"])
     assert (demo.backbone, demo.backbone_weights, demo.input_height, demo.synthetic) == ("resnet18", "none", 128, 600)
     assert demo.epochs == 3 and demo.output_dir == "checkpoints/demo"
+    assert main_train.parse_args(["--dem"]).backbone == "resnet18"  # argparse's abbreviation counts too
     plain = main_train.parse_args([])
     assert (plain.backbone, plain.input_height, plain.epochs) == ("resnet50", 800, 36)
 
