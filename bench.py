@@ -39,7 +39,7 @@ import time
 import torch
 
 from dataset import BuildDataLoader, BuildDataset, dataset_paths
-from main_train import autocast_settings, model_cfg_from_args, parse_args, scaled_lr
+from main_train import autocast_settings, model_cfg_from_args, optimizer_step, parse_args, scaled_lr
 from solo_head import POSTPROCESS_MAP, build_model
 from synthetic import write_synthetic_dataset
 
@@ -96,10 +96,7 @@ def train_step(model, optimizer, scaler, batch, device, amp_dtype, clip):
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total_loss).backward()
     t.append(clock(device))
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, clip)
-    scaler.step(optimizer)
-    scaler.update()
+    optimizer_step(optimizer, scaler, params, clip)
     t.append(clock(device))
     return {name: 1000 * (b - a) for name, a, b in zip(PHASES, t, t[1:])}
 

@@ -445,6 +445,15 @@ def _mean_over_processes(values, distributed):
     return values
 
 
+def optimizer_step(optimizer, scaler, params, clip_grad):
+    """The step after backward: unscale and clip the gradient norm (clip_grad > 0), SGD step, scaler update."""
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(model, head, optimizer, scheduler, scaler, loader, device, epoch, state, args, ctx):
     """One epoch. state: {"iteration", "history"} (updated in place). Raises NonFiniteLossError on a NaN/inf."""
     model.train()
@@ -462,11 +471,7 @@ def train_one_epoch(model, head, optimizer, scheduler, scaler, loader, device, e
                 f"checkpoint ({ctx['last_checkpoint'] or 'none yet'}) is left as it was.")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total_loss).backward()
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(ctx["params"], args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(optimizer, scaler, ctx["params"], args.clip_grad)
         scheduler.step()
         state["iteration"] += 1
 
