@@ -1,33 +1,39 @@
 """Benchmark SOLO on whatever device is present: prints one table of timings. A benchmark, not a test.
 
   CPU:  python bench.py --device cpu [--quick]     (about 3-4 minutes on 2 cores; --quick < 1 minute)
-  GPU:  python bench.py --device cuda [--amp]
+  GPU:  python bench.py --device cuda [--amp] [--channels-last] [--compile]
 
 Every figure is the median of --repeats runs after --warmup runs (--quick: 1 run, 1 warm-up), timed with
 torch.cuda.synchronize() around each phase on CUDA. On the CPU the 800x1088 rows run less often (inference 2
-runs after 1 warm-up, --quick 1 run; the training step 1 run): the top line says how often. Inputs come from a
-synthetic dataset (300x400 images, 1-5 objects each) written to a temp dir.
+runs after 1 warm-up, --quick 1 run; the training step 1 run): the top line says how often, and which of --amp,
+--channels-last and --compile ran. With --compile every figure has at least one warm-up run (the first call
+compiles), and the backbone and the head are compiled as two modules so that the phases stay apart (main_train.py
+compiles them as one model). Inputs come from a synthetic dataset (300x400 images, 1-5 objects each) written to a
+temp dir.
 Rows:
   train demo      one training step of main_train.DEMO's model (random ResNet-18 FPN, 2 x 64-channel towers) at
-                  input height 128 (128x192), batch 8, split into backbone forward, head forward, target, loss,
-                  backward and optimizer step (zero_grad, grad clipping, SGD), as compute_losses and
-                  train_one_epoch do them; then the whole step in images/s and the target + loss share of it.
-  train 800       the same for the handout's model (ResNet-50 FPN, 7 x 256-channel towers) at 800x1088, batch 2,
-                  with RANDOM, trainable backbone weights (no COCO file offline), so the backbone also runs
-                  backward: with the handout's frozen COCO backbone that part shrinks. Skipped with --quick; on
+                  input height 128 (128x192), batch 8, split into data to device (main_train.batch_to_device: on
+                  CUDA the raw uint8 batch preprocessed there, main_train.py's default; on the CPU the
+                  preprocessed batch), backbone forward, head forward, target (compact form), loss, backward and
+                  optimizer step (zero_grad, grad clipping, SGD), as compute_losses and train_one_epoch do them;
+                  then the whole step in images/s, the target + loss share of it, and the first (untimed) step,
+                  which with --compile includes compiling.
+  train 800       the same for the handout's model (ResNet-50 FPN, 7 x 256-channel towers) at 800x1088, batch
+                  --batch-800, with RANDOM, trainable backbone weights (no COCO file offline), so the backbone also
+                  runs backward: with the handout's frozen COCO backbone that part shrinks. Skipped with --quick; on
                   the CPU a single run without warm-up.
-  target 800      SOLOHead.target for 16 images at 800x1088 (real masks and boxes from BuildDataset; prediction
-                  shapes as the head makes them), per image, and its share of a train-800 step per image.
-  infer 800       batch 1 at 800x1088 (handout model, eval): backbone, head (forward eval=True), PostProcess
-                  with POSTPROCESS_MAP. Random weights give next to no candidates, so PostProcess is also timed
-                  alone on made-up predictions with --candidates (cell, class) scores above cate_thresh (the
-                  pre_NMS_num best of them reach Matrix NMS): a loaded, trained-model-like case.
+  target 800      SOLOHead.target for 16 images at 800x1088 (real masks and boxes; prediction shapes as the head
+                  makes them), per image, in the compact (training) form and the handout's layout.
+  infer 800       batch 1 at 800x1088 (handout model, eval) as SOLO.infer runs it: backbone, head
+                  (forward_features) and PostProcessFeat with POSTPROCESS_MAP; then the dense path (forward
+                  eval=True, PostProcess) for comparison. Random weights give next to no candidates, so
+                  PostProcessFeat is also timed on made-up category maps with 100 and --candidates (cell, class)
+                  scores above cate_thresh: a trained model's load. Then SOLO.infer on a batch of --infer-batch
+                  (skipped with --quick).
   MatrixNMS       500 random binary masks of 200x272 (the stride-4 map of 800x1088), sorted scores, 3 labels.
   data loading    BuildDataset at 800 through BuildDataLoader (2 workers, batch 2) over --data-images images,
-                  images/s once the workers are running.
+                  images/s once the workers are running: preprocessed items and raw uint8 items.
   peak memory     torch.cuda.max_memory_allocated on CUDA, else the process's max RSS (every row included).
-Input images are on the device before a step is timed; masks and boxes stay on the CPU, as the loader gives
-them, so `target` includes copying them to the device.
 """
 import argparse
 import platform
@@ -39,11 +45,12 @@ import time
 import torch
 
 from dataset import BuildDataLoader, BuildDataset, dataset_paths
-from main_train import autocast_settings, model_cfg_from_args, optimizer_step, parse_args, scaled_lr
+from main_train import (autocast_settings, batch_to_device, compile_module, model_cfg_from_args, optimizer_step,
+                        parse_args, prepare_model, scaled_lr)
 from solo_head import POSTPROCESS_MAP, build_model
 from synthetic import write_synthetic_dataset
 
-PHASES = ("backbone forward", "head forward", "target", "loss", "backward", "optimizer step")
+PHASES = ("data to device", "backbone forward", "head forward", "target", "loss", "backward", "optimizer step")
 
 
 def get_args_parser():
@@ -55,8 +62,14 @@ def get_args_parser():
     parser.add_argument("--repeats", default=5, type=int, help="timed runs per figure (the median is shown)")
     parser.add_argument("--warmup", default=1, type=int, help="untimed runs before the timed ones")
     parser.add_argument("--amp", action="store_true", help="autocast as main_train.py --amp does")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and images in channels_last, as main_train.py --channels-last")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the backbone and the head (main_train.py --compile compiles them as one model)")
     parser.add_argument("--candidates", default=1000, type=int,
-                        help="(cell, class) scores above cate_thresh in the PostProcess-alone row")
+                        help="(cell, class) scores above cate_thresh in the second made-up PostProcessFeat row")
+    parser.add_argument("--batch-800", default=2, type=int, help="batch size of the 800x1088 training step")
+    parser.add_argument("--infer-batch", default=8, type=int, help="batch size of the batched SOLO.infer row")
     parser.add_argument("--data-images", default=40, type=int, help="images read in the data loading row")
     return parser
 
@@ -79,17 +92,19 @@ def median_ms(fn, device, repeats, warmup):
     return statistics.median(times), out
 
 
-def train_step(model, optimizer, scaler, batch, device, amp_dtype, clip):
-    """One training step as compute_losses + train_one_epoch do it, with a clock between phases -> {phase: ms}."""
-    img, label_list, mask_list, bbox_list = batch
+def train_step(model, optimizer, scaler, batch, device, amp_dtype, channels_last, input_height, clip):
+    """One training step as compute_losses + train_one_epoch do it, with a clock between phases -> {phase: ms}.
+    batch: the loader's, on the host (raw on CUDA, as main_train.py's --device-preprocess default)."""
     head, params = model.head, [p for p in model.parameters() if p.requires_grad]
+    t = [clock(device)]
+    img, label_list, mask_list, bbox_list = batch_to_device(batch, device, channels_last, input_height)
+    t.append(clock(device))
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        t = [clock(device)]
         fpn_feat_list = model.backbone(img)  # 5 x (bz, 256, H/s, W/s); random weights: trainable, so with grad
         t.append(clock(device))
         cate_pred_list, ins_pred_list = head(fpn_feat_list)
         t.append(clock(device))
-    targets = head.target(ins_pred_list, bbox_list, label_list, mask_list)
+    targets = head.target(ins_pred_list, bbox_list, label_list, mask_list, compact=True)
     t.append(clock(device))
     total_loss = head.loss(cate_pred_list, ins_pred_list, *targets)[2]
     t.append(clock(device))
@@ -101,24 +116,37 @@ def train_step(model, optimizer, scaler, batch, device, amp_dtype, clip):
     return {name: 1000 * (b - a) for name, a, b in zip(PHASES, t, t[1:])}
 
 
-def bench_train(model_args, batch, device, amp, repeats, warmup):
-    """Median ms of each phase and of the whole step (median of the per-run sums)."""
-    model = build_model(model_cfg_from_args(model_args)).to(device).train()
+def bench_model(model_args, device, args):
+    """The model of model_args as main_train.py prepares it for args.channels_last; with args.compile, the backbone
+    and the head compiled as two modules, so that their phases can be timed apart."""
+    model = prepare_model(build_model(model_cfg_from_args(model_args)), device, args.channels_last)
+    if args.compile:
+        compile_module(model.backbone)
+        compile_module(model.head)
+    return model
+
+
+def bench_train(model_args, batch, device, args, repeats, warmup):
+    """Median ms of each phase and of the whole step (median of the per-run sums), and the first step's ms."""
+    model = bench_model(model_args, device, args).train()
     lr = model_args.lr or scaled_lr(model_args.batch_size)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
                                 momentum=model_args.momentum, weight_decay=model_args.weight_decay)
-    amp_dtype, use_scaler = autocast_settings(device, amp)
+    amp_dtype, use_scaler = autocast_settings(device, args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    runs = [train_step(model, optimizer, scaler, batch, device, amp_dtype, model_args.clip_grad)
-            for _ in range(warmup + repeats)][warmup:]
-    result = {name: statistics.median(r[name] for r in runs) for name in PHASES}
-    result["step"] = statistics.median(sum(r.values()) for r in runs)
+    runs = [train_step(model, optimizer, scaler, batch, device, amp_dtype, args.channels_last,
+                       model_args.input_height, model_args.clip_grad)
+            for _ in range(warmup + repeats)]
+    result = {name: statistics.median(r[name] for r in runs[warmup:]) for name in PHASES}
+    result["step"] = statistics.median(sum(r.values()) for r in runs[warmup:])
+    result["first step"] = sum(runs[0].values())
     return result
 
 
-def batch_of(dataset, num, device):
-    img, label_list, mask_list, bbox_list = BuildDataLoader.collect_fn([dataset[i] for i in range(num)])
-    return img.to(device), label_list, mask_list, bbox_list
+def host_batch(paths, input_height, num, raw):
+    """The loader's batch of the first num images, on the host (raw: uint8, for preprocess_batch)."""
+    dataset = BuildDataset(paths, input_height, raw=raw)
+    return BuildDataLoader.collect_fn([dataset[i] for i in range(num)])
 
 
 def row(name, value, unit="", digits=1):
@@ -135,79 +163,100 @@ def main(args):
     # an 800x1088 forward takes ~10 s and a training step over a minute on 2 CPU cores
     heavy = light if gpu else (1, 0) if args.quick else (2, 1)
     train_800 = light if gpu else (1, 0)
+    if args.compile:  # the first call compiles: never time it
+        light, heavy, train_800 = [(repeats, max(warmup, 1)) for repeats, warmup in (light, heavy, train_800)]
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, " \
                                                           f"{torch.get_num_threads()} threads"
-    print(f"device {device} ({name}), torch {torch.__version__}, amp {args.amp}; median of {light[0]} runs after "
-          f"{light[1]} warm-up (800x1088 inference {heavy[0]} after {heavy[1]}, training {train_800[0]} after "
-          f"{train_800[1]})")
+    print(f"device {device} ({name}), torch {torch.__version__}, amp {args.amp}, channels_last "
+          f"{args.channels_last}, compile {args.compile}; median of {light[0]} runs after {light[1]} warm-up "
+          f"(800x1088 inference {heavy[0]} after {heavy[1]}, training {train_800[0]} after {train_800[1]})")
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory(prefix="solo_bench_")
     num_images = 20 if args.quick else args.data_images
-    write_synthetic_dataset(tmp.name, num_images=max(num_images, 16), seed=0)
+    write_synthetic_dataset(tmp.name, num_images=max(num_images, 16, args.batch_800, args.infer_batch), seed=0)
     paths = dataset_paths(tmp.name)
-    data_800 = BuildDataset(paths, input_height=800)
+    data_800 = BuildDataset(paths, input_height=800)  # for its sizes
 
-    # 1. training steps
+    # 1. training steps, from the loader's host batch (raw on CUDA: main_train.py's --device-preprocess default)
     demo_args = parse_args(["--demo", "--device", args.device])
-    demo = bench_train(demo_args, batch_of(BuildDataset(paths, demo_args.input_height), demo_args.batch_size,
-                                           device), device, args.amp, *light)
-    print(f"train demo: DEMO model, {demo_args.input_height}x192, batch {demo_args.batch_size}")
+    demo = bench_train(demo_args, host_batch(paths, demo_args.input_height, demo_args.batch_size, gpu), device,
+                       args, *light)
+    print(f"train demo: DEMO model, {demo_args.input_height}x192, batch {demo_args.batch_size}, "
+          f"{'raw batch preprocessed on the device' if gpu else 'preprocessed batch copied'}")
     for phase in PHASES:
         row(phase, demo[phase], "ms")
     row("whole step", demo_args.batch_size * 1000 / demo["step"], "images/s", 2)
     row("target + loss share of the step", 100 * (demo["target"] + demo["loss"]) / demo["step"], "%")
+    row("first step (untimed; compiles with --compile)", demo["first step"], "ms", 0)
 
-    handout_args = parse_args(["--backbone-weights", "none", "--batch-size", "2", "--device", args.device])
+    handout_args = parse_args(["--backbone-weights", "none", "--batch-size", str(args.batch_800), "--device",
+                               args.device])
     big = None
     if args.quick:
         print("train 800: skipped (--quick)")
     else:
-        big = bench_train(handout_args, batch_of(data_800, 2, device), device, args.amp, *train_800)
-        print("train 800: handout model, RANDOM backbone weights (trained too), 800x1088, batch 2")
+        big = bench_train(handout_args, host_batch(paths, 800, args.batch_800, gpu), device, args, *train_800)
+        print(f"train 800: handout model, RANDOM backbone weights (trained too), 800x1088, batch {args.batch_800}")
         for phase in PHASES:
             row(phase, big[phase], "ms")
-        row("whole step", 2 * 1000 / big["step"], "images/s", 3)
+        row("whole step", args.batch_800 * 1000 / big["step"], "images/s", 3)
+        row("first step (untimed; compiles with --compile)", big["first step"], "ms", 0)
 
     # 2. target building at 800x1088; the head's training layout is (bz, S^2, 2H_f, 2W_f) = (.., H/s * 2, ..)
-    model = build_model(model_cfg_from_args(handout_args)).to(device).eval()
+    model = bench_model(handout_args, device, args).eval()
     head = model.head
     height, width = data_800.input_size
     ins_shapes = [torch.empty((), device=device).expand(16, s * s, 2 * height // st, 2 * width // st)
                   for s, st in zip(head.seg_num_grids, head.strides)]  # target reads only the sizes: no memory
-    _, label_list, mask_list, bbox_list = BuildDataLoader.collect_fn([data_800[i] for i in range(16)])
-    target_ms = median_ms(lambda: head.target(ins_shapes, bbox_list, label_list, mask_list), device, *light)[0] / 16
+    _, label_list, mask_list, bbox_list = batch_to_device(host_batch(paths, 800, 16, False), device)
     print(f"target 800: batch 16 ({sum(len(l) for l in label_list)} objects), 800x1088")
-    row("target per image", target_ms, "ms")
-    row("share of a train-800 step per image", 100 * target_ms / (big["step"] / 2) if big else "n/a", "%")
+    for compact, form in ((True, "compact (training)"), (False, "handout layout")):
+        target_ms = median_ms(lambda: head.target(ins_shapes, bbox_list, label_list, mask_list, compact=compact),
+                              device, *light)[0] / 16
+        row(f"target per image, {form}", target_ms, "ms")
+    row("compact share of a train-800 step per image",
+        100 * big["target"] / big["step"] if big else "n/a", "%")
 
-    # 3. inference at 800x1088, batch 1
-    img = data_800[0][0][None].to(device)  # (1, 3, 800, 1088)
+    # 3. inference at 800x1088: candidate-first (SOLO.infer's path) and the handout's dense path
+    img = batch_to_device(host_batch(paths, 800, 1, False), device, args.channels_last)[0]  # (1, 3, 800, 1088)
     amp_dtype, _ = autocast_settings(device, args.amp)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        backbone_ms, fpn_feat_list = median_ms(lambda: model.backbone(img), device, *heavy)
-        head_ms, (cate_pred_list, ins_pred_list) = median_ms(lambda: head(fpn_feat_list, eval=True), device, *heavy)
-        # cate_pred_list [(1, S, S, C-1)], ins_pred_list [(1, S^2, H/4, W/4)]
+    ori_size = data_800.ori_size
 
-    def post(cate_list, ins_list):
-        return head.PostProcess(ins_list, cate_list, data_800.ori_size, POSTPROCESS_MAP)
+    def timed(fn, runs):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return median_ms(fn, device, *runs)
 
-    with torch.inference_mode():
-        post_ms, (scores_list, _, _) = median_ms(lambda: post(cate_pred_list, ins_pred_list), device, *light)
-        # made-up predictions: --candidates (cell, class) scores in (cate_thresh, 1), random mask probabilities
-        sizes, thresh = [c.numel() for c in cate_pred_list], POSTPROCESS_MAP["cate_thresh"]
+    backbone_ms, fpn_feat_list = timed(lambda: model.backbone(img), heavy)
+    head_ms, (cate_pred_list, ins_feat_list) = timed(lambda: head.forward_features(fpn_feat_list), heavy)
+    post_ms, (scores_list, _, _) = timed(
+        lambda: head.PostProcessFeat(ins_feat_list, cate_pred_list, ori_size, POSTPROCESS_MAP), light)
+    dense_head_ms, (_, ins_pred_list) = timed(lambda: head(fpn_feat_list, eval=True), heavy)
+    dense_post_ms = timed(lambda: head.PostProcess(ins_pred_list, cate_pred_list, ori_size, POSTPROCESS_MAP),
+                          light)[0]
+    del ins_pred_list  # (1, sum S^2, 200, 272): 840 MB
+    print(f"infer 800: handout model (random weights: {len(scores_list[0])} detections), batch 1, 800x1088")
+    row("backbone", backbone_ms, "ms")
+    row("head (forward_features)", head_ms, "ms")
+    row("PostProcessFeat (MAP cfg)", post_ms, "ms")
+    row("total, candidate-first", backbone_ms + head_ms + post_ms, "ms/image")
+    row("dense: head (forward eval=True) / PostProcess", f"{dense_head_ms:.0f} / {dense_post_ms:.0f}", "ms")
+    # made-up category maps with k (cell, class) scores in (cate_thresh, 1) on the real mask features: a trained
+    # model's load (random weights give next to none)
+    sizes, thresh = [c.numel() for c in cate_pred_list], POSTPROCESS_MAP["cate_thresh"]
+    for k in (100, args.candidates):
         cate_all = torch.zeros(sum(sizes), device=device)  # (sum S^2 * (C-1),)
-        chosen = torch.randperm(sum(sizes), device=device)[:args.candidates]
+        chosen = torch.randperm(sum(sizes), device=device)[:k]
         cate_all[chosen] = thresh + (1 - thresh) * torch.rand(len(chosen), device=device)
         fake_cate = [f.view(c.shape) for f, c in zip(cate_all.split(sizes), cate_pred_list)]
-        fake_ins = [torch.rand(i.shape, device=device) for i in ins_pred_list]
-        alone_ms, (fake_scores_list, _, _) = median_ms(lambda: post(fake_cate, fake_ins), device, *light)
-    print("infer 800: handout model (random weights), batch 1, 800x1088")
-    row("backbone", backbone_ms, "ms")
-    row("head (eval forward)", head_ms, "ms")
-    row(f"PostProcess (MAP cfg, {len(scores_list[0])} kept)", post_ms, "ms")
-    row("total", backbone_ms + head_ms + post_ms, "ms/image")
-    row(f"PostProcess alone, {args.candidates} candidates ({len(fake_scores_list[0])} kept)", alone_ms, "ms")
+        fake_ms, (fake_scores, _, _) = timed(
+            lambda: head.PostProcessFeat(ins_feat_list, fake_cate, ori_size, POSTPROCESS_MAP), light)
+        row(f"PostProcessFeat, {k} candidates ({len(fake_scores[0])} kept)", fake_ms, "ms")
+    if not args.quick:
+        bz = args.infer_batch
+        batch_img = batch_to_device(host_batch(paths, 800, bz, False), device, args.channels_last)[0]
+        batch_ms = timed(lambda: model.infer(batch_img, ori_size, POSTPROCESS_MAP), heavy)[0]
+        row(f"SOLO.infer, batch {bz}", bz * 1000 / batch_ms, "images/s", 2)
 
     # 4. Matrix NMS
     n = 500
@@ -219,10 +268,13 @@ def main(args):
     row("MatrixNMS", nms_ms, "ms")
 
     # 5. data loading: the first pass starts the (persistent) workers and is not counted
-    loader = BuildDataLoader(torch.utils.data.Subset(data_800, range(num_images)), 2, False, 2).loader()
-    pass_ms = median_ms(lambda: [None for _ in loader], torch.device("cpu"), 1 if args.quick else 2, 1)[0]
-    print(f"data loading: BuildDataset at 800, BuildDataLoader 2 workers, batch 2, {num_images} images")
-    row("data loading", num_images * 1000 / pass_ms, "images/s")
+    print(f"data loading at 800: BuildDataLoader, 2 workers, batch 2, {num_images} images")
+    for raw, what in ((False, "preprocessed items (CPU training)"), (True, "raw uint8 items (--device-preprocess)")):
+        dataset = BuildDataset(paths, input_height=800, raw=raw)
+        loader = BuildDataLoader(torch.utils.data.Subset(dataset, range(num_images)), 2, False, 2).loader()
+        pass_ms = median_ms(lambda: [None for _ in loader], torch.device("cpu"), 1 if args.quick else 2, 1)[0]
+        row(what, num_images * 1000 / pass_ms, "images/s")
+        del loader
 
     # 6. peak memory
     if gpu:
@@ -230,7 +282,6 @@ def main(args):
     else:  # ru_maxrss is in KiB on Linux
         row("peak memory (max RSS of this process)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10,
             "MiB")
-    del loader
     tmp.cleanup()
     print(f"total time {time.perf_counter() - start:.0f} s")
 

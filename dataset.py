@@ -15,10 +15,18 @@ Preprocessing (handout 4.3), for input_height = 800:
   to 800 x 1088 (multiples of 32). Masks: same resize (bilinear, then >= 0.5) and padding. Boxes: x scaled
   by 1066 / 400, y by 800 / 300. Padded pixels are exactly 0 in the normalised image and in the masks.
 
+Two data paths give the same batch (the same tensors, bit for bit on the CPU):
+  BuildDataset(paths)            items preprocessed one by one (in the workers); collect_fn stacks them.
+  BuildDataset(paths, raw=True)  uint8 items in the 300 x 400 frame (29x fewer bytes per image from the
+                                 workers at 800); preprocess_batch(batch, input_height, device) then resizes,
+                                 flips, normalises and pads the whole batch on the device.
+Both use the helpers resize_images, resize_masks, scale_boxes, flip_boxes, normalize_ and pad_to.
+
 Visual check (saves `--num` PNGs into `--out`; uses data/synthetic when the real files are missing):
   python dataset.py [--data-dir data] [--out figures] [--num 5]
 """
 import argparse
+import itertools
 import math
 import operator
 import os
@@ -27,7 +35,6 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, Dataset, Subset
 
 CLASS_NAMES = ("vehicle", "person", "animal")  # label k is CLASS_NAMES[k - 1]; 0 = background
@@ -154,11 +161,73 @@ def _check_counts(paths, num_images, num_masks, labels, bboxes):
                          f"{num_objects} objects")
 
 
+def check_input_height(input_height):
+    """ValueError unless input_height is a multiple of PAD_MULTIPLE (BuildDataset's and preprocess_batch's)."""
+    if input_height % PAD_MULTIPLE:
+        raise ValueError(f"input_height {input_height} is not a multiple of {PAD_MULTIPLE}: the image is "
+                         f"padded only on the right, so the SOLO head can read the resized height off the "
+                         f"padded input (800, the handout's, is)")
+
+
 def resized_sizes(height, width, input_height):
     """Sizes of an height x width image as the network sees it: scaled (input_height, int(input_height * width /
     height)) and padded to multiples of PAD_MULTIPLE (300 x 400 at 800 -> 800 x 1066 -> 800 x 1088)."""
     scaled = (input_height, int(input_height * width / height))
     return scaled, tuple(math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE for s in scaled)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preprocessing helpers (handout 4.3), on a leading batch dimension, on any device. BuildDataset applies
+# them to one image, preprocess_batch to a whole batch: one implementation, so both give the same bits.
+# ----------------------------------------------------------------------------------------------------
+def to_device(x, device, non_blocking=True):
+    """x on `device`. A host tensor bound for a GPU is pinned first (the loader's already are): a non_blocking
+    copy from pageable memory may synchronise with the stream."""
+    device = torch.device(device)
+    if non_blocking and device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=non_blocking)
+
+
+def resize_images(img, size):
+    """uint8 (B, 3, H, W) in [0, 255] -> float32 (B, 3, Hs, Ws) in [0, 1], bilinear (half-pixel centres)
+    to size = (Hs, Ws)."""
+    return F.interpolate(img.float() / 255, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_masks(mask, size):
+    """{0, 1} (N, H, W) of any dtype -> float32 (N, Hs, Ws) in {0, 1}: bilinear, then >= 0.5. N may be 0.
+
+    Each mask is resized as its own single-channel plane (N, 1, H, W), not as the channels of one image
+    (1, N, H, W): ATen's CPU kernel depends on the channel count (with one thread, as in DataLoader workers,
+    3 channels take a channels-last kernel that differs in the last bit), whereas one plane per mask gives
+    the same bits whether the masks of one image or of a whole batch are resized together.
+    """
+    if not len(mask):  # interpolate rejects empty inputs
+        return torch.zeros((0,) + tuple(size), device=mask.device)
+    soft = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]  # (N, Hs, Ws)
+    return soft.ge_(0.5)  # in place: 1.0 where >= 0.5, else 0.0 (one large buffer fewer)
+
+
+def scale_boxes(bbox, ori_size, scaled_size):
+    """bbox (..., 4) x1 y1 x2 y2 in the ori_size (H, W) frame -> the same boxes in the scaled_size frame."""
+    (height, width), (scaled_h, scaled_w) = ori_size, scaled_size
+    scale = to_device(torch.tensor([scaled_w / width, scaled_h / height] * 2), bbox.device)  # x1 y1 x2 y2
+    return bbox * scale
+
+
+def flip_boxes(bbox, width):
+    """Horizontal flip of bbox (..., 4) in an image `width` wide: x -> width - x, so x1' = width - x2,
+    x2' = width - x1 (y unchanged). Images and masks flip with .flip(-1) on the same (unpadded) frame."""
+    return torch.stack([width - bbox[..., 2], bbox[..., 1], width - bbox[..., 0], bbox[..., 3]], dim=-1)
+
+
+def normalize_(img):
+    """ImageNet normalisation of img (..., 3, H, W) in [0, 1], in place (callers pass a fresh resize output);
+    returns img. Computed as torchvision's normalize does, without its host-device synchronising check."""
+    mean = to_device(torch.tensor(MEAN).view(3, 1, 1), img.device)  # float32, as torchvision makes them
+    std = to_device(torch.tensor(STD).view(3, 1, 1), img.device)
+    return img.sub_(mean).div_(std)  # (..., 3, H, W)
 
 
 def pad_to(x, size):
@@ -173,11 +242,17 @@ class BuildDataset(Dataset):
         paths: [images_h5, masks_h5, labels_npy, bboxes_npy] (see `dataset_paths`).
         input_height: height of the resized image, a multiple of 32; width = int(input_height * W / H)
             (800 -> 800 x 1066, padded on the right to 800 x 1088).
-        hflip: if True, flip image, masks and boxes horizontally with probability 0.5 (torch RNG).
+        hflip: if True, flip image, masks and boxes horizontally with probability 0.5 (torch RNG: one
+            `torch.rand(()) < 0.5` per item, in both modes, so a seeded run flips the same images either way).
+        raw: if True, items are left in the original frame for `preprocess_batch` to preprocess a whole
+            batch on the device (the training loop's fast path).
 
     dataset[i] -> (img float32 (3, Hp, Wp) normalised, label int64 (n,) in 1..3,
                    mask float32 (n, Hp, Wp) in {0, 1}, bbox float32 (n, 4) x1 y1 x2 y2 in input pixels);
     n may be 0 (label (0,), mask (0, Hp, Wp), bbox (0, 4)).
+    With raw=True: dataset[i] -> (img uint8 (3, H, W), label int64 (n,), mask uint8 (n, H, W) in {0, 1},
+                   bbox float32 (n, 4) in original pixels, flip bool tensor () (always False without hflip)),
+    i.e. get_raw(i) plus the flip decision, which preprocess_batch applies after resizing.
     Attributes: ori_size (H, W) of the files, scaled_size (Hs, Ws) after resizing, input_size (Hp, Wp)
     after padding, num_objects int array (N,).
 
@@ -185,11 +260,8 @@ class BuildDataset(Dataset):
     their own handle.
     """
 
-    def __init__(self, paths, input_height=800, hflip=False):
-        if input_height % PAD_MULTIPLE:
-            raise ValueError(f"input_height {input_height} is not a multiple of {PAD_MULTIPLE}: the image is "
-                             f"padded only on the right, so the SOLO head can read the resized height off the "
-                             f"padded input (800, the handout's, is)")
+    def __init__(self, paths, input_height=800, hflip=False, raw=False):
+        check_input_height(input_height)
         paths = [os.fspath(p) for p in paths]
         _check_files_exist(paths)
         num_images, channels, height, width = _h5_shape(paths[0], "images", "(N, 3, H, W)")
@@ -210,6 +282,7 @@ class BuildDataset(Dataset):
         self.num_objects = np.array([len(label) for label in labels], dtype=np.int64)  # (N,)
         self.mask_offsets = np.concatenate([[0], np.cumsum(self.num_objects)[:-1]])  # (N,) first mask row
         self.hflip = hflip
+        self.raw = raw
         self.ori_size = (height, width)
         self.scaled_size, self.input_size = resized_sizes(height, width, input_height)
         self._h5 = None  # {"images": h5py.File, "masks": h5py.File}, opened by the process that reads them
@@ -246,33 +319,101 @@ class BuildDataset(Dataset):
 
     def __getitem__(self, index):
         img, label, mask, bbox = self.get_raw(index)
-        img, mask, bbox = self._resize(img, mask, bbox)
-        if self.hflip and torch.rand(()) < 0.5:
-            img, mask, bbox = self._flip(img, mask, bbox)
-        img = TF.normalize(img, MEAN, STD)
-        return pad_to(img, self.input_size), label, pad_to(mask, self.input_size), bbox
+        # the one RNG draw per item, in both modes, so raw and float datasets flip the same items
+        flip = torch.rand(()) < 0.5 if self.hflip else torch.tensor(False)  # bool ()
+        if self.raw:
+            return img, label, mask, bbox, flip
+        img = resize_images(img[None], self.scaled_size)[0]  # (3, Hs, Ws)
+        mask = resize_masks(mask, self.scaled_size)  # (n, Hs, Ws)
+        bbox = scale_boxes(bbox, self.ori_size, self.scaled_size)  # (n, 4)
+        if flip:  # in the scaled frame, before padding
+            img, mask, bbox = img.flip(-1), mask.flip(-1), flip_boxes(bbox, self.scaled_size[1])
+        return pad_to(normalize_(img), self.input_size), label, pad_to(mask, self.input_size), bbox
 
-    def _resize(self, img, mask, bbox):
-        """Original frame -> scaled frame (Hs, Ws): img float [0, 1], mask float {0, 1}, bbox scaled."""
-        (height, width), size = self.ori_size, self.scaled_size
-        img = F.interpolate(img[None].float() / 255, size=size, mode="bilinear", align_corners=False)[0]
-        if len(mask):
-            mask = F.interpolate(mask[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-            mask = (mask >= 0.5).float()  # (n, Hs, Ws)
-        else:  # interpolate rejects zero channels
-            mask = torch.zeros((0,) + size)
-        scale = torch.tensor([size[1] / width, size[0] / height] * 2)  # x1 y1 x2 y2 factors
-        return img, mask, bbox * scale  # (3, Hs, Ws), (n, Hs, Ws), (n, 4)
 
-    def _flip(self, img, mask, bbox):
-        """Horizontal flip in the scaled frame (before padding): x -> Ws - x, so x1' = Ws - x2, x2' = Ws - x1."""
-        width = self.scaled_size[1]
-        bbox = torch.stack([width - bbox[:, 2], bbox[:, 1], width - bbox[:, 0], bbox[:, 3]], dim=1)
-        return img.flip(-1), mask.flip(-1), bbox
+def _check_raw_batch(batch):
+    """The five parts of a raw batch, or a ValueError saying what preprocess_batch expects and what it got."""
+    expected = ("preprocess_batch expects the raw batch of BuildDataset(raw=True) as BuildDataLoader.collect_fn "
+                "returns it: (img uint8 (B, 3, H, W), label_list, mask_list, bbox_list, flip bool (B,))")
+    if not isinstance(batch, (tuple, list)) or len(batch) != 5:
+        got = (f"a {len(batch)}-tuple" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
+        hint = " (a float batch of BuildDataset(raw=False)?)" if got == "a 4-tuple" else ""
+        raise ValueError(f"{expected}; got {got}{hint}")
+    img, label_list, mask_list, bbox_list, flip = batch
+    if not (torch.is_tensor(img) and img.dtype == torch.uint8 and img.ndim == 4 and img.shape[1] == 3):
+        got = f"{img.dtype} {tuple(img.shape)}" if torch.is_tensor(img) else type(img).__name__
+        raise ValueError(f"{expected}; got img {got}")
+    num = len(img)
+    if not (torch.is_tensor(flip) and flip.dtype == torch.bool and flip.shape == (num,)):
+        got = f"{flip.dtype} {tuple(flip.shape)}" if torch.is_tensor(flip) else type(flip).__name__
+        raise ValueError(f"{expected}; got flip {got}")
+    if not len(label_list) == len(mask_list) == len(bbox_list) == num:
+        raise ValueError(f"{expected}; got {num} images but {len(label_list)} labels, {len(mask_list)} masks "
+                         f"and {len(bbox_list)} boxes entries")
+    for i, (label, mask) in enumerate(zip(label_list, mask_list)):
+        if mask.dtype != torch.uint8 or mask.shape != (len(label),) + tuple(img.shape[-2:]):
+            raise ValueError(f"{expected}; got masks {mask.dtype} {tuple(mask.shape)} for image {i} with "
+                             f"{len(label)} labels")
+    return img, label_list, mask_list, bbox_list, flip
+
+
+def preprocess_batch(batch, input_height, device="cpu", non_blocking=True):
+    """Preprocess a raw batch on `device`: the float batch of BuildDataset(paths, input_height) for the same
+    items and flips, with the whole batch resized at once (the training loop's fast path).
+
+    Args:
+        batch: BuildDataLoader.collect_fn of BuildDataset(raw=True) items: (img uint8 (B, 3, H, W),
+            label_list [(n,) int64], mask_list [(n, H, W) uint8], bbox_list [(n, 4) float32 original pixels],
+            flip bool (B,) on the CPU, as the loader gives it).
+        input_height: as BuildDataset's, a multiple of 32.
+        device: where the work happens and the outputs live.
+        non_blocking: asynchronous host-to-device copies (overlap with the GPU when the loader pins memory).
+    Returns:
+        img float32 (B, 3, Hp, Wp) normalised and padded, label_list [(n,) int64],
+        mask_list [(n, Hp, Wp) float32 {0, 1}] (views of one (sum n, Hp, Wp) tensor),
+        bbox_list [(n, 4) float32 x1 y1 x2 y2 input pixels], all on `device`.
+    On the CPU the result equals collect_fn of the float items bit for bit. On CUDA expect differences of a
+    few float32 ulps in the image (different bilinear and /255 arithmetic, about 1e-6 after normalisation)
+    and, from those, mask pixels flipped where the interpolated value ties with 0.5 (a tiny fraction);
+    labels and boxes (computed on the CPU) are exact.
+    No host-device synchronisation: object counts and flips are read on the host, from list lengths and the
+    CPU flip tensor.
+    For a GPU: on the CPU it does the float items' arithmetic, but in the training process rather than in
+    parallel workers (and its batch-sized buffers, over glibc's 32 MB mmap threshold, page-fault on every
+    call), so CPU training keeps the float path.
+    """
+    img, label_list, mask_list, bbox_list, flip = _check_raw_batch(batch)
+    check_input_height(input_height)
+    ori_size = tuple(img.shape[-2:])
+    scaled_size, input_size = resized_sizes(*ori_size, input_height)
+    counts = [len(label) for label in label_list]  # objects per image (host)
+    obj_flip = flip.repeat_interleave(torch.tensor(counts, dtype=torch.int64))  # (N,) each object's image's flip
+
+    # boxes and labels: a few numbers per object, done on the host, then one copy each
+    bbox = scale_boxes(torch.cat(bbox_list), ori_size, scaled_size)  # (N, 4)
+    bbox = torch.where(obj_flip[:, None], flip_boxes(bbox, scaled_size[1]), bbox)
+    bbox = to_device(bbox, device, non_blocking)  # (N, 4)
+    label = to_device(torch.cat(label_list), device, non_blocking)  # (N,)
+
+    # images and masks: copy the uint8 tensors (29x fewer bytes than float at 800), resize each kind in one call
+    img = resize_images(to_device(img, device, non_blocking), scaled_size)  # (B, 3, Hs, Ws)
+    mask = torch.cat([to_device(m, device, non_blocking) for m in mask_list])  # (N, H, W) uint8
+    mask = resize_masks(mask, scaled_size)  # (N, Hs, Ws)
+    # flip only the flipped images, in place: their indices come from the CPU flip tensor (no device sync) and
+    # this costs less than torch.where over the whole batch (a flipped copy and a select)
+    first = [0] + list(itertools.accumulate(counts))  # (B + 1,) first mask row of each image
+    for b in flip.nonzero().flatten().tolist():
+        img[b] = img[b].flip(-1)  # (3, Hs, Ws)
+        mask[first[b]:first[b + 1]] = mask[first[b]:first[b + 1]].flip(-1)  # (n_b, Hs, Ws)
+    img = pad_to(normalize_(img), input_size)  # (B, 3, Hp, Wp)
+    mask = pad_to(mask, input_size)  # (N, Hp, Wp)
+    return img, list(label.split(counts)), list(mask.split(counts)), list(bbox.split(counts))
 
 
 class BuildDataLoader:
-    """Batches of (img (B, 3, Hp, Wp), label_list [(n,)], mask_list [(n, Hp, Wp)], bbox_list [(n, 4)]).
+    """Batches of (img (B, 3, Hp, Wp), label_list [(n,)], mask_list [(n, Hp, Wp)], bbox_list [(n, 4)]);
+    of a raw dataset (BuildDataset(raw=True)): (img uint8 (B, 3, H, W), label_list, mask_list [(n, H, W) uint8],
+    bbox_list, flip bool (B,)), for preprocess_batch.
 
     Pass either `shuffle=True` or a `sampler` (e.g. a DistributedSampler), not both.
     """
@@ -288,7 +429,14 @@ class BuildDataLoader:
 
     @staticmethod
     def collect_fn(batch):
-        """Stack the images; keep labels, masks and boxes as per-image lists (object counts differ)."""
+        """Stack the images (and the flips of raw items); keep labels, masks and boxes as per-image lists
+        (object counts differ)."""
+        lengths = {len(item) for item in batch}
+        if len(lengths) != 1:
+            raise ValueError(f"items of one batch differ in length ({sorted(lengths)}): raw and float items mixed?")
+        if lengths == {5}:  # raw items: (img, label, mask, bbox, flip)
+            imgs, labels, masks, bboxes, flips = zip(*batch)
+            return torch.stack(imgs, dim=0), list(labels), list(masks), list(bboxes), torch.stack(flips, dim=0)
         imgs, labels, masks, bboxes = zip(*batch)
         return torch.stack(imgs, dim=0), list(labels), list(masks), list(bboxes)
 

@@ -221,9 +221,11 @@ def build_test_split(train_args, data_dir=None, synthetic=None):
 @torch.inference_mode()
 def predict(model, img, ori_size, cfgs):
     """img (bz, 3, Hp, Wp) normalised input -> one PostProcess result per cfg in cfgs, each (scores_list,
-    labels_list, masks_list) over the batch, masks (k, ori_H, ori_W) in {0, 1}."""
-    cate_pred_list, ins_pred_list = model(img, eval=True)  # [(bz, S, S, C-1)], [(bz, S^2, Hp/4, Wp/4)]
-    return [model.head.PostProcess(ins_pred_list, cate_pred_list, ori_size, cfg=cfg) for cfg in cfgs]
+    labels_list, masks_list) over the batch, masks (k, ori_H, ori_W) in {0, 1}. Candidate-first, as SOLO.infer:
+    only the masks of cells above the category threshold are computed."""
+    # the category maps and the mask features: [(bz, S, S, C-1)], [(bz, c, H_f, W_f)]
+    cate_pred_list, ins_feat_list = model.head.forward_features(model.backbone(img))
+    return [model.head.PostProcessFeat(ins_feat_list, cate_pred_list, ori_size, cfg=cfg) for cfg in cfgs]
 
 
 def plot_overlays(model, results, raw_images, figures_dir, start_index, score_thresh):

@@ -4,6 +4,8 @@
       python main_train.py --demo && python main_infer.py --checkpoint-dir checkpoints/demo --figures-dir figures/demo
   one GPU (the handout's setting: frozen COCO ResNet-50 FPN, 800x1088, batch 2 fits a 16 GB GPU):
       python main_train.py --data-dir data
+      (speed flags for a tensor-core GPU: --amp --channels-last, and --compile after a warm-up of minutes;
+      bench.py --device cuda with the same flags measures what they give)
   several GPUs on one machine (N processes, one per GPU; batch size is per GPU):
       torchrun --nproc_per_node=N main_train.py --data-dir data
   continue an interrupted run with its stored settings: python resume_train.py [--output-dir checkpoints/demo]
@@ -40,7 +42,8 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DistributedSampler, Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataset import BuildDataLoader, BuildDataset, dataset_paths, resolve_data_dir, split_dataset  # noqa: E402
+from dataset import (BuildDataLoader, BuildDataset, dataset_paths, preprocess_batch, resolve_data_dir,  # noqa: E402
+                     split_dataset)
 from solo_head import MODEL_DEFAULTS, build_model  # noqa: E402
 
 CHECKPOINT_FORMAT = "solo-checkpoint-v1"
@@ -84,6 +87,11 @@ def get_args_parser(add_help=True):
     parser.add_argument("--limit-images", default=0, type=int,
                         help="use only the first N images of the train split (0 = all): tiny runs, overfit checks")
     parser.add_argument("--workers", default=2, type=int, help="data loading worker processes per training process")
+    parser.add_argument("--device-preprocess", default=None, action=argparse.BooleanOptionalAction,
+                        help="workers send uint8 300x400 images and masks, and each batch is resized, flipped, "
+                             "normalised and padded on the device (dataset.preprocess_batch: the same tensors, 29x "
+                             "fewer bytes through the loader at 800). Default: on for CUDA, off for the CPU, where "
+                             "the workers preprocessing in parallel are faster")
     # model (the keys of solo_head.MODEL_DEFAULTS)
     parser.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=("resnet50", "resnet18"),
                         help="FPN backbone")
@@ -117,6 +125,12 @@ def get_args_parser(add_help=True):
     parser.add_argument("--clip-grad", default=35.0, type=float, help="gradient-norm clipping (0 = off)")
     parser.add_argument("--amp", action="store_true",
                         help="mixed precision: bfloat16 where supported, else float16 with a GradScaler")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and input images in the channels_last (NHWC) memory format: faster convolutions "
+                             "under --amp on tensor-core GPUs; checkpoints are stored in the usual layout either way")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model's forward (backbone + head; targets and losses stay eager): "
+                             "faster steps after a warm-up of tens of seconds to minutes")
     parser.add_argument("--max-iters", default=0, type=int,
                         help="stop after this many iterations in total, closing the epoch in progress (0 = off; "
                              "for tests and benchmarks)")
@@ -237,6 +251,55 @@ def autocast_settings(device, amp):
     return torch.bfloat16, False
 
 
+def _layout(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def compile_module(module):
+    """Compile module's forward in place (nn.Module.compile, as the PyTorch docs advise over torch.compile(module)):
+    the module stays what it was, with the same state dict keys (no wrapper, no "_orig_mod." prefix).
+    dynamic=False: a run's input size is fixed, so each batch size met (a smaller last batch, evaluation) gets its
+    own static-shape graph rather than one graph with a symbolic batch size."""
+    module.compile(dynamic=False)
+    return module
+
+
+def prepare_model(model, device, channels_last=False, compile_forward=False):
+    """model on `device`; with channels_last its 4-D weights in NHWC order (cuDNN's tensor-core convolutions work
+    in NHWC, so under AMP they skip a transpose around every convolution); with compile_forward its forward
+    compiled: backbone (frozen under no_grad, or trained) and head, where the FLOPs are. Targets and losses have
+    data-dependent shapes and stay eager."""
+    model = model.to(device, memory_format=_layout(channels_last))
+    return compile_module(model) if compile_forward else model
+
+
+def batch_to_device(batch, device, channels_last=False, input_height=None):
+    """A loader batch (img, label_list, mask_list, bbox_list) on `device`; a raw batch (BuildDataset(raw=True),
+    five parts) is preprocessed there for input_height (dataset.preprocess_batch). The loader pins its batches
+    when CUDA is present, so these non_blocking copies are asynchronous: the host goes on to launch the forward
+    while they run. The lists are copied here too, so that SOLOHead.target's own .to(device) is a no-op."""
+    if len(batch) == 5:
+        img, label_list, mask_list, bbox_list = preprocess_batch(batch, input_height, device)
+    else:
+        img, label_list, mask_list, bbox_list = batch
+        img = img.to(device, non_blocking=True)  # (bz, 3, Hp, Wp)
+        label_list = [label.to(device, non_blocking=True) for label in label_list]  # [(n,)]
+        mask_list = [mask.to(device, non_blocking=True) for mask in mask_list]  # [(n, Hp, Wp)]
+        bbox_list = [bbox.to(device, non_blocking=True) for bbox in bbox_list]  # [(n, 4)]
+    # copied in the loader's (contiguous) layout, then made NHWC on the device
+    return img.contiguous(memory_format=_layout(channels_last)), label_list, mask_list, bbox_list
+
+
+def match_parameter_layout(optimizer):
+    """Give every optimizer state tensor of a parameter's shape (SGD's momentum buffers) that parameter's memory
+    layout. A checkpoint stores them contiguous; against channels_last parameters and gradients the multi-tensor
+    (foreach) SGD step would leave its fast path, which needs equal strides."""
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------
@@ -279,8 +342,21 @@ def _atomic_write(path, write):
     _fsync_dir(directory)
 
 
+def _contiguous(obj):
+    """obj with every tensor in the standard contiguous layout (torch.save keeps strides)."""
+    if torch.is_tensor(obj):
+        return obj.contiguous()
+    if isinstance(obj, dict):
+        return {k: _contiguous(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_contiguous(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(state, path):
-    """torch.save(state, path), atomically."""
+    """torch.save(state, path), atomically. Tensors are stored contiguous, so a checkpoint of a --channels-last
+    run (whose convolution weights and momentum buffers are NHWC-strided) is the same as any other."""
+    state = _contiguous(state)
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -369,13 +445,14 @@ def synthetic_options(args):
 
 
 def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, limit_images=0,
-                   synthetic_options=None):
+                   synthetic_options=None, raw=False):
     """(train Subset, test Subset) as every script builds them: dataset.split_dataset's 80/20 split; the flips
     (if any) only on the train split; limit_images > 0 keeps the first N images of the train split.
-    synthetic > 0: a synthetic set of that many images with the scene settings synthetic_options."""
+    synthetic > 0: a synthetic set of that many images with the scene settings synthetic_options.
+    raw: BuildDataset(raw=True) items, for preprocess_batch on the device."""
     paths = dataset_paths(resolve_data_dir(data_dir, synthetic, **(synthetic_options or {})))
-    train_set, _ = split_dataset(BuildDataset(paths, input_height=input_height, hflip=hflip))
-    _, test_set = split_dataset(BuildDataset(paths, input_height=input_height, hflip=False))
+    train_set, _ = split_dataset(BuildDataset(paths, input_height=input_height, hflip=hflip, raw=raw))
+    _, test_set = split_dataset(BuildDataset(paths, input_height=input_height, hflip=False, raw=raw))
     if limit_images > 0:
         train_set = Subset(train_set, range(min(limit_images, len(train_set))))
     return train_set, test_set
@@ -428,21 +505,25 @@ def plot_loss_curve(history, path):
 # ----------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------
-def compute_losses(model, head, batch, device, amp_dtype):
-    """(cate_loss, mask_loss, total_loss) of one batch; `model` may be DDP-wrapped, `head` is its SOLOHead."""
-    img, label_list, mask_list, bbox_list = batch
-    img = img.to(device, non_blocking=True)  # (bz, 3, Hp, Wp)
+def compute_losses(model, head, batch, device, amp_dtype, channels_last=False, input_height=None):
+    """(cate_loss, mask_loss, total_loss) of one batch; `model` may be DDP-wrapped, `head` is its SOLOHead.
+    input_height: that of a raw batch (see batch_to_device). No host-device synchronisation: the targets come in
+    SOLOHead.target's compact form."""
+    img, label_list, mask_list, bbox_list = batch_to_device(batch, device, channels_last, input_height)
     with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
         cate_pred_list, ins_pred_list = model(img)  # training layout: [(bz, C-1, S, S)], [(bz, S^2, 2H_f, 2W_f)]
-    ins_gts_list, ins_ind_gts_list, cate_gts_list = head.target(ins_pred_list, bbox_list, label_list, mask_list)
+    ins_gts_list, ins_ind_gts_list, cate_gts_list = head.target(ins_pred_list, bbox_list, label_list, mask_list,
+                                                                compact=True)
     return head.loss(cate_pred_list, ins_pred_list, ins_gts_list, ins_ind_gts_list, cate_gts_list)
 
 
-def _mean_over_processes(values, distributed):
+def read_losses(losses, distributed):
+    """The mean of `losses` (a device tensor) over the processes, as a list of floats: the training step's one
+    host-device synchronisation (and, with several processes, its one extra collective)."""
     if distributed:
-        dist.all_reduce(values)  # a sync point of every process, once per iteration
-        values /= dist.get_world_size()
-    return values
+        dist.all_reduce(losses)
+        losses /= dist.get_world_size()
+    return losses.tolist()
 
 
 def optimizer_step(optimizer, scaler, params, clip_grad):
@@ -460,19 +541,23 @@ def train_one_epoch(model, head, optimizer, scheduler, scaler, loader, device, e
     window, running = [], torch.zeros(3, dtype=torch.float64)
     progress = tqdm(loader, desc=f"epoch {epoch}/{args.epochs - 1}", disable=not ctx["is_main"], dynamic_ncols=True)
     for step, batch in enumerate(progress):
-        cate_loss, mask_loss, total_loss = compute_losses(model, head, batch, device, ctx["amp_dtype"])
-        # every process sees the same (mean) values, so all of them stop together on a non-finite loss
-        values = _mean_over_processes(torch.stack([total_loss, cate_loss, mask_loss]).detach().float(),
-                                      ctx["distributed"]).tolist()
+        cate_loss, mask_loss, total_loss = compute_losses(model, head, batch, device, ctx["amp_dtype"],
+                                                          args.channels_last, args.input_height)
+        losses = torch.stack([total_loss, cate_loss, mask_loss]).detach().float()  # (3,) on the device
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total_loss).backward()
+        optimizer_step(optimizer, scaler, ctx["params"], args.clip_grad)
+        scheduler.step()
+        # The host reads the losses only now, with backward and the SGD step already queued, so the device is
+        # never left idle waiting for it (this is the step's one CPU-GPU sync). A non-finite loss has then been
+        # stepped into the model in memory, but no checkpoint of this epoch has been written yet, so the last
+        # one on disk stays the last good one. Every process sees the same (mean) values and stops together.
+        values = read_losses(losses, ctx["distributed"])
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, iteration {state['iteration'] + 1} (step {step + 1} of the "
                 f"epoch): total {values[0]}, focal {values[1]}, dice {values[2]}. Stopped; the last good "
                 f"checkpoint ({ctx['last_checkpoint'] or 'none yet'}) is left as it was.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total_loss).backward()
-        optimizer_step(optimizer, scaler, ctx["params"], args.clip_grad)
-        scheduler.step()
         state["iteration"] += 1
 
         window.append(values)
@@ -494,18 +579,19 @@ def train_one_epoch(model, head, optimizer, scheduler, scaler, loader, device, e
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype, distributed):
+def evaluate(model, loader, device, amp_dtype, distributed, channels_last=False, input_height=None):
     """Mean [total, focal, dice] losses over the loader's batches (every process's share), model in eval mode
-    (frozen BatchNorm statistics), predictions in the training layout."""
+    (frozen BatchNorm statistics), predictions in the training layout. A compiled model compiles its eval-mode
+    forward on the first call."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # total, focal, dice, batches
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # total, focal, dice, batches
     for batch in loader:
-        cate_loss, mask_loss, total_loss = compute_losses(model, model.head, batch, device, amp_dtype)
-        sums += torch.tensor([total_loss.item(), cate_loss.item(), mask_loss.item(), 1.0], dtype=torch.float64)
+        cate_loss, mask_loss, total_loss = compute_losses(model, model.head, batch, device, amp_dtype, channels_last,
+                                                          input_height)
+        sums += torch.stack([total_loss, cate_loss, mask_loss, torch.ones_like(total_loss)]).double()
     if distributed:
-        sums = sums.to(device)
         dist.all_reduce(sums)
-    sums = sums.cpu()
+    sums = sums.cpu()  # the one host-device sync of the evaluation
     return (sums[:3] / sums[3].clamp(min=1)).tolist()
 
 
@@ -540,8 +626,10 @@ def _train(args, distributed, rank, world_size, device, is_main):
     # Process 0 goes first, so that a missing synthetic dataset is written once.
     if distributed and not is_main:
         dist.barrier()
+    if args.device_preprocess is None:
+        args.device_preprocess = device.type == "cuda"
     train_set, test_set = build_datasets(args.data_dir, args.synthetic, args.input_height, args.hflip,
-                                         args.limit_images, synthetic_options(vars(args)))
+                                         args.limit_images, synthetic_options(vars(args)), raw=args.device_preprocess)
     if distributed and is_main:
         dist.barrier()
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
@@ -555,7 +643,8 @@ def _train(args, distributed, rank, world_size, device, is_main):
     model_cfg = dict(checkpoint["model_cfg"]) if checkpoint else model_cfg_from_args(args)
     if checkpoint and is_main and model_cfg != model_cfg_from_args(args):
         print(f"note: resuming with the checkpoint's model settings {model_cfg}")
-    model = build_model(model_cfg, load_backbone_weights=checkpoint is None).to(device)
+    model = prepare_model(build_model(model_cfg, load_backbone_weights=checkpoint is None), device,
+                          args.channels_last, args.compile)  # compiled lazily: the first forward compiles
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = build_scheduler(optimizer, iters_per_epoch, args)
@@ -565,8 +654,9 @@ def _train(args, distributed, rank, world_size, device, is_main):
     state = {"iteration": 0, "history": {"train": [], "test": [], "epoch_iters": []}}
     start_epoch, last_checkpoint = 0, None
     if checkpoint:
-        load_model_state(model, checkpoint["model"], args.resume)
+        load_model_state(model, checkpoint["model"], args.resume)  # copied into the parameters' own layout
         optimizer.load_state_dict(checkpoint["optimizer"])
+        match_parameter_layout(optimizer)
         scheduler.load_state_dict(checkpoint["scheduler"])
         if use_scaler and checkpoint["scaler"]:
             scaler.load_state_dict(checkpoint["scaler"])
@@ -578,12 +668,17 @@ def _train(args, distributed, rank, world_size, device, is_main):
                   f"checkpoint (another batch size or number of processes): the lr steps move")
         set_rng_state(checkpoint["rng"])
         del checkpoint
+    # the module whose state dict is saved; compiled in place (prepare_model), it has the usual keys
     model_without_ddp = model
-    if distributed:  # parameters without grad (a frozen backbone) are skipped by DDP
-        # find_unused_parameters: a level with no positive cell in a batch leaves its 1x1 mask conv without
-        # gradient, which DDP otherwise waits for
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=True)
+    if distributed:
+        # DDP wraps the module compiled in place, the order the PyTorch docs advise ("Where to apply
+        # torch.compile?": compile the inner module, not the DDP wrapper). Dynamo still sees the DDP module
+        # (DistributedDataParallel._get_active_ddp_module) and splits the graph at DDP's bucket boundaries
+        # (DDPOptimizer), so gradient all-reduces overlap the backward as they do eagerly.
+        # Parameters without grad (a frozen backbone) are skipped by DDP.
+        # Every parameter gets a gradient in every step (the compact targets give every level's mask output a
+        # slot, or a zero-weighted term when the batch has no object), so DDP needs no unused-parameter search.
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -612,7 +707,8 @@ def _train(args, distributed, rank, world_size, device, is_main):
         del train_loader
         state["history"]["epoch_iters"].append([epoch, state["iteration"]])
         if args.test_loss and len(test_set):
-            test_loss = evaluate(model_without_ddp, test_loader, device, amp_dtype, distributed)
+            test_loss = evaluate(model_without_ddp, test_loader, device, amp_dtype, distributed,
+                                 args.channels_last, args.input_height)
             state["history"]["test"].append([epoch, *test_loss])
             summary["test_loss"] = test_loss
             if is_main:

@@ -49,6 +49,27 @@ def center_of_mass(masks):
     return (rows * ys).sum(1) / area, (cols * xs).sum(1) / area
 
 
+def resize_matrix(size_in, size_up, crop, size_out, device=None):
+    """(size_out, size_in) matrix of a 1-D resize: bilinear (align_corners=False) from size_in to size_up, keep
+    the first `crop` entries, bilinear to size_out. F.interpolate's own weights, read off by resizing the
+    identity, so rows @ x @ cols.T reproduces the two resizes of an image x."""
+    eye = torch.eye(size_in, device=device)[None]  # (1, size_in, size_in): row j is source pixel j
+    up = F.interpolate(eye, size=size_up, mode="linear", align_corners=False)[:, :, :crop]  # (1, size_in, crop)
+    return F.interpolate(up, size=size_out, mode="linear", align_corners=False)[0].T  # (size_out, size_in)
+
+
+def mask_intersections(masks):
+    """Pixel counts of the pairwise intersections of binary masks (n, H, W): (n, n) float32, exact (the diagonal
+    holds the areas). On the CPU an int8 product with int32 sums (torch._int_mm, VNNI instructions): 5x faster than
+    float32 and as exact; elsewhere float32 (exact while H * W < 2^24, TF32 or not, as the inputs are 0 or 1)."""
+    flat = masks.flatten(1)  # (n, HW)
+    if flat.device.type == "cpu":
+        flat = flat.view(torch.int8) if flat.dtype == torch.bool else flat.to(torch.int8)  # a bool view: no copy
+        return torch._int_mm(flat, flat.T).float()
+    flat = flat.float()
+    return flat @ flat.T
+
+
 def _rgb(color):
     """A matplotlib colour, or a colormap name such as the handout's "jet", "ocean", "Spectral" (its colour at
     0.8) -> (r, g, b)."""
@@ -165,17 +186,24 @@ class SOLOHead(nn.Module):
         return cate_pred_list, ins_pred_list
 
     def forward_single_level(self, fpn_feat, idx, eval=False, upsample_shape=None):
-        num_grid = self.seg_num_grids[idx]
-        # mask branch: CoordConv, tower, 1x1 to S^2 channels. The 1x1 conv commutes with bilinear upsampling,
-        # so it runs at the feature resolution (4x fewer FLOPs); the sigmoid comes after the upsampling.
+        # mask branch: the 1x1 conv to S^2 channels commutes with bilinear upsampling, so it runs at the feature
+        # resolution (4x fewer FLOPs); the sigmoid comes after the upsampling
+        ins_pred = self.ins_out_list[idx](self.ins_tower(fpn_feat))  # (bz, S^2, H_f, W_f) logits
+        out_size = upsample_shape if eval else tuple(2 * s for s in fpn_feat.shape[-2:])
+        ins_pred = self._upsample_sigmoid(ins_pred, out_size)  # (bz, S^2, *out_size)
+        return self.cate_branch(fpn_feat, idx, eval), ins_pred
+
+    def ins_tower(self, fpn_feat):
+        """CoordConv and the mask tower: (bz, 256, H_f, W_f) -> mask features (bz, c, H_f, W_f)."""
         ins_feat = torch.cat([fpn_feat, coord_feat(fpn_feat)], 1)  # (bz, 256 + 2, H_f, W_f)
         for conv in self.ins_convs:
-            ins_feat = conv(ins_feat)  # (bz, c, H_f, W_f)
-        ins_pred = self.ins_out_list[idx](ins_feat)  # (bz, S^2, H_f, W_f) logits
-        out_size = upsample_shape if eval else tuple(2 * s for s in fpn_feat.shape[-2:])
-        ins_pred = F.interpolate(ins_pred, size=out_size, mode="bilinear", align_corners=False).sigmoid()
+            ins_feat = conv(ins_feat)
+        return ins_feat
 
-        # category branch: resized to S x S at position cate_down_pos of the tower (0: before the first conv)
+    def cate_branch(self, fpn_feat, idx, eval=False):
+        """Category probabilities (bz, C-1, S, S), or with eval (bz, S, S, C-1) after points_nms. The features are
+        resized to S x S at position cate_down_pos of the tower (0: before the first conv)."""
+        num_grid = self.seg_num_grids[idx]
         cate_feat = fpn_feat
         for i, conv in enumerate(self.cate_convs):
             if i == self.cate_down_pos:
@@ -183,25 +211,40 @@ class SOLOHead(nn.Module):
                                           align_corners=False)  # (bz, c, S, S)
             cate_feat = conv(cate_feat)
         cate_pred = self.cate_out(cate_feat).sigmoid()  # (bz, C-1, S, S)
-        if eval:
-            cate_pred = self.points_nms(cate_pred).permute(0, 2, 3, 1)  # (bz, S, S, C-1)
-        return cate_pred, ins_pred
+        return self.points_nms(cate_pred).permute(0, 2, 3, 1) if eval else cate_pred
+
+    @staticmethod
+    def _upsample_sigmoid(logits, size):
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).sigmoid()
+
+    def forward_features(self, fpn_feat_list):
+        """Inference without the S^2 masks: cate_pred_list [(bz, S, S, C-1)] as forward(eval=True) gives it, and
+        ins_feat_list [(bz, c, H_f, W_f)], each level's mask features, from which PostProcessFeat computes the
+        masks of the candidate cells only."""
+        new_fpn_list = self.NewFPN(fpn_feat_list)
+        cate_pred_list = [self.cate_branch(f, idx, eval=True) for idx, f in enumerate(new_fpn_list)]
+        return cate_pred_list, [self.ins_tower(f) for f in new_fpn_list]
 
     # ---------------------------------------------------------------- targets (6.5)
-    def target(self, ins_pred_list, bbox_list, label_list, mask_list):
+    def target(self, ins_pred_list, bbox_list, label_list, mask_list, compact=False):
         """ins_pred_list: [(bz, S^2, 2H_f, 2W_f)], only its sizes are used. bbox_list [(n, 4)], label_list [(n,)],
         mask_list [(n, H, W)] per image, at the padded input size.
-        Returns, each a list over images of a list over levels:
-          ins_gts_list (S^2, 2H_f, 2W_f) uint8, ins_ind_gts_list (S^2,) bool, cate_gts_list (S, S) int64."""
+        Returns, each a list over images of a list over levels (the handout's layout):
+          ins_gts_list (S^2, 2H_f, 2W_f) uint8, ins_ind_gts_list (S^2,) bool, cate_gts_list (S, S) int64.
+        compact=True, the training form: no (S^2, 2H_f, 2W_f) tensor (167 MB per 800x1088 image) and no
+        host-device synchronisation. Each object gets 9 slots per level, the 3x3 cells around its centre cell (a
+        superset of its positive cells): ins_gts_list (9n, 2H_f, 2W_f) uint8 holds the object's mask in each of
+        its slots, ins_ind_gts_list (9n,) int64 the slot's channel i * S + j where the slot is a positive cell
+        of that object, else -1. Every positive cell is in exactly one slot; loss takes either form."""
         featmap_sizes = [tuple(p.shape[-2:]) for p in ins_pred_list]
         device = ins_pred_list[0].device
         ins_gts_list, cate_gts_list, ins_ind_gts_list = self.MultiApply(
             self.target_single_img,
             [b.to(device) for b in bbox_list], [l.to(device) for l in label_list], [m.to(device) for m in mask_list],
-            featmap_sizes=featmap_sizes)
+            featmap_sizes=featmap_sizes, compact=compact)
         return ins_gts_list, ins_ind_gts_list, cate_gts_list
 
-    def target_single_img(self, gt_bboxes_raw, gt_labels_raw, gt_masks_raw, featmap_sizes):
+    def target_single_img(self, gt_bboxes_raw, gt_labels_raw, gt_masks_raw, featmap_sizes, compact=False):
         """Targets of one image (the authors' rules, handout-notes 6-9).
         An object trains every level whose (inclusive) scale range holds sqrt(w * h) of its box; its positive
         cells are those its centre region (centre of mass, half-size eps*w/2 x eps*h/2) covers, clipped to the
@@ -209,14 +252,16 @@ class SOLOHead(nn.Module):
         all a small object has, while a large one keeps its other cells (the authors let the last one win).
         gt_bboxes_raw (n, 4), gt_labels_raw (n,), gt_masks_raw (n, H, W), featmap_sizes [(2H_f, 2W_f)].
         Returns ins_label_list [(S^2, 2H_f, 2W_f) uint8], cate_label_list [(S, S) int64],
-        ins_ind_label_list [(S^2,) bool]."""
+        ins_ind_label_list [(S^2,) bool]; compact: ins_label_list [(9n, 2H_f, 2W_f)] and ins_ind_label_list
+        [(9n,) int64] as target describes."""
         device = gt_masks_raw.device
         n, height, width = gt_masks_raw.shape
         if n == 0:  # no object: every level is background
-            return ([torch.zeros(s * s, *size, dtype=torch.uint8, device=device)
+            return ([torch.zeros(0 if compact else s * s, *size, dtype=torch.uint8, device=device)
                      for s, size in zip(self.seg_num_grids, featmap_sizes)],
                     [torch.zeros(s, s, dtype=torch.long, device=device) for s in self.seg_num_grids],
-                    [torch.zeros(s * s, dtype=torch.bool, device=device) for s in self.seg_num_grids])
+                    [torch.zeros(0, dtype=torch.long, device=device) if compact
+                     else torch.zeros(s * s, dtype=torch.bool, device=device) for s in self.seg_num_grids])
         box_w = gt_bboxes_raw[:, 2] - gt_bboxes_raw[:, 0]  # (n,)
         box_h = gt_bboxes_raw[:, 3] - gt_bboxes_raw[:, 1]
         obj_scale = torch.sqrt(box_w * box_h) * (REFERENCE_HEIGHT / height)  # (n,) in 800-pixel units
@@ -226,28 +271,48 @@ class SOLOHead(nn.Module):
         resized = {}  # masks resized once per distinct level size (levels 0-1 and 3-4 share theirs)
         ins_label_list, cate_label_list, ins_ind_label_list = [], [], []
         for (lower, upper), num_grid, size in zip(self.scale_ranges, self.seg_num_grids, featmap_sizes):
+            if size not in resized:
+                resized[size] = (F.interpolate(gt_masks_raw[None].float(), size=size, mode="bilinear",
+                                               align_corners=False)[0] >= 0.5).to(torch.uint8)  # (n, 2H_f, 2W_f)
             hit = (obj_scale >= lower) & (obj_scale <= upper) & has_pixels  # (n,)
-            claims = self._centre_cells(cy, cx, 0.5 * self.epsilon * box_h.double(),
-                                        0.5 * self.epsilon * box_w.double(), height, width,
-                                        num_grid) & hit[:, None, None]  # (n, S, S)
+            claims, centre = self._centre_cells(cy, cx, 0.5 * self.epsilon * box_h.double(),
+                                                0.5 * self.epsilon * box_w.double(), height, width, num_grid)
+            claims &= hit[:, None, None]  # (n, S, S)
             owner = torch.where(claims, box_area[:, None, None], torch.inf).argmin(0).flatten()  # (S^2,)
             ins_ind = claims.any(0).flatten()  # (S^2,)
-            cate_label = torch.where(ins_ind, gt_labels_raw.long()[owner], 0).view(num_grid, num_grid)
-            ins_label = torch.zeros(num_grid ** 2, *size, dtype=torch.uint8, device=device)
-            if ins_ind.any():
-                if size not in resized:
-                    resized[size] = (F.interpolate(gt_masks_raw[None].float(), size=size, mode="bilinear",
-                                                   align_corners=False)[0] >= 0.5).to(torch.uint8)  # (n, 2H_f, 2W_f)
+            cate_label_list.append(torch.where(ins_ind, gt_labels_raw.long()[owner], 0).view(num_grid, num_grid))
+            if compact:
+                slot_cells, slot_masks = self._slots(claims, owner, centre, resized[size])
+                ins_ind_label_list.append(slot_cells)
+                ins_label_list.append(slot_masks)
+            else:
+                ins_label = torch.zeros(num_grid ** 2, *size, dtype=torch.uint8, device=device)
                 ins_label[ins_ind] = resized[size][owner[ins_ind]]
-            ins_label_list.append(ins_label)
-            cate_label_list.append(cate_label)
-            ins_ind_label_list.append(ins_ind)
+                ins_ind_label_list.append(ins_ind)
+                ins_label_list.append(ins_label)
         return ins_label_list, cate_label_list, ins_ind_label_list
+
+    @staticmethod
+    def _slots(claims, owner, centre, masks):
+        """The compact targets of one level: claims (n, S, S), owner (S^2,), centre (n, 2) centre cells (row,
+        column), masks (n, 2H_f, 2W_f) -> slot cells (9n,) (channel of a positive cell the object owns, else -1)
+        and slot masks (9n, 2H_f, 2W_f). Fixed sizes: no host-device synchronisation."""
+        n, num_grid = claims.shape[:2]
+        offsets = torch.arange(-1, 2, device=claims.device)
+        rows = (centre[:, 0, None] + offsets)[:, :, None].expand(n, 3, 3).reshape(n, 9)  # the 3x3 window,
+        cols = (centre[:, 1, None] + offsets)[:, None, :].expand(n, 3, 3).reshape(n, 9)  # row-major (n, 9)
+        inside = (rows >= 0) & (rows < num_grid) & (cols >= 0) & (cols < num_grid)
+        cells = rows.clamp(0, num_grid - 1) * num_grid + cols.clamp(0, num_grid - 1)  # (n, 9)
+        obj = torch.arange(n, device=claims.device)[:, None]  # (n, 1)
+        positive = inside & claims.flatten(1).gather(1, cells) & (owner[cells] == obj)  # (n, 9)
+        slot_masks = masks[:, None].expand(n, 9, *masks.shape[1:]).reshape(9 * n, *masks.shape[1:])
+        return torch.where(positive, cells, -1).flatten(), slot_masks
 
     @staticmethod
     def _centre_cells(cy, cx, half_h, half_w, height, width, num_grid):
         """(n, S, S) bool: the cells of an S x S grid over an height x width image that the centre regions
-        [cy +- half_h] x [cx +- half_w] cover, clipped to the 3x3 cells around the cell holding (cy, cx)."""
+        [cy +- half_h] x [cx +- half_w] cover, clipped to the 3x3 cells around the cell holding (cy, cx); and
+        that centre cell (n, 2) as (row, column)."""
         def cell(v, size):  # cell index of coordinate v along an axis of length size
             return torch.floor(v / size * num_grid).long()
         coord_h, coord_w = cell(cy, height).clamp(0, num_grid - 1), cell(cx, width).clamp(0, num_grid - 1)
@@ -258,22 +323,25 @@ class SOLOHead(nn.Module):
         grid = torch.arange(num_grid, device=cy.device)
         rows = (grid >= top[:, None]) & (grid <= down[:, None])  # (n, S)
         cols = (grid >= left[:, None]) & (grid <= right[:, None])  # (n, S)
-        return rows[:, :, None] & cols[:, None, :]
+        return rows[:, :, None] & cols[:, None, :], torch.stack([coord_h, coord_w], 1)
 
     # ---------------------------------------------------------------- loss (6.9)
     def loss(self, cate_pred_list, ins_pred_list, ins_gts_list, ins_ind_gts_list, cate_gts_list):
-        """L = L_cate + 3 L_mask. Predictions are probabilities as forward returns them (training mode).
+        """L = L_cate + 3 L_mask. Predictions are probabilities as forward returns them (training mode); targets
+        in either of target's forms (the compact one runs without host-device synchronisation).
         Returns (cate_loss, mask_loss, total_loss); the first two unweighted."""
-        # mask loss: dice over the positive channels of every level and image
-        dice = []
+        # mask loss: dice averaged over the positive channels of every level and image
+        dice_sum, num_pos, num_slots = [], [], 0
         for level, ins_pred_level in enumerate(ins_pred_list):  # (bz, S^2, 2H_f, 2W_f)
-            ind = torch.stack([ind_img[level] for ind_img in ins_ind_gts_list])  # (bz, S^2)
-            gts = torch.cat([gts_img[level][ind_img[level]]
-                             for gts_img, ind_img in zip(ins_gts_list, ins_ind_gts_list)])  # (n_pos, 2H_f, 2W_f)
-            dice.append(self.DiceLoss(ins_pred_level[ind].float(), gts.float()))  # (n_pos,)
-        dice = torch.cat(dice)
-        # no positive cell: zero, still part of the graph so backward works
-        mask_loss = dice.mean() if dice.numel() else ins_pred_list[0].float().mean() * 0
+            channels, gts = self._positive_slots(level, ins_gts_list, ins_ind_gts_list)  # (m,), (m, 2H_f, 2W_f)
+            positive = channels >= 0
+            preds = ins_pred_level.flatten(0, 1)[channels.clamp(min=0)]  # (m, 2H_f, 2W_f)
+            dice_sum.append((self.DiceLoss(preds.float(), gts.float()) * positive).sum())
+            num_pos.append(positive.sum())
+            num_slots += len(channels)
+        mask_loss = torch.stack(dice_sum).sum() / torch.stack(num_pos).sum().clamp(min=1)
+        if not num_slots:  # no object in the batch: zero, with every level in the graph so that backward works
+            mask_loss = mask_loss + sum(p.flatten()[0] for p in ins_pred_list).float() * 0
 
         # category loss: level, image, cell order on both sides
         cate_gts = torch.cat([torch.stack([gts_img[level] for gts_img in cate_gts_list]).flatten()
@@ -283,6 +351,21 @@ class SOLOHead(nn.Module):
         cate_loss = self.FocalLoss(cate_preds.float(), cate_gts)
         total_loss = self.cate_loss_cfg["weight"] * cate_loss + self.mask_loss_cfg["weight"] * mask_loss
         return cate_loss, mask_loss, total_loss
+
+    def _positive_slots(self, level, ins_gts_list, ins_ind_gts_list):
+        """One level's targets over the batch as slots: channels (m,) into the level's predictions flattened to
+        (bz * S^2, ...), -1 for a slot that is no positive cell, and their masks (m, 2H_f, 2W_f). The handout form
+        (S^2,) bool is turned into slots of its positive cells (a host-device synchronisation)."""
+        num_cells = self.seg_num_grids[level] ** 2
+        channels, gts = [], []
+        for b, (gts_img, ind_img) in enumerate(zip(ins_gts_list, ins_ind_gts_list)):
+            ind, masks = ind_img[level], gts_img[level]
+            if ind.dtype == torch.bool:  # handout form
+                ind = ind.nonzero()[:, 0]  # (P,)
+                masks = masks[ind]
+            channels.append(torch.where(ind >= 0, ind + b * num_cells, -1))
+            gts.append(masks)
+        return torch.cat(channels), torch.cat(gts)
 
     @staticmethod
     def DiceLoss(mask_pred, mask_gt, eps=1e-3):
@@ -297,9 +380,10 @@ class SOLOHead(nn.Module):
         of positive cells + 1 (authors, default) or averaged over entries (handout 6.9.1, normalize='mean').
         Probabilities are clamped only inside the logs, so gradients stay finite at 0 and 1."""
         alpha, gamma = self.cate_loss_cfg["alpha"], self.cate_loss_cfg["gamma"]
-        target = F.one_hot(cate_gts.long(), self.num_classes)[:, 1:].to(cate_preds.dtype)  # (num_entry, C-1)
-        p_t = torch.where(target > 0, cate_preds, 1 - cate_preds)
-        alpha_t = torch.where(target > 0, alpha, 1 - alpha)
+        classes = torch.arange(1, self.num_classes, device=cate_gts.device)  # labels of the C-1 channels
+        target = cate_gts[:, None] == classes  # (num_entry, C-1); one_hot would check the range (a sync)
+        p_t = torch.where(target, cate_preds, 1 - cate_preds)
+        alpha_t = torch.where(target, alpha, 1 - alpha)
         fl = -alpha_t * (1 - p_t) ** gamma * torch.log(p_t.clamp(min=prob_eps))
         if self.cate_loss_cfg.get("normalize", "positives") == "mean":
             return fl.mean()
@@ -312,53 +396,82 @@ class SOLOHead(nn.Module):
         dict (default self.postprocess_cfg). Returns per image: scores (k,), labels (k,) in 1..C-1 and masks
         (k, ori_H, ori_W) in {0, 1}, sorted by score; k = 0 gives empty tensors."""
         bz = cate_pred_list[0].shape[0]
-        ins_pred_all = torch.cat(ins_pred_list, 1)  # (bz, sum S^2, H/4, W/4)
         cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
-        return self.MultiApply(self.PostProcessImg, ins_pred_all, cate_pred_all,
-                               ori_size=tuple(ori_size), cfg=cfg or self.postprocess_cfg)
+        ins_pred_imgs = [[level[b] for level in ins_pred_list] for b in range(bz)]  # per image [(S^2, H/4, W/4)]
+        return self.MultiApply(self.PostProcessImg, ins_pred_imgs, cate_pred_all, ori_size=tuple(ori_size),
+                               cfg=cfg or self.postprocess_cfg)
 
-    def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg):
-        """One image: ins_pred_img (sum S^2, H/4, W/4), cate_pred_img (sum S^2, C-1)."""
-        device = ins_pred_img.device
-        # filter: every (cell, class) above the category threshold is a candidate
+    def PostProcessFeat(self, ins_feat_list, cate_pred_list, ori_size, cfg=None):
+        """PostProcess from forward_features' outputs: ins_feat_list [(bz, c, H_f, W_f)] instead of the S^2 masks.
+        Only the candidate cells' masks are computed (their channels of the 1x1 output conv, upsampled to H/4 and
+        passed through the sigmoid, as forward does for all S^2): the same results as PostProcess after
+        forward(eval=True), without the (sum S^2, H/4, W/4) tensor (840 MB per 800x1088 image)."""
+        bz = cate_pred_list[0].shape[0]
+        cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
+        ins_feat_imgs = [[level[b] for level in ins_feat_list] for b in range(bz)]  # per image [(c, H_f, W_f)]
+        mask_size = tuple(2 * s for s in ins_feat_list[0].shape[-2:])  # stride 4, as level 0 is stride 8
+        return self.MultiApply(self.PostProcessImg, ins_feat_imgs, cate_pred_all, ori_size=tuple(ori_size),
+                               cfg=cfg or self.postprocess_cfg, mask_size=mask_size)
+
+    def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg, mask_size=None):
+        """One image: ins_pred_img per level, the masks (S^2, H/4, W/4) or, with mask_size = (H/4, W/4), the mask
+        features (c, H_f, W_f); cate_pred_img (sum S^2, C-1)."""
+        # filter: every (cell, class) above the category threshold is a candidate; cells come out ascending
         cell, cls = (cate_pred_img > cfg["cate_thresh"]).nonzero(as_tuple=True)  # (k,), (k,)
-        scores = cate_pred_img[cell, cls]  # (k,)
-        masks = ins_pred_img[cell].float()  # (k, H/4, W/4)
+        masks = self._cell_masks(ins_pred_img, cell, mask_size)  # (k, H/4, W/4)
         hard = masks > cfg["ins_thresh"]
         area = hard.sum((1, 2)).float()  # (k,)
-        # drop masks no larger than their level's stride (the authors'), then weight by maskness
-        cell_stride = torch.cat([torch.full((s * s,), float(st), device=device)
+        # maskness-weighted scores; masks no larger than their level's stride are dropped (the authors')
+        scores = cate_pred_img[cell, cls] * torch.where(hard, masks, 0).sum((1, 2)) / area  # (k,)
+        cell_stride = torch.cat([torch.full((s * s,), float(st), device=cell.device)
                                  for s, st in zip(self.seg_num_grids, self.strides)])  # (sum S^2,)
-        keep = area > cell_stride[cell]
-        cell, scores, masks, hard, area = cell[keep], scores[keep], masks[keep], hard[keep], area[keep]
-        labels = cls[keep] + 1
-        scores = scores * (masks * hard).sum((1, 2)) / area
-        # sort, Matrix NMS, keep the best
-        order = scores.argsort(descending=True)[:cfg["pre_NMS_num"]]
-        scores, labels, masks, hard = scores[order], labels[order], masks[order], hard[order]
-        scores = self.MatrixNMS(hard, scores, labels if cfg["class_wise"] else None,
-                                method=cfg["nms_kernel"], gauss_sigma=cfg["nms_sigma"])
-        keep = scores >= cfg["update_thresh"]
-        order = scores[keep].argsort(descending=True)[:cfg["keep_instance"]]
-        scores, labels, masks = scores[keep][order], labels[keep][order], masks[keep][order]
-        masks = self._masks_to_original(masks, ori_size)  # (k, ori_H, ori_W)
+        idx = (area > cell_stride[cell]).nonzero()[:, 0]  # (k',) into the candidates
+        # sort, Matrix NMS, keep the best; the masks are indexed only with the final choices (no copies)
+        idx = idx[scores[idx].argsort(descending=True)[:cfg["pre_NMS_num"]]]  # (n,)
+        labels = cls[idx] + 1
+        scores = self.MatrixNMS(hard[idx], scores[idx], labels if cfg["class_wise"] else None,
+                                method=cfg["nms_kernel"], gauss_sigma=cfg["nms_sigma"])  # (n,)
+        keep = (scores >= cfg["update_thresh"]).nonzero()[:, 0]
+        keep = keep[scores[keep].argsort(descending=True)[:cfg["keep_instance"]]]  # (m,) into the n
+        masks = self._masks_to_original(masks[idx[keep]], ori_size)  # (m, ori_H, ori_W)
+        scores, labels = scores[keep], labels[keep]
         visible = masks.flatten(1).any(1)  # a mask lying wholly in the padding is no detection
         return scores[visible], labels[visible], masks[visible]
 
+    def _cell_masks(self, ins_img, cell, mask_size=None):
+        """Mask probabilities (k, H/4, W/4) of the cells `cell` (ascending indices into the levels' concatenated
+        S^2 cells) of one image. ins_img per level: the masks (S^2, H/4, W/4), or with mask_size the mask features
+        (c, H_f, W_f), of which only the chosen channels of the level's 1x1 output conv are computed."""
+        masks, start = [], 0
+        for level, num_grid in enumerate(self.seg_num_grids):
+            local = cell[(cell >= start) & (cell < start + num_grid ** 2)] - start  # (k_l,) cells of this level
+            start += num_grid ** 2
+            if mask_size is None:
+                masks.append(ins_img[level][local].float())
+            elif len(local) == 0:  # conv2d rejects zero output channels
+                masks.append(ins_img[level].new_zeros(0, *mask_size, dtype=torch.float))
+            else:
+                out_conv = self.ins_out_list[level]
+                logits = F.conv2d(ins_img[level][None], out_conv.weight[local], out_conv.bias[local])  # (1, k_l, ..)
+                masks.append(self._upsample_sigmoid(logits, mask_size)[0].float())  # (k_l, H/4, W/4)
+        return torch.cat(masks)
+
     @staticmethod
-    def _masks_to_original(masks, ori_size, chunk=16):
-        """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) in {0, 1}: upsample to the padded input, crop
-        the padding (the image was resized to height H and width H * ori_W / ori_H), resize to ori_size."""
+    def _masks_to_original(masks, ori_size):
+        """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) in {0, 1}, the authors' way: bilinear upsampling
+        to the padded input (H, W), crop of the padding (the image was resized to height H and width
+        H * ori_W / ori_H), bilinear resize to ori_size. Both resizes are linear and separable, so they compose into
+        one (ori_W, W/4) matrix on the columns and one (ori_H, H/4) on the rows (the same values up to float
+        rounding, with no (k, H, W) intermediate): the columns as a matrix product along the contiguous axis, the
+        rows as the weighted sum of the two source rows each output row reads."""
         k, h4, w4 = masks.shape
-        height, width = 4 * h4, 4 * w4
-        crop_w = int(height * ori_size[1] / ori_size[0])
-        out = torch.zeros(k, *ori_size, device=masks.device)
-        for start in range(0, k, chunk):  # chunks bound the memory of full-size masks
-            m = F.interpolate(masks[None, start:start + chunk], size=(height, width), mode="bilinear",
-                              align_corners=False)[:, :, :height, :crop_w]  # (1, chunk, H, W_scaled)
-            m = F.interpolate(m, size=tuple(ori_size), mode="bilinear", align_corners=False)[0]
-            out[start:start + chunk] = (m > 0.5).float()
-        return out
+        crop_w = int(4 * h4 * ori_size[1] / ori_size[0])
+        cols = resize_matrix(w4, 4 * w4, crop_w, ori_size[1], masks.device)  # (ori_W, W/4)
+        rows = resize_matrix(h4, 4 * h4, 4 * h4, ori_size[0], masks.device)  # (ori_H, H/4)
+        out = masks.float() @ cols.T  # (k, H/4, ori_W)
+        weights, src = rows.topk(int((rows > 0).sum(1).max()), dim=1)  # (ori_H, taps): nonzeros of each row
+        out = sum(w[:, None] * out[:, i] for w, i in zip(weights.T, src.T))  # (k, ori_H, ori_W)
+        return (out > 0.5).float()
 
     @staticmethod
     def MatrixNMS(sorted_ins, sorted_scores, sorted_labels=None, method="gauss", gauss_sigma=2.0):
@@ -371,9 +484,8 @@ class SOLOHead(nn.Module):
         n = sorted_scores.numel()
         if n == 0:
             return sorted_scores
-        masks = sorted_ins.reshape(n, -1).float()  # (n, HW)
-        inter = masks @ masks.T  # (n, n)
-        areas = masks.sum(1).expand(n, n)  # areas[i, j] = area_j
+        inter = mask_intersections(sorted_ins)  # (n, n)
+        areas = inter.diagonal().expand(n, n)  # areas[i, j] = area_j
         iou = (inter / (areas + areas.T - inter).clamp(min=1)).triu(diagonal=1)  # iou[i, j], i scored above j
         if sorted_labels is not None:
             iou = iou * (sorted_labels[:, None] == sorted_labels[None, :])
@@ -472,6 +584,14 @@ class SOLO(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             fpn_feat_list = self.backbone(img)  # 5 x (bz, 256, H/s, W/s), s = 4, 8, 16, 32, 64
         return self.head(fpn_feat_list, eval=eval)
+
+    @torch.no_grad()
+    def infer(self, img, ori_size, cfg=None):
+        """Detections of img (bz, 3, H, W): per image scores (k,), labels (k,), masks (k, ori_H, ori_W), as
+        head.PostProcess gives them after forward(img, eval=True), but with only the candidate cells' masks ever
+        computed (SOLOHead.forward_features + PostProcessFeat). cfg: a POSTPROCESS_* dict (default the head's)."""
+        cate_pred_list, ins_feat_list = self.head.forward_features(self.backbone(img))
+        return self.head.PostProcessFeat(ins_feat_list, cate_pred_list, ori_size, cfg)
 
     def train(self, mode=True):
         super().train(mode)

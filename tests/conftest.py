@@ -14,3 +14,7 @@ def synthetic_paths(tmp_path_factory):
     from synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_images=12, seed=0, workers=1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: torch.compile and similar, a minute or more on 2 CPU cores")

@@ -342,3 +342,198 @@ class TestVisualisation:
     def test_first_choices_are_the_most_crowded_images(self):
         assert ds.choose_images(np.array([1, 4, 2, 5, 1]), 4)[:2] == [3, 1]
         assert len(set(ds.choose_images(np.array([1, 4, 2, 5, 1]), 5))) == 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# The raw path: uint8 items from the workers, preprocess_batch on the device (issue 6)
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mixed_paths(synthetic_paths, tmp_path_factory):
+    """Five synthetic 300 x 400 images keeping the first 3, 0, 2, 3, 1 of their objects: an image without
+    objects, and images with 3 masks (3 channels take another CPU resize kernel in single-threaded code)."""
+    source = BuildDataset(synthetic_paths, input_height=HEIGHT)
+    items = [source.get_raw(i) for i in range(5)]
+    keep = [3, 0, 2, 3, 1]
+    assert all(len(item[1]) >= k for item, k in zip(items, keep))
+    return write_files(tmp_path_factory.mktemp("mixed"), np.stack([item[0].numpy() for item in items]),
+                       np.concatenate([item[2][:k].numpy() for item, k in zip(items, keep)]),
+                       [item[1][:k].numpy() for item, k in zip(items, keep)],
+                       [item[3][:k].numpy() for item, k in zip(items, keep)])
+
+
+def both_batches(paths, indices, input_height, hflip=False, seed=0):
+    """(collect_fn of the float items, collect_fn of the raw items) of the same images, each read after
+    seeding the torch RNG with `seed`, so that with hflip both draw the same flips."""
+    batches = []
+    for raw in (False, True):
+        dataset = BuildDataset(paths, input_height=input_height, hflip=hflip, raw=raw)
+        torch.manual_seed(seed)
+        batches.append(BuildDataLoader.collect_fn([dataset[i] for i in indices]))
+    return batches
+
+
+def assert_same_batch(actual, expected):
+    """Every tensor equal bit for bit, with the same dtype and shape (torch.equal checks both)."""
+    img, labels, masks, bboxes = actual
+    assert torch.equal(img, expected[0]) and img.dtype == expected[0].dtype
+    for got, want in zip((labels, masks, bboxes), expected[1:]):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+class TestRawItems:
+    def test_raw_item_is_get_raw_in_the_original_frame_plus_a_flip_flag(self, synthetic_paths, small):
+        raw = BuildDataset(synthetic_paths, input_height=HEIGHT, raw=True)
+        img, label, mask, bbox, flip = raw[5]
+        n = len(label)
+        assert img.shape == (3, 300, 400) and img.dtype == torch.uint8
+        assert label.shape == (n,) and label.dtype == torch.int64
+        assert mask.shape == (n, 300, 400) and mask.dtype == torch.uint8
+        assert bbox.shape == (n, 4) and bbox.dtype == torch.float32
+        assert flip.shape == () and flip.dtype == torch.bool and not flip  # no hflip: never flipped
+        for a, b in zip((img, label, mask, bbox), small.get_raw(5)):
+            assert torch.equal(a, b)  # boxes in the 300 x 400 frame, not scaled
+
+    def test_without_hflip_neither_path_draws_from_the_rng(self, synthetic_paths):
+        for raw in (False, True):
+            state = torch.get_rng_state()
+            BuildDataset(synthetic_paths, input_height=HEIGHT, raw=raw)[0]
+            assert torch.equal(torch.get_rng_state(), state)
+
+    def test_collect_fn_stacks_raw_images_and_flips(self, synthetic_paths):
+        raw = BuildDataset(synthetic_paths, input_height=HEIGHT, hflip=True, raw=True)
+        img, labels, masks, bboxes, flip = BuildDataLoader.collect_fn([raw[i] for i in range(3)])
+        assert img.shape == (3, 3, 300, 400) and img.dtype == torch.uint8
+        assert flip.shape == (3,) and flip.dtype == torch.bool
+        assert [m.shape for m in masks] == [(len(lab), 300, 400) for lab in labels]
+        assert [b.shape for b in bboxes] == [(len(lab), 4) for lab in labels]
+
+    def test_collect_fn_rejects_raw_and_float_items_mixed(self, synthetic_paths, small):
+        raw = BuildDataset(synthetic_paths, input_height=HEIGHT, raw=True)
+        with pytest.raises(ValueError, match=r"differ in length \(\[4, 5\]\): raw and float items mixed"):
+            BuildDataLoader.collect_fn([small[0], raw[1]])
+
+
+class TestPreprocessBatch:
+    """preprocess_batch(collect_fn(raw items)) is collect_fn(float items), bit for bit on the CPU."""
+
+    @pytest.mark.parametrize("input_height", [HEIGHT, 800])
+    def test_equals_the_float_batch(self, synthetic_paths, input_height):
+        expected, raw_batch = both_batches(synthetic_paths, [0, 3, 4, 7], input_height)
+        batch = ds.preprocess_batch(raw_batch, input_height)
+        assert_same_batch(batch, expected)
+        assert batch[0].shape == (4, 3) + BuildDataset(synthetic_paths, input_height).input_size
+
+    @pytest.mark.parametrize("input_height", [HEIGHT, 800])
+    @pytest.mark.parametrize("threads", [1, 2])
+    def test_images_without_or_with_three_objects(self, mixed_paths, input_height, threads):
+        """One thread, as in DataLoader workers, is where the kernel depends on the channel count."""
+        default = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            expected, raw_batch = both_batches(mixed_paths, range(5), input_height)
+            batch = ds.preprocess_batch(raw_batch, input_height)
+        finally:
+            torch.set_num_threads(default)
+        assert [len(label) for label in batch[1]] == [3, 0, 2, 3, 1]
+        assert batch[2][1].shape == (0,) + batch[0].shape[-2:] and batch[3][1].shape == (0, 4)
+        assert_same_batch(batch, expected)
+
+    def test_batch_of_images_without_objects(self, mixed_paths):
+        expected, raw_batch = both_batches(mixed_paths, [1, 1], HEIGHT)
+        batch = ds.preprocess_batch(raw_batch, HEIGHT)
+        assert_same_batch(batch, expected)
+        assert [m.shape for m in batch[2]] == [(0, 128, 192)] * 2
+
+    @pytest.mark.parametrize("input_height", [HEIGHT, 800])
+    def test_flips_the_same_images_as_the_float_path_for_a_seed(self, synthetic_paths, input_height):
+        indices = [2, 0, 5, 9, 11, 6]
+        expected, raw_batch = both_batches(synthetic_paths, indices, input_height, hflip=True, seed=0)
+        flip = raw_batch[4]
+        assert 0 < flip.sum() < len(indices)  # the batch has flipped and unflipped images
+        batch = ds.preprocess_batch(raw_batch, input_height)
+        assert_same_batch(batch, expected)
+        unflipped, _ = both_batches(synthetic_paths, indices, input_height)
+        for b in range(len(indices)):  # the flip is real: flipped images differ from their unflipped twin
+            assert torch.equal(batch[0][b], unflipped[0][b]) != bool(flip[b])
+
+    def test_raw_loader_with_workers_gives_the_main_process_float_batches(self, synthetic_paths, small):
+        """The training set-up: workers only read uint8 arrays, the main process does all the float work,
+        so the batches equal the float path's in the main process exactly (float items made in the
+        single-threaded workers differ in the last bits, see TestLoader)."""
+        raw = BuildDataset(synthetic_paths, input_height=HEIGHT, raw=True)
+        raw_batches = list(BuildDataLoader(raw, 5, shuffle=False, num_workers=2).loader())
+        float_batches = list(BuildDataLoader(small, 5, shuffle=False, num_workers=0).loader())
+        assert len(raw_batches) == len(float_batches) == 3
+        for raw_batch, expected in zip(raw_batches, float_batches):
+            assert_same_batch(ds.preprocess_batch(raw_batch, HEIGHT), expected)
+
+    def test_float_batch_is_an_error_naming_what_is_expected(self, small):
+        batch = BuildDataLoader.collect_fn([small[0], small[1]])
+        with pytest.raises(ValueError, match=r"expects the raw batch of BuildDataset\(raw=True\).*got a 4-tuple "
+                                             r"\(a float batch of BuildDataset\(raw=False\)\?\)"):
+            ds.preprocess_batch(batch, HEIGHT)
+
+    def test_float_images_are_an_error(self, synthetic_paths, small):
+        raw = BuildDataset(synthetic_paths, input_height=HEIGHT, raw=True)
+        img, labels, masks, bboxes, flip = BuildDataLoader.collect_fn([raw[0], raw[1]])
+        with pytest.raises(ValueError, match=r"expects the raw batch .*; got img torch.float32 \(2, 3, 300, 400\)"):
+            ds.preprocess_batch((img.float(), labels, masks, bboxes, flip), HEIGHT)
+        with pytest.raises(ValueError, match=r"got masks torch.float32 \(\d+, 300, 400\) for image 0"):
+            ds.preprocess_batch((img, labels, [m.float() for m in masks], bboxes, flip), HEIGHT)
+        with pytest.raises(ValueError, match=r"got 2 images but 1 labels, 2 masks and 2 boxes entries"):
+            ds.preprocess_batch((img, labels[:1], masks, bboxes, flip), HEIGHT)
+
+    def test_input_height_must_be_a_multiple_of_32(self, synthetic_paths):
+        raw = BuildDataset(synthetic_paths, input_height=HEIGHT, raw=True)
+        with pytest.raises(ValueError, match="input_height 60 is not a multiple of 32"):
+            ds.preprocess_batch(BuildDataLoader.collect_fn([raw[0]]), 60)
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+    def test_cuda_matches_the_cpu_float_batch_without_syncing(self, synthetic_paths):
+        """Not bitwise on CUDA: other bilinear and /255 arithmetic (fused multiply-adds) move the normalised
+        image by a few ulps, and a mask pixel may change where its interpolated value ties with 0.5."""
+        expected, raw_batch = both_batches(synthetic_paths, [0, 3, 4, 7], 800, hflip=True, seed=0)
+        raw_batch = [raw_batch[0].pin_memory(), raw_batch[1], [m.pin_memory() for m in raw_batch[2]],
+                     raw_batch[3], raw_batch[4]]
+        torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+        try:
+            batch = ds.preprocess_batch(raw_batch, 800, device="cuda")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        img, labels, masks, bboxes = [batch[0].cpu()] + [[t.cpu() for t in part] for part in batch[1:]]
+        torch.testing.assert_close(img, expected[0], rtol=0, atol=1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(labels, expected[1]))
+        assert all((a != b).float().mean() < 1e-4 for a, b in zip(masks, expected[2]))
+        assert all(torch.equal(a, b) for a, b in zip(bboxes, expected[3]))
+
+
+class TestPreprocessingHelpers:
+    def test_flip_boxes_worked_value_on_leading_dims(self):
+        bbox = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 10.0, 5.0]])  # (2, 4) in a 10-wide image
+        expected = torch.tensor([[7.0, 2.0, 9.0, 4.0], [0.0, 0.0, 10.0, 5.0]])
+        assert torch.equal(ds.flip_boxes(bbox, 10), expected)
+        assert torch.equal(ds.flip_boxes(bbox.expand(3, 2, 4), 10), expected.expand(3, 2, 4))  # (3, 2, 4)
+        assert torch.equal(ds.flip_boxes(ds.flip_boxes(bbox, 10), 10), bbox)
+
+    def test_scale_boxes_worked_value(self):
+        bbox = torch.tensor([[30.0, 30.0, 60.0, 150.0]])
+        assert torch.equal(ds.scale_boxes(bbox, (300, 400), (800, 1066)),
+                           bbox * torch.tensor([1066 / 400, 800 / 300, 1066 / 400, 800 / 300]))
+
+    def test_resize_masks_of_no_objects(self):
+        assert ds.resize_masks(torch.zeros(0, 30, 40, dtype=torch.uint8), (64, 85)).shape == (0, 64, 85)
+
+    def test_resize_masks_one_plane_per_mask_equals_one_mask_at_a_time(self):
+        masks = (torch.rand(3, 30, 40, generator=torch.Generator().manual_seed(0)) < 0.5).to(torch.uint8)
+        together = ds.resize_masks(masks, (80, 106))  # (3, 80, 106)
+        assert torch.equal(together, torch.cat([ds.resize_masks(m[None], (80, 106)) for m in masks]))
+        assert set(together.unique().tolist()) <= {0.0, 1.0}
+
+    def test_normalize_is_torchvision_normalize_in_place(self):
+        import torchvision.transforms.functional as TF
+
+        img = torch.rand(2, 3, 16, 20, generator=torch.Generator().manual_seed(0))  # (2, 3, 16, 20)
+        expected = TF.normalize(img, ds.MEAN, ds.STD)
+        assert ds.normalize_(img) is img and torch.equal(img, expected)

@@ -339,3 +339,43 @@ class TestInit:
         expected = (6 * pos + 216 * neg) / 7
         assert expected == pytest.approx(0.96720, rel=1e-4)
         assert head.loss(cate, ins, ins_gts, ins_ind, cate_gts)[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+class TestCompactTargets:
+    def test_loss_and_gradients_equal_for_both_target_forms(self, head):
+        # a 32 x 32 input (masks of 8 x 8 at level 0); squares of side 3, 6, 11 and 20 (scales 75 to 500 at
+        # an 800-high input) reach every level; the second image has no object
+        masks = torch.zeros(4, 32, 32)
+        boxes = torch.tensor([[1.0, 1, 4, 4], [20, 2, 26, 8], [2, 18, 13, 29], [10, 10, 30, 30]])
+        for m, (x1, y1, x2, y2) in zip(masks, boxes.long().tolist()):
+            m[y1:y2, x1:x2] = 1
+        bbox_list, label_list = [boxes, torch.zeros(0, 4)], [torch.tensor([1, 2, 3, 1]), torch.zeros(0).long()]
+        mask_list = [masks, torch.zeros(0, 32, 32)]
+        torch.manual_seed(0)
+        logits = [torch.randn(2, C1, s, s) for s in GRIDS] + [torch.randn(2, s * s, *size)
+                                                                for s, size in zip(GRIDS, MASK_SIZES)]
+        results = []
+        for compact in (False, True):
+            leaves = [t.clone().requires_grad_() for t in logits]
+            cate, ins = [t.sigmoid() for t in leaves[:5]], [t.sigmoid() for t in leaves[5:]]
+            targets = head.target(ins, bbox_list, label_list, mask_list, compact=compact)
+            losses = head.loss(cate, ins, *targets)
+            losses[2].backward()
+            results.append((losses, [t.grad for t in leaves], targets))
+        (dense, dense_grads, targets), (compact, compact_grads, _) = results
+        assert sum(bool(ind.any()) for ind in targets[1][0]) >= 4  # positive cells on at least 4 levels
+        for a, b in zip(dense, compact):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(dense_grads, compact_grads):
+            torch.testing.assert_close(a, b)
+
+    def test_no_object_in_the_batch_gives_zero_mask_loss_and_gradients_everywhere(self, head):
+        cate = [torch.rand(2, C1, s, s, requires_grad=True) for s in GRIDS]
+        ins = [torch.rand(2, s * s, *size, requires_grad=True) for s, size in zip(GRIDS, MASK_SIZES)]
+        targets = head.target(ins, [torch.zeros(0, 4)] * 2, [torch.zeros(0).long()] * 2,
+                              [torch.zeros(0, 32, 32)] * 2, compact=True)
+        _, mask_loss, total = head.loss(cate, ins, *targets)
+        total.backward()
+        assert mask_loss.item() == 0
+        # every level's mask output is in the graph: DDP finds a gradient for every parameter
+        assert all(p.grad is not None and not p.grad.any() for p in ins)

@@ -14,8 +14,10 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from solo_head import CLASS_COLORS, POSTPROCESS_HANDOUT, SOLOHead
+from solo_head import (CLASS_COLORS, POSTPROCESS_HANDOUT, POSTPROCESS_MAP, SOLOHead, mask_intersections,
+                       resize_matrix)
 
 HANDOUT_COLORS = ["jet", "ocean", "Spectral"]  # handout 6.11's color_list
 
@@ -354,3 +356,104 @@ class TestPlots:
         paths = head.PlotInfer([torch.tensor([0.9, 0.8])], [torch.tensor([1, 2])], [masks], color_list,
                                torch.rand(1, 3, *ORI), save_prefix=str(tmp_path / "infer"))
         assert png_ok(paths[0])
+
+
+# ------------------------------------------------------------------ candidate-first inference
+
+
+def reference_masks_to_original(masks, ori_size):
+    """The authors' three steps on full-size tensors: upsample to the padded input, crop, resize."""
+    height, width = 4 * masks.shape[-2], 4 * masks.shape[-1]
+    crop_w = int(height * ori_size[1] / ori_size[0])
+    full = F.interpolate(masks[None], size=(height, width), mode="bilinear", align_corners=False)
+    return F.interpolate(full[:, :, :, :crop_w], size=ori_size, mode="bilinear", align_corners=False)[0]
+
+
+class TestMasksToOriginal:
+    def test_row_and_column_matrices_compose_the_two_resizes(self):
+        torch.manual_seed(0)
+        masks = torch.rand(3, *QUARTER)
+        rows = resize_matrix(QUARTER[0], INPUT[0], INPUT[0], ORI[0])  # (192, 64)
+        cols = resize_matrix(QUARTER[1], INPUT[1], 341, ORI[1])  # (256, 88): 341 = int(256 * 256 / 192)
+        assert rows.shape == (ORI[0], QUARTER[0]) and cols.shape == (ORI[1], QUARTER[1])
+        torch.testing.assert_close(rows @ masks @ cols.T, reference_masks_to_original(masks, ORI),
+                                   rtol=0, atol=1e-6)
+
+    def test_thresholded_like_the_three_steps(self):
+        torch.manual_seed(1)
+        masks = F.interpolate(torch.rand(1, 8, 8, 11), size=QUARTER, mode="bilinear")[0]  # smooth, many edges
+        reference = reference_masks_to_original(masks, ORI)
+        out = SOLOHead._masks_to_original(masks, ORI)
+        differ = out != (reference > 0.5).float()
+        assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
+        assert differ.sum() <= 2 and out.shape == (8, *ORI)
+
+
+@pytest.fixture(scope="module")
+def head_with_candidates():
+    """A small head with xavier weights and a category bias that puts about 100 (cell, class) pairs of a
+    random input above POSTPROCESS_MAP's threshold, with masks large enough to survive the area filter."""
+    torch.manual_seed(0)
+    head = SOLOHead(num_grids=GRIDS, seg_feat_channels=32, stacked_convs=1, init="xavier").eval()
+    torch.nn.init.constant_(head.cate_out.bias, -2.5)
+    feats = [torch.randn(2, 256, INPUT[0] // s, INPUT[1] // s) for s in (4, 8, 16, 32, 64)]
+    return head, feats
+
+
+class TestCandidateFirst:
+    """PostProcessFeat computes only the candidate cells' masks; the results equal PostProcess on forward's
+    S^2 masks."""
+
+    @pytest.mark.parametrize("post_cfg", [POSTPROCESS_MAP, POSTPROCESS_HANDOUT], ids=["map", "handout"])
+    def test_same_detections_as_the_dense_path(self, head_with_candidates, post_cfg):
+        head, feats = head_with_candidates
+        with torch.no_grad():
+            cate, ins = head(feats, eval=True)  # [(2, S, S, 3)], [(2, S^2, 64, 88)]
+            cate_f, ins_feats = head.forward_features(feats)  # [(2, S, S, 3)], [(2, 32, H_f, W_f)]
+            dense = head.PostProcess(ins, cate, ORI, cfg=post_cfg)
+            fast = head.PostProcessFeat(ins_feats, cate_f, ORI, cfg=post_cfg)
+        assert [f.shape for f in ins_feats] == [(2, 32, 32, 44)] * 2 + [(2, 32, 16, 22)] + [(2, 32, 8, 11)] * 2
+        for c, c_f in zip(cate, cate_f):
+            assert torch.equal(c, c_f)
+        assert sum(int((c > post_cfg["cate_thresh"]).sum()) for c in cate) > 50  # a real workload
+        for b in range(2):
+            assert len(dense[0][b]) >= 3
+            torch.testing.assert_close(fast[0][b], dense[0][b])
+            assert torch.equal(fast[1][b], dense[1][b]) and torch.equal(fast[2][b], dense[2][b])
+
+    def test_no_candidate_gives_empty_tensors(self, head_with_candidates):
+        head, feats = head_with_candidates
+        with torch.no_grad():
+            cate, ins_feats = head.forward_features(feats)
+            scores, labels, masks = head.PostProcessFeat(ins_feats, cate, ORI, cfg={**POSTPROCESS_MAP,
+                                                                                   "cate_thresh": 1.0})
+        assert [s.shape for s in scores] == [(0,), (0,)] and [m.shape for m in masks] == [(0, *ORI)] * 2
+        assert labels[0].dtype == torch.int64
+
+    def test_solo_infer_equals_forward_eval_then_postprocess(self):
+        from solo_head import build_model
+
+        torch.manual_seed(0)
+        model = build_model(dict(backbone="resnet18", backbone_weights="none", seg_feat_channels=32,
+                                 stacked_convs=1, num_grids=GRIDS, init="xavier")).eval()
+        torch.nn.init.constant_(model.head.cate_out.bias, -2.5)
+        img = torch.randn(2, 3, *INPUT)
+        with torch.no_grad():
+            cate, ins = model(img, eval=True)
+            dense = model.head.PostProcess(ins, cate, ORI, cfg=POSTPROCESS_MAP)
+        fast = model.infer(img, ORI, cfg=POSTPROCESS_MAP)
+        assert sum(len(s) for s in dense[0]) > 0
+        for b in range(2):
+            torch.testing.assert_close(fast[0][b], dense[0][b])
+            assert torch.equal(fast[1][b], dense[1][b]) and torch.equal(fast[2][b], dense[2][b])
+
+
+class TestMaskIntersections:
+    @pytest.mark.parametrize("n", [0, 1, 5, 40])
+    def test_exact_pixel_counts_of_every_pair(self, n):
+        torch.manual_seed(n)
+        masks = torch.rand(n, 30, 44) > torch.rand(n, 1, 1)  # coverages from 0 to 100 %
+        flat = masks.flatten(1).double()
+        expected = (flat @ flat.T).float()  # float64 sums: exact
+        assert torch.equal(mask_intersections(masks), expected)
+        assert torch.equal(mask_intersections(masks.float()), expected)  # {0, 1} floats as well as bools

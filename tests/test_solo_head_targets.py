@@ -498,3 +498,40 @@ def count_conflicts(boxes, masks, sizes, height):
                 counts[k] = counts.get(k, 0) + 1
         conflicts += sum(v > 1 for v in counts.values())
     return conflicts
+
+
+class TestCompactForm:
+    """target(..., compact=True), the training form: 9 slots per object and level (the 3x3 cells around its
+    centre cell), the slot's channel where it is a positive cell of that object and -1 elsewhere, the object's
+    mask in each slot. Scattered into the handout's layout the slots give exactly the handout-form targets."""
+
+    @pytest.mark.parametrize("height, width", SIZES)
+    def test_slots_scatter_to_the_handout_form(self, head, height, width):
+        positives = 0
+        for seed in SEEDS:
+            boxes, labels, masks = random_scene(seed, height, width)
+            preds = fake_ins_preds(height, width)
+            ins, ind, cate = (t[0] for t in head.target(preds, [boxes], [labels], [masks]))
+            slot_masks, slot_cells, slot_cate = (t[0] for t in head.target(preds, [boxes], [labels], [masks],
+                                                                              compact=True))
+            for level, num_grid in enumerate(NUM_GRIDS):
+                where = f"seed {seed} level {level}"
+                assert slot_cells[level].shape == (9 * len(boxes),) and slot_cells[level].dtype == torch.int64
+                assert slot_masks[level].shape == (9 * len(boxes), *ins[level].shape[1:])
+                used = slot_cells[level] >= 0
+                cells = slot_cells[level][used]
+                assert len(cells.unique()) == len(cells), where  # every positive cell in one slot only
+                scattered = torch.zeros_like(ins[level])
+                scattered[cells] = slot_masks[level][used]
+                assert torch.equal(scattered, ins[level]), where
+                assert sorted(cells.tolist()) == ind[level].nonzero()[:, 0].tolist(), where
+                assert torch.equal(slot_cate[level], cate[level]), where
+                positives += len(cells)
+        assert positives > 50
+
+    def test_image_without_objects(self, head):
+        ins, ind, cate = (t[0] for t in head.target(fake_ins_preds(256, 352), [torch.zeros(0, 4)],
+                                                    [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, 256, 352)],
+                                                    compact=True))
+        assert [i.shape for i in ind] == [(0,)] * 5 and [m.shape[0] for m in ins] == [0] * 5
+        assert all(not c.any() for c in cate)

@@ -1,18 +1,24 @@
 """Specification of main_train.py and resume_train.py: outputs of a run, exact resume, atomic checkpoints, clear
-checkpoint errors, stopping on a non-finite loss, the lr schedule, and a 2-process DistributedDataParallel run.
+checkpoint errors, stopping on a non-finite loss, the lr schedule, a 2-process DistributedDataParallel run, and the
+performance flags (--channels-last, --compile, one host-device sync per training step).
 
 Everything runs on the CPU with a tiny model (ResNet-18 FPN with random weights, one conv per tower, 32 channels,
-small grids) on 10 synthetic images at 64x96 (8 train, 2 test images), batch 1, 2 iterations per epoch.
+small grids) on 10 synthetic images at 64x96 (8 train, 2 test images), batch 1, 2 iterations per epoch; the
+--compile test uses the --demo model. One CUDA-only test (skipped without a GPU) checks the host-device syncs.
 """
 import math
 import os
 import re
 import subprocess
 import sys
+import time
+import traceback
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import main_train
 import resume_train
@@ -121,6 +127,21 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data_dir, stra
     assert (resumed["epoch"], resumed["iteration"]) == (1, 4)
     for name in ("losses.csv", "test_losses.csv"):
         assert read_csv(straight_run[0] / "ckpt" / name) == read_csv(tmp_path / "ckpt" / name)
+
+
+def test_device_preprocessing_trains_exactly_as_the_workers_preprocessing(data_dir, tmp_path):
+    # --device-preprocess (the CUDA default): raw uint8 items, each batch preprocessed by dataset.preprocess_batch;
+    # on the CPU the same tensors, so the same flips (--hflip), losses and weights
+    runs = {}
+    for flag in ("--device-preprocess", "--no-device-preprocess"):
+        run_dir = tmp_path / flag
+        main_train.main(train_args(data_dir, run_dir, "--epochs", 1, "--workers", 0, flag))
+        runs[flag] = load_checkpoint(run_dir / "ckpt" / "checkpoint.pth")
+    raw, plain = runs["--device-preprocess"], runs["--no-device-preprocess"]
+    assert raw["args"]["device_preprocess"] and not plain["args"]["device_preprocess"]
+    assert raw["history"] == plain["history"]
+    for key, value in plain["model"].items():
+        assert torch.equal(value, raw["model"][key]), key
 
 
 def test_save_every_n_epochs_and_after_the_last(data_dir, tmp_path):
@@ -357,3 +378,146 @@ def test_two_process_distributed_run(data_dir, tmp_path):
     assert len(ckpt["history"]["train"]) == 2 and len(ckpt["history"]["test"]) == 1
     assert math.isfinite(ckpt["history"]["test"][0][1])
     assert os.path.isfile(tmp_path / "fig" / "loss_curve.png")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Performance flags: --channels-last, --compile, and when the training step waits for the device
+# ----------------------------------------------------------------------------------------------------
+def all_tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from all_tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from all_tensors(value)
+
+
+def assert_close_state(a, b, rtol, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
+
+
+class TestChannelsLast:
+    def test_a_channels_last_run_saves_the_usual_layout_and_resumes_to_the_plain_result(self, data_dir,
+                                                                                         straight_run, tmp_path):
+        main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1, "--channels-last"))
+        path = tmp_path / "ckpt" / "checkpoint.pth"
+        ckpt = load_checkpoint(path)
+        # the file holds contiguous tensors, as a run without the flag writes them (torch.save keeps strides)
+        conv_weight = ckpt["model"]["backbone.body.conv1.weight"]  # (64, 3, 7, 7)
+        assert conv_weight.is_contiguous() and not conv_weight.is_contiguous(memory_format=torch.channels_last)
+        assert all(t.is_contiguous() for t in all_tensors([ckpt["model"], ckpt["optimizer"]]))
+        # ... and loads into a model built without the flag
+        model = main_train.load_model(str(path), "cpu")
+        assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+
+        # resuming (with the stored --channels-last) ends where the plain 2-epoch run ends, to float rounding
+        resume_train.main(resume_train.get_args_parser().parse_args(
+            ["--output-dir", str(tmp_path / "ckpt"), "--epochs", "2"]))
+        resumed = load_checkpoint(path)
+        plain = load_checkpoint(straight_run[0] / "ckpt" / "checkpoint.pth")
+        assert resumed["args"]["channels_last"] and not plain["args"]["channels_last"]
+        assert (resumed["epoch"], resumed["iteration"]) == (1, 4)
+        assert_close_state(resumed["model"], plain["model"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(resumed["history"]["train"], plain["history"]["train"], rtol=1e-4)
+
+    def test_momentum_buffers_take_their_parameters_layout(self):
+        param = torch.nn.Parameter(torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+        optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+        stored = torch.randn(4, 3, 5, 5)  # contiguous, as a checkpoint holds it
+        optimizer.load_state_dict({"state": {0: {"momentum_buffer": stored}},
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
+        main_train.match_parameter_layout(optimizer)
+        buffer = optimizer.state[param]["momentum_buffer"]
+        assert buffer.stride() == param.stride()
+        assert torch.equal(buffer, stored)
+
+
+@pytest.mark.slow
+def test_compiled_run_computes_the_eager_losses_and_saves_a_plain_checkpoint(data_dir, tmp_path):
+    """--compile (the --demo model at 64x96, 2 iterations). Marked slow: 1.5 to 2 minutes on 2 CPU cores, nearly all
+    compiling (20 s once torch's compile cache in /tmp holds the kernels); `-m "not slow"` leaves it out."""
+    def demo_args(run_dir, *extra):
+        return main_train.parse_args(
+            ["--demo", "--data-dir", data_dir, "--synthetic", "0", "--input-height", "64", "--batch-size", "2",
+             "--limit-images", "4", "--max-iters", "2", "--log-every", "1", "--workers", "0", "--no-test-loss",
+             "--output-dir", str(run_dir / "ckpt"), "--figures-dir", str(run_dir / "fig"), *extra])
+
+    main_train.main(demo_args(tmp_path / "eager"))
+    start = time.perf_counter()
+    main_train.main(demo_args(tmp_path / "compiled", "--compile"))
+    print(f"compiled run: {time.perf_counter() - start:.0f} s")
+
+    eager = load_checkpoint(tmp_path / "eager" / "ckpt" / "checkpoint.pth")
+    compiled = load_checkpoint(tmp_path / "compiled" / "ckpt" / "checkpoint.pth")
+    assert compiled["args"]["compile"] and compiled["iteration"] == 2
+    # compiling changes the speed, not the numbers (up to the order of float sums in fused kernels)
+    np.testing.assert_allclose(compiled["history"]["train"], eager["history"]["train"], rtol=1e-4)
+    # the state dict has the module's own keys (no "_orig_mod." of a torch.compile wrapper) ...
+    assert compiled["model"].keys() == eager["model"].keys()
+    assert_close_state(compiled["model"], eager["model"], rtol=1e-4, atol=1e-6)
+    # ... so the checkpoint loads into an uncompiled model, as main_infer.py builds it
+    model = main_train.load_model(str(tmp_path / "compiled" / "ckpt" / "checkpoint.pth"))
+    assert model._compiled_call_impl is None
+    assert all(torch.equal(v, compiled["model"][k]) for k, v in model.state_dict().items())
+
+
+def test_the_losses_are_read_once_per_step_after_the_optimizer_step(data_dir, tmp_path, monkeypatch):
+    """Reading a loss from the GPU waits for the GPU. The step reads its losses once, after backward and the
+    optimizer step have been queued, so the GPU is never idle while the host waits (the CUDA test below checks
+    the synchronisations themselves)."""
+    events = []
+    real_read = main_train.read_losses
+
+    def recording_read(losses, distributed):
+        events.append("read losses")
+        return real_read(losses, distributed)
+
+    monkeypatch.setattr(main_train, "read_losses", recording_read)
+    handle = register_optimizer_step_post_hook(lambda *_: events.append("optimizer step"))
+    try:
+        main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 0, "--no-test-loss"))
+    finally:
+        handle.remove()
+    assert events == ["optimizer step", "read losses"] * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_step_synchronises_only_to_read_the_losses(data_dir, tmp_path, monkeypatch):
+    """On CUDA, with --amp --channels-last: inside train_one_epoch the host waits for the device only in
+    read_losses, once per iteration, apart from SOLOHead.target and SOLOHead.loss (solo_head.py's business: data-
+    dependent shapes). torch.cuda.set_sync_debug_mode warns at every synchronising call; the warning is shown while
+    the call is on the stack, so the stack says where it came from."""
+    syncs = []  # the function names on the stack of each synchronising call made inside train_one_epoch
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        names = [frame.name for frame in traceback.extract_stack()]
+        if "synchroniz" in str(message) and "train_one_epoch" in names:
+            syncs.append(names)
+
+    real_train_one_epoch = main_train.train_one_epoch
+
+    def train_one_epoch_watched(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return real_train_one_epoch(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(main_train, "train_one_epoch", train_one_epoch_watched)
+    args = train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1, "--device", "cuda", "--amp",
+                      "--channels-last", "--no-test-loss")
+    main_train.main(args)
+    ours = [names for names in syncs if not {"target", "loss"} & set(names)]
+    callers = [names[names.index("train_one_epoch") + 1] for names in ours]  # the function train_one_epoch called
+    # float16 (a GPU without bfloat16) adds the GradScaler's read of its inf check, in optimizer_step
+    allowed = {"read_losses"} if torch.cuda.is_bf16_supported() else {"read_losses", "optimizer_step"}
+    assert callers.count("read_losses") == 2 and set(callers) <= allowed, ours
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pth")
+    assert all(t.device.type == "cpu" and t.is_contiguous() for t in all_tensors(ckpt["model"]))
