@@ -27,9 +27,11 @@ Rows:
   infer 800       batch 1 at 800x1088 (handout model, eval) as SOLO.infer runs it: backbone, head
                   (forward_features) and PostProcessFeat with POSTPROCESS_MAP; then the dense path (forward
                   eval=True, PostProcess) for comparison. Random weights give next to no candidates, so
-                  PostProcessFeat is also timed on made-up category maps with 100 and --candidates (cell, class)
-                  scores above cate_thresh: a trained model's load. Then SOLO.infer on a batch of --infer-batch
-                  (skipped with --quick).
+                  made-up category maps with 100 and --candidates (cell, class) scores above cate_thresh (a
+                  trained model's load) are post-processed twice: by PostProcessFeat on the random weights' mask
+                  features (their masks are noise over the whole image, the worst case for the resize to the
+                  original frame) and by PostProcess on object-like blob masks. Then SOLO.infer on a batch of
+                  --infer-batch (skipped with --quick).
   MatrixNMS       500 random binary masks of 200x272 (the stride-4 map of 800x1088), sorted scores, 3 labels.
   data loading    BuildDataset at 800 through BuildDataLoader (2 workers, batch 2) over --data-images images,
                   images/s once the workers are running: preprocessed items and raw uint8 items.
@@ -149,9 +151,35 @@ def host_batch(paths, input_height, num, raw):
     return BuildDataLoader.collect_fn([dataset[i] for i in range(num)])
 
 
+def made_up_cate(cate_pred_list, k, thresh):
+    """Category maps like cate_pred_list [(1, S, S, C-1)], zero but for k random (cell, class) scores in
+    (thresh, 1)."""
+    sizes = [c.numel() for c in cate_pred_list]
+    cate_all = torch.zeros(sum(sizes), device=cate_pred_list[0].device)  # (sum S^2 * (C-1),)
+    chosen = torch.randperm(sum(sizes), device=cate_all.device)[:k]
+    cate_all[chosen] = thresh + (1 - thresh) * torch.rand(k, device=cate_all.device)
+    return [f.view(c.shape) for f, c in zip(cate_all.split(sizes), cate_pred_list)]
+
+
+def blob_masks(cate_pred_list, num_grids, size):
+    """ins_pred_list [(1, S^2, *size)] as forward(eval=True) gives it: a soft round blob (radius 4-40) in every
+    channel with a category score above 0, background 0.02 elsewhere."""
+    ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=cate_pred_list[0].device) for n in size),
+                            indexing="ij")
+    ins_pred_list = []
+    for cate, num_grid in zip(cate_pred_list, num_grids):
+        masks = torch.full((1, num_grid ** 2, *size), 0.02, device=cate.device)
+        for cell in (cate[0].reshape(num_grid ** 2, -1) > 0).any(1).nonzero()[:, 0].tolist():
+            cy, cx, radius = torch.rand(3).tolist()
+            dist = ((ys - cy * size[0]) ** 2 + (xs - cx * size[1]) ** 2).sqrt()
+            masks[0, cell] = torch.sigmoid((4 + 36 * radius - dist) / 2)
+        ins_pred_list.append(masks)
+    return ins_pred_list
+
+
 def row(name, value, unit="", digits=1):
     value = f"{value:.{digits}f}" if isinstance(value, float) else value
-    print(f"  {name:<46} {value:>10} {unit}", flush=True)
+    print(f"  {name:<58} {value:>10} {unit}", flush=True)
 
 
 def main(args):
@@ -241,17 +269,20 @@ def main(args):
     row("PostProcessFeat (MAP cfg)", post_ms, "ms")
     row("total, candidate-first", backbone_ms + head_ms + post_ms, "ms/image")
     row("dense: head (forward eval=True) / PostProcess", f"{dense_head_ms:.0f} / {dense_post_ms:.0f}", "ms")
-    # made-up category maps with k (cell, class) scores in (cate_thresh, 1) on the real mask features: a trained
-    # model's load (random weights give next to none)
-    sizes, thresh = [c.numel() for c in cate_pred_list], POSTPROCESS_MAP["cate_thresh"]
+    # made-up category maps with k (cell, class) scores in (cate_thresh, 1), a trained model's load (random
+    # weights give next to none): on the random weights' mask features, whose masks are noise over the whole
+    # image (the worst case for the resize to the original frame), and, through PostProcess, on object-like
+    # masks (round blobs of radius 4-40 at stride 4, soft edges)
     for k in (100, args.candidates):
-        cate_all = torch.zeros(sum(sizes), device=device)  # (sum S^2 * (C-1),)
-        chosen = torch.randperm(sum(sizes), device=device)[:k]
-        cate_all[chosen] = thresh + (1 - thresh) * torch.rand(len(chosen), device=device)
-        fake_cate = [f.view(c.shape) for f, c in zip(cate_all.split(sizes), cate_pred_list)]
+        fake_cate = made_up_cate(cate_pred_list, k, POSTPROCESS_MAP["cate_thresh"])
         fake_ms, (fake_scores, _, _) = timed(
             lambda: head.PostProcessFeat(ins_feat_list, fake_cate, ori_size, POSTPROCESS_MAP), light)
-        row(f"PostProcessFeat, {k} candidates ({len(fake_scores[0])} kept)", fake_ms, "ms")
+        row(f"PostProcessFeat, {k} candidates, noise masks ({len(fake_scores[0])} kept)", fake_ms, "ms")
+        blobs = blob_masks(fake_cate, head.seg_num_grids, (height // 4, width // 4))
+        blob_ms, (blob_scores, _, _) = timed(
+            lambda: head.PostProcess(blobs, fake_cate, ori_size, POSTPROCESS_MAP), light)
+        row(f"PostProcess, {k} candidates, blob masks ({len(blob_scores[0])} kept)", blob_ms, "ms")
+        del blobs
     if not args.quick:
         bz = args.infer_batch
         batch_img = batch_to_device(host_batch(paths, 800, bz, False), device, args.channels_last)[0]

@@ -12,6 +12,7 @@ Conventions (see ../shared/handout-notes.md for why):
 python solo_head.py [--data-dir DIR] [--input-height 800] saves the ground-truth plots of handout figures 8-9.
 """
 import argparse
+import bisect
 import math
 import os
 from functools import partial
@@ -68,6 +69,27 @@ def mask_intersections(masks):
         return torch._int_mm(flat, flat.T).float()
     flat = flat.float()
     return flat @ flat.T
+
+
+def _extent(on):
+    """on (k, n) bool -> (k, 2) first and last True index of each row; (n, -1) for a row without any."""
+    n = on.shape[1]
+    first = torch.where(on.any(1), on.int().argmax(1), n)
+    return torch.stack([first, n - 1 - on.flip(1).int().argmax(1) - n * ~on.any(1)], 1)
+
+
+def _reads(matrix):
+    """For a resize matrix (out, in) whose rows read consecutive sources: a function (first, last) of a source
+    range -> (s0, s1, o0, o1), the sources [s0, s1) to read so that the outputs [o0, o1), those reading any of
+    first..last, are computed in full (the outputs outside read only sources outside first..last)."""
+    nonzero = (matrix > 0).int()
+    lo = nonzero.argmax(1).tolist()  # (out,) first source each output reads, non-decreasing
+    hi = (matrix.shape[1] - 1 - nonzero.flip(1).argmax(1)).tolist()  # (out,) last source
+
+    def read(first, last):
+        o0, o1 = bisect.bisect_left(hi, first), bisect.bisect_right(lo, last)  # outputs reading first..last
+        return (lo[o0], hi[o1 - 1] + 1, o0, o1) if o0 < o1 else (0, 0, 0, 0)
+    return read
 
 
 def _rgb(color):
@@ -460,18 +482,30 @@ class SOLOHead(nn.Module):
     def _masks_to_original(masks, ori_size):
         """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) in {0, 1}, the authors' way: bilinear upsampling
         to the padded input (H, W), crop of the padding (the image was resized to height H and width
-        H * ori_W / ori_H), bilinear resize to ori_size. Both resizes are linear and separable, so they compose into
-        one (ori_W, W/4) matrix on the columns and one (ori_H, H/4) on the rows (the same values up to float
-        rounding, with no (k, H, W) intermediate): the columns as a matrix product along the contiguous axis, the
-        rows as the weighted sum of the two source rows each output row reads."""
+        H * ori_W / ori_H), bilinear resize to ori_size, threshold 0.5. Both resizes are linear and separable, so
+        they compose into one (ori_H, H/4) matrix on the rows and one (ori_W, W/4) on the columns (the same values
+        up to float rounding, with no (k, H, W) intermediate)."""
         k, h4, w4 = masks.shape
         crop_w = int(4 * h4 * ori_size[1] / ori_size[0])
-        cols = resize_matrix(w4, 4 * w4, crop_w, ori_size[1], masks.device)  # (ori_W, W/4)
         rows = resize_matrix(h4, 4 * h4, 4 * h4, ori_size[0], masks.device)  # (ori_H, H/4)
-        out = masks.float() @ cols.T  # (k, H/4, ori_W)
-        weights, src = rows.topk(int((rows > 0).sum(1).max()), dim=1)  # (ori_H, taps): nonzeros of each row
-        out = sum(w[:, None] * out[:, i] for w, i in zip(weights.T, src.T))  # (k, ori_H, ori_W)
-        return (out > 0.5).float()
+        cols = resize_matrix(w4, 4 * w4, crop_w, ori_size[1], masks.device)  # (ori_W, W/4)
+        masks = masks.float()
+        if masks.device.type != "cpu":  # one batched product, a fraction of a millisecond on a GPU
+            return ((rows @ masks @ cols.T) > 0.5).float()
+        # CPU: every output pixel is a convex combination (weights >= 0, summing to 1) of the source pixels it
+        # reads, so only one reading a source pixel above 0.5 can pass the threshold. Each mask is resized over
+        # the box of its pixels above 0.5, with the margin of source pixels that the outputs there also read;
+        # the rest stays 0. 3x faster for typical objects, the same values.
+        out = masks.new_zeros(k, *ori_size)
+        on = masks > 0.5
+        boxes = torch.cat([_extent(on.any(2)), _extent(on.any(1))], 1).tolist()  # (k, 4) top bottom left right
+        row_reads, col_reads = _reads(rows), _reads(cols)
+        for mask, out_mask, (top, bottom, left, right) in zip(masks, out, boxes):
+            if bottom < top:  # no pixel above 0.5
+                continue
+            (y0, y1, oy0, oy1), (x0, x1, ox0, ox1) = row_reads(top, bottom), col_reads(left, right)
+            out_mask[oy0:oy1, ox0:ox1] = rows[oy0:oy1, y0:y1] @ mask[y0:y1, x0:x1] @ cols[ox0:ox1, x0:x1].T > 0.5
+        return out
 
     @staticmethod
     def MatrixNMS(sorted_ins, sorted_scores, sorted_labels=None, method="gauss", gauss_sigma=2.0):

@@ -388,6 +388,17 @@ class TestMasksToOriginal:
         assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
         assert differ.sum() <= 2 and out.shape == (8, *ORI)
 
+    def test_edges_corners_single_pixels_and_empty_masks(self):
+        # the CPU path resizes each mask only around its pixels above 0.5: objects at the borders, a lone
+        # pixel, a mask with no pixel above 0.5 and one with every pixel above it
+        masks = torch.full((7, *QUARTER), 0.1)
+        masks[0, 0, 0] = masks[1, -1, -1] = masks[2, 0, -1] = masks[3, 30, 40] = 0.95
+        masks[4, :, 80:] = 0.9  # against the right edge, partly in the padding
+        masks[6] = 0.8  # masks[5] stays below 0.5 everywhere
+        out = SOLOHead._masks_to_original(masks, ORI)
+        assert torch.equal(out, (reference_masks_to_original(masks, ORI) > 0.5).float())
+        assert not out[5].any() and out[6].all() and out[0, 0, 0] == 1 and out[3].sum() > 0
+
 
 @pytest.fixture(scope="module")
 def head_with_candidates():
