@@ -626,10 +626,11 @@ def _train(args, distributed, rank, world_size, device, is_main):
     # Process 0 goes first, so that a missing synthetic dataset is written once.
     if distributed and not is_main:
         dist.barrier()
-    if args.device_preprocess is None:
-        args.device_preprocess = device.type == "cuda"
+    # None (the default) is decided for the device here and stays None in the checkpoint's args, so that a run
+    # resumed on another device decides again
+    raw = device.type == "cuda" if args.device_preprocess is None else args.device_preprocess
     train_set, test_set = build_datasets(args.data_dir, args.synthetic, args.input_height, args.hflip,
-                                         args.limit_images, synthetic_options(vars(args)), raw=args.device_preprocess)
+                                         args.limit_images, synthetic_options(vars(args)), raw=raw)
     if distributed and is_main:
         dist.barrier()
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)

@@ -29,10 +29,16 @@ def get_args_parser():
     parser.add_argument("--workers", default=None, type=int, help="override the data loading workers")
     parser.add_argument("--max-iters", default=None, type=int, help="override --max-iters (0 = off)")
     parser.add_argument("--figures-dir", default=None, type=str, help="override where loss_curve.png goes")
+    # the speed flags change no result (the --compile and --channels-last runs equal the plain one up to float
+    # rounding); --device-preprocess is decided again for the device unless given
+    for flag in ("--device-preprocess", "--channels-last", "--compile"):
+        parser.add_argument(flag, default=None, action=argparse.BooleanOptionalAction,
+                            help=f"override main_train.py's {flag}")
     return parser
 
 
-OVERRIDES = ("epochs", "device", "workers", "max_iters", "figures_dir")
+OVERRIDES = ("epochs", "device", "workers", "max_iters", "figures_dir", "device_preprocess", "channels_last",
+             "compile")
 
 
 def resume_args(args):

@@ -307,6 +307,12 @@ class TestPostProcess:
         assert labels.tolist() == [1, 3]
         torch.testing.assert_close(scores, torch.tensor([0.9, 0.5 * math.exp(-0.5)]))
 
+    def test_a_mask_wholly_in_the_padding_is_no_detection(self, head):
+        # quarter columns 86-87 are input columns 344-351, all padding (the image ends at 341)
+        in_padding = (0, 1, 1, 2, 0.95, quarter_rect(10, 86, 20, 2, 1.0, 0.0))
+        scores, labels, masks = (x[0] for x in head.PostProcess(*eval_preds([[OBJ_A, in_padding]])[::-1], ORI))
+        assert labels.tolist() == [1] and masks.shape == (1, *ORI)
+
     def test_no_detection_gives_empty_tensors(self, head):
         cate, ins = eval_preds([[]], cate_background=0.1)  # everything below cate_thresh 0.2
         scores, labels, masks = (x[0] for x in head.PostProcess(ins, cate, ORI))
@@ -411,9 +417,18 @@ def head_with_candidates():
     return head, feats
 
 
+def assert_same_detections(fast, dense, b):
+    """Image b's detections equal up to float rounding: the k-channel and the S^2-channel 1x1 convolutions may
+    sum in another order (oneDNN picks kernels by shape), which can move a score by an ulp or flip a mask pixel
+    whose value is 0.5 to within rounding."""
+    torch.testing.assert_close(fast[0][b], dense[0][b])
+    assert torch.equal(fast[1][b], dense[1][b]) and fast[2][b].shape == dense[2][b].shape
+    assert (fast[2][b] != dense[2][b]).float().mean() < 1e-4
+
+
 class TestCandidateFirst:
     """PostProcessFeat computes only the candidate cells' masks; the results equal PostProcess on forward's
-    S^2 masks."""
+    S^2 masks (up to float rounding)."""
 
     @pytest.mark.parametrize("post_cfg", [POSTPROCESS_MAP, POSTPROCESS_HANDOUT], ids=["map", "handout"])
     def test_same_detections_as_the_dense_path(self, head_with_candidates, post_cfg):
@@ -429,8 +444,7 @@ class TestCandidateFirst:
         assert sum(int((c > post_cfg["cate_thresh"]).sum()) for c in cate) > 50  # a real workload
         for b in range(2):
             assert len(dense[0][b]) >= 3
-            torch.testing.assert_close(fast[0][b], dense[0][b])
-            assert torch.equal(fast[1][b], dense[1][b]) and torch.equal(fast[2][b], dense[2][b])
+            assert_same_detections(fast, dense, b)
 
     def test_no_candidate_gives_empty_tensors(self, head_with_candidates):
         head, feats = head_with_candidates
@@ -455,8 +469,7 @@ class TestCandidateFirst:
         fast = model.infer(img, ORI, cfg=POSTPROCESS_MAP)
         assert sum(len(s) for s in dense[0]) > 0
         for b in range(2):
-            torch.testing.assert_close(fast[0][b], dense[0][b])
-            assert torch.equal(fast[1][b], dense[1][b]) and torch.equal(fast[2][b], dense[2][b])
+            assert_same_detections(fast, dense, b)
 
 
 class TestMaskIntersections:

@@ -144,6 +144,16 @@ def test_device_preprocessing_trains_exactly_as_the_workers_preprocessing(data_d
         assert torch.equal(value, raw["model"][key]), key
 
 
+def test_resume_keeps_or_overrides_the_speed_flags(straight_run):
+    ckpt_dir = str(straight_run[0] / "ckpt")
+    kept = resume_train.resume_args(resume_train.get_args_parser().parse_args(["--output-dir", ckpt_dir]))
+    # the default --device-preprocess is stored undecided, so a resume on another device decides again
+    assert kept.device_preprocess is None and not kept.channels_last and not kept.compile
+    changed = resume_train.resume_args(resume_train.get_args_parser().parse_args(
+        ["--output-dir", ckpt_dir, "--no-device-preprocess", "--channels-last", "--compile"]))
+    assert changed.device_preprocess is False and changed.channels_last and changed.compile
+
+
 def test_save_every_n_epochs_and_after_the_last(data_dir, tmp_path):
     main_train.main(train_args(data_dir, tmp_path, "--epochs", 3, "--save-every", 2, "--workers", 0,
                                "--no-test-loss"))
