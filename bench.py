@@ -243,8 +243,8 @@ def main(args):
         target_ms = median_ms(lambda: head.target(ins_shapes, bbox_list, label_list, mask_list, compact=compact),
                               device, *light)[0]
         row(f"target, {form}: batch of 16 / per image", f"{target_ms:.1f} / {target_ms / 16:.2f}", "ms")
-    row("compact share of a train-800 step per image",
-        100 * big["target"] / big["step"] if big else "n/a", "%")
+    row("target share of a train-800 step (compact, from its phases)",
+        f"{100 * big['target'] / big['step']:.2f}" if big else "n/a", "%")
 
     # 3. inference at 800x1088: candidate-first (SOLO.infer's path) and the handout's dense path
     img = batch_to_device(host_batch(paths, 800, 1, False), device, args.channels_last)[0]  # (1, 3, 800, 1088)
