@@ -13,9 +13,9 @@ python solo_head.py [--data-dir DIR] [--input-height 800] saves the ground-truth
 """
 import argparse
 import bisect
+import functools
 import math
 import os
-from functools import partial
 
 import matplotlib
 
@@ -59,10 +59,21 @@ def resize_matrix(size_in, size_up, crop, size_out, device=None):
     return F.interpolate(up, size=size_out, mode="linear", align_corners=False)[0].T  # (size_out, size_in)
 
 
+def full_precision(fn):
+    """fn with autocast off on every device: its products are pixel counts and 0.5 thresholds, which bfloat16
+    (8 bits of mantissa) would round, when inference runs under torch.autocast."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@full_precision
 def mask_intersections(masks):
     """Pixel counts of the pairwise intersections of binary masks (n, H, W): (n, n) float32, exact (the diagonal
-    holds the areas). On the CPU an int8 product with int32 sums (torch._int_mm on oneDNN, VNNI instructions): 5x faster than
-    float32 and as exact; elsewhere float32 (exact while H * W < 2^24, TF32 or not, as the inputs are 0 or 1)."""
+    holds the areas). On the CPU an int8 product with int32 sums (torch._int_mm on oneDNN, VNNI instructions): 5x
+    faster than float32 and as exact; elsewhere float32 (exact while H * W < 2^24, TF32 or not: inputs are 0/1)."""
     flat = masks.flatten(1)  # (n, HW)
     if flat.device.type == "cpu" and torch.backends.mkldnn.is_available():  # oneDNN's int8 GEMM
         flat = flat.view(torch.int8) if flat.dtype == torch.bool else flat.to(torch.int8)  # a bool view: no copy
@@ -192,7 +203,7 @@ class SOLOHead(nn.Module):
                 F.interpolate(feats[-1], size=feats[-2].shape[-2:], mode="bilinear", align_corners=False)]
 
     def MultiApply(self, func, *args, **kwargs):
-        pfunc = partial(func, **kwargs) if kwargs else func
+        pfunc = functools.partial(func, **kwargs) if kwargs else func
         map_results = map(pfunc, *args)
         return tuple(map(list, zip(*map_results)))
 
@@ -483,6 +494,7 @@ class SOLOHead(nn.Module):
         return torch.cat(masks)
 
     @staticmethod
+    @full_precision
     def _masks_to_original(masks, ori_size):
         """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) in {0, 1}, the authors' way: bilinear upsampling
         to the padded input (H, W), crop of the padding (the image was resized to height H and width
@@ -512,6 +524,7 @@ class SOLOHead(nn.Module):
         return out
 
     @staticmethod
+    @full_precision
     def MatrixNMS(sorted_ins, sorted_scores, sorted_labels=None, method="gauss", gauss_sigma=2.0):
         """Matrix NMS (SOLOv2, Wang et al. 2020, eq. 4), one pass, no IoU threshold.
         Args: sorted_ins (n, H, W) binary masks in descending score order; sorted_scores (n,); sorted_labels (n,)

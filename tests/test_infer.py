@@ -74,6 +74,22 @@ def test_test_split_overlays_map_json_and_pr_curve(setup, tmp_path):
     assert saved["AP"] == pytest.approx(metrics["AP"], nan_ok=True)
 
 
+def test_amp_runs_the_network_in_bfloat16(setup, monkeypatch, tmp_path):
+    _, ckpt_dir = setup
+    seen = []
+    predict = main_infer.predict
+
+    def recording_predict(model, img, ori_size, cfgs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return predict(model, img, ori_size, cfgs)
+
+    monkeypatch.setattr(main_infer, "predict", recording_predict)
+    metrics = main_infer.main(parse("--checkpoint", str(ckpt_dir / "checkpoint.pth"), "--num-figures", "0",
+                                    "--figures-dir", str(tmp_path), "--amp"))
+    assert seen and all(seen)
+    assert metrics["num_detections"] > 0
+
+
 def test_ground_truth_as_predictions_scores_one(setup, monkeypatch, tmp_path):
     # the mAP ground truth is dataset.get_raw of the test Subset's own indices, in the 300 x 400 frame: an oracle
     # that answers each test image with exactly that ground truth must get AP = 1

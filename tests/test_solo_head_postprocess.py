@@ -394,6 +394,14 @@ class TestMasksToOriginal:
         assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
         assert differ.sum() <= 2 and out.shape == (8, *ORI)
 
+    def test_full_precision_under_autocast(self):
+        # inference may run under torch.autocast (bfloat16): the resize and its 0.5 threshold stay in float32
+        torch.manual_seed(1)
+        masks = F.interpolate(torch.rand(1, 8, 8, 11), size=QUARTER, mode="bilinear")[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = SOLOHead._masks_to_original(masks, ORI)
+        assert torch.equal(out, SOLOHead._masks_to_original(masks, ORI))
+
     def test_edges_corners_single_pixels_and_empty_masks(self):
         # the CPU path resizes each mask only around its pixels above 0.5: objects at the borders, a lone
         # pixel, a mask with no pixel above 0.5 and one with every pixel above it
