@@ -366,14 +366,12 @@ class SOLOHead(nn.Module):
         # mask loss: dice averaged over the positive channels of every level and image
         dice_sum, num_pos, num_slots = [], [], 0
         for level, ins_pred_level in enumerate(ins_pred_list):  # (bz, S^2, 2H_f, 2W_f)
-            channels, gts = self._positive_slots(level, ins_gts_list, ins_ind_gts_list)  # (m,), (m, 2H_f, 2W_f)
-            positive = channels >= 0
-            slot, num_cells = channels.clamp(min=0), ins_pred_level.shape[1]
-            # (image, cell) indices, not flatten(0, 1): that would copy a channels_last prediction whole
-            preds = ins_pred_level[slot // num_cells, slot % num_cells]  # (m, 2H_f, 2W_f)
+            image, cell, gts = self._positive_slots(level, ins_gts_list, ins_ind_gts_list)  # (m,) (m,) (m, ...)
+            positive = cell >= 0
+            preds = ins_pred_level[image, cell.clamp(min=0)]  # (m, 2H_f, 2W_f)
             dice_sum.append((self.DiceLoss(preds.float(), gts.float()) * positive).sum())
             num_pos.append(positive.sum())
-            num_slots += len(channels)
+            num_slots += len(cell)
         mask_loss = torch.stack(dice_sum).sum() / torch.stack(num_pos).sum().clamp(min=1)
         if not num_slots:  # no object in the batch: zero, with every level in the graph so that backward works
             mask_loss = mask_loss + sum(p.flatten()[0] for p in ins_pred_list).float() * 0
@@ -387,20 +385,21 @@ class SOLOHead(nn.Module):
         total_loss = self.cate_loss_cfg["weight"] * cate_loss + self.mask_loss_cfg["weight"] * mask_loss
         return cate_loss, mask_loss, total_loss
 
-    def _positive_slots(self, level, ins_gts_list, ins_ind_gts_list):
-        """One level's targets over the batch as slots: channels (m,) into the level's predictions flattened to
-        (bz * S^2, ...), -1 for a slot that is no positive cell, and their masks (m, 2H_f, 2W_f). The handout form
-        (S^2,) bool is turned into slots of its positive cells (a host-device synchronisation)."""
-        num_cells = self.seg_num_grids[level] ** 2
-        channels, gts = [], []
+    @staticmethod
+    def _positive_slots(level, ins_gts_list, ins_ind_gts_list):
+        """One level's targets over the batch as slots: image (m,) and cell (m,) of each (cell -1: the slot is no
+        positive cell), and their masks (m, 2H_f, 2W_f). The handout form (S^2,) bool is turned into slots of its
+        positive cells (a host-device synchronisation)."""
+        images, cells, gts = [], [], []
         for b, (gts_img, ind_img) in enumerate(zip(ins_gts_list, ins_ind_gts_list)):
-            ind, masks = ind_img[level], gts_img[level]
-            if ind.dtype == torch.bool:  # handout form
-                ind = ind.nonzero()[:, 0]  # (P,)
-                masks = masks[ind]
-            channels.append(torch.where(ind >= 0, ind + b * num_cells, -1))
+            cell, masks = ind_img[level], gts_img[level]
+            if cell.dtype == torch.bool:  # handout form
+                cell = cell.nonzero()[:, 0]  # (P,)
+                masks = masks[cell]
+            images.append(torch.full_like(cell, b))
+            cells.append(cell)
             gts.append(masks)
-        return torch.cat(channels), torch.cat(gts)
+        return torch.cat(images), torch.cat(cells), torch.cat(gts)
 
     @staticmethod
     def DiceLoss(mask_pred, mask_gt, eps=1e-3):
@@ -430,22 +429,22 @@ class SOLOHead(nn.Module):
         ori_size (ori_H, ori_W) of the images before resizing. cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP style
         dict (default self.postprocess_cfg). Returns per image: scores (k,), labels (k,) in 1..C-1 and masks
         (k, ori_H, ori_W) in {0, 1}, sorted by score; k = 0 gives empty tensors."""
-        bz = cate_pred_list[0].shape[0]
-        cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
-        ins_pred_imgs = [[level[b] for level in ins_pred_list] for b in range(bz)]  # per image [(S^2, H/4, W/4)]
-        return self.MultiApply(self.PostProcessImg, ins_pred_imgs, cate_pred_all, ori_size=tuple(ori_size),
-                               cfg=cfg or self.postprocess_cfg)
+        return self._post_process(ins_pred_list, cate_pred_list, ori_size, cfg)
 
     def PostProcessFeat(self, ins_feat_list, cate_pred_list, ori_size, cfg=None):
         """PostProcess from forward_features' outputs: ins_feat_list [(bz, c, H_f, W_f)] instead of the S^2 masks.
         Only the candidate cells' masks are computed (their channels of the 1x1 output conv, upsampled to H/4 and
-        passed through the sigmoid, as forward does for all S^2): the same results as PostProcess after
-        forward(eval=True), without the (sum S^2, H/4, W/4) tensor (840 MB per 800x1088 image)."""
+        passed through the sigmoid, as forward does for all S^2): the results of PostProcess after forward(eval=True)
+        (up to float rounding), without the (sum S^2, H/4, W/4) tensor (840 MB per 800x1088 image)."""
+        mask_size = tuple(2 * s for s in ins_feat_list[0].shape[-2:])  # stride 4, as level 0 is stride 8
+        return self._post_process(ins_feat_list, cate_pred_list, ori_size, cfg, mask_size)
+
+    def _post_process(self, ins_list, cate_pred_list, ori_size, cfg, mask_size=None):
+        """PostProcessImg over the batch; ins_list per level: masks, or mask features with mask_size."""
         bz = cate_pred_list[0].shape[0]
         cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
-        ins_feat_imgs = [[level[b] for level in ins_feat_list] for b in range(bz)]  # per image [(c, H_f, W_f)]
-        mask_size = tuple(2 * s for s in ins_feat_list[0].shape[-2:])  # stride 4, as level 0 is stride 8
-        return self.MultiApply(self.PostProcessImg, ins_feat_imgs, cate_pred_all, ori_size=tuple(ori_size),
+        ins_imgs = [[level[b] for level in ins_list] for b in range(bz)]  # per image, per level
+        return self.MultiApply(self.PostProcessImg, ins_imgs, cate_pred_all, ori_size=tuple(ori_size),
                                cfg=cfg or self.postprocess_cfg, mask_size=mask_size)
 
     def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg, mask_size=None):
