@@ -298,8 +298,9 @@ class TestSOLO:
 
 # ---------------------------------------------------------------- mixed precision (main_train.py --amp)
 def test_forward_target_and_loss_under_autocast():
-    """Under autocast (bfloat16 on the CPU, as --amp uses where supported) forward gives low-precision
-    probabilities, and target, loss and backward still give finite float32 losses and gradients."""
+    """Under autocast (bfloat16 on the CPU, as --amp uses where supported) forward gives low-precision mask
+    probabilities but float32 category probabilities (the focal loss needs them), and target, loss and backward
+    still give finite float32 losses and gradients."""
     torch.manual_seed(0)
     head = SOLOHead(num_classes=4, in_channels=32, seg_feat_channels=32, stacked_convs=2)
     feats = fpn_maps(128, 160, bz=2, channels=32)
@@ -307,7 +308,9 @@ def test_forward_target_and_loss_under_autocast():
     mask[0, 40:100, 50:120] = 1  # sqrt(70 * 60) = 64.8 at 128 px: 405 at 800, levels 2 and 3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cate, ins = head(feats)
-    assert ins[0].dtype == torch.bfloat16
+    assert ins[0].dtype == torch.bfloat16 and all(c.dtype == torch.float32 for c in cate)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(c.dtype == torch.float32 for c in head(feats, eval=True)[0])
     targets = head.target(ins, [torch.tensor([[50., 40, 120, 100]])] * 2, [torch.tensor([2])] * 2, [mask] * 2)
     cate_loss, mask_loss, total = head.loss(cate, ins, *targets)
     total.backward()
