@@ -33,7 +33,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import torchvision.transforms.functional as TF  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
@@ -41,7 +40,7 @@ from PIL import Image, ImageOps  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import main_train  # noqa: E402
-from dataset import CLASS_NAMES, MEAN, STD, BuildDataLoader, pad_to, resized_sizes  # noqa: E402
+from dataset import CLASS_NAMES, BuildDataLoader, normalize_, pad_to, resized_sizes  # noqa: E402
 from solo_head import CLASS_COLORS, POSTPROCESS_HANDOUT, POSTPROCESS_MAP  # noqa: E402
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -293,7 +292,7 @@ def preprocess_photo(photo, input_height):
     # antialias: a phone photo is usually shrunk several times (a no-op when enlarging, as BuildDataset does)
     img = F.interpolate(photo[None].float() / 255, size=scaled, mode="bilinear", align_corners=False,
                         antialias=True)  # (1, 3, Hs, Ws) in [0, 1]
-    return pad_to(TF.normalize(img, MEAN, STD), padded)  # (1, 3, Hp, Wp), padding exactly 0 as in BuildDataset
+    return pad_to(normalize_(img), padded)  # (1, 3, Hp, Wp), padding exactly 0 as in BuildDataset
 
 
 def infer_photos(model, paths, input_height, device, figures_dir, score_thresh):

@@ -43,7 +43,7 @@ from torch.utils.data import DistributedSampler, Subset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dataset import (BuildDataLoader, BuildDataset, dataset_paths, preprocess_batch, resolve_data_dir,  # noqa: E402
-                     split_dataset)
+                     split_dataset, to_device)
 from solo_head import MODEL_DEFAULTS, build_model  # noqa: E402
 
 CHECKPOINT_FORMAT = "solo-checkpoint-v1"
@@ -276,16 +276,16 @@ def prepare_model(model, device, channels_last=False, compile_forward=False):
 def batch_to_device(batch, device, channels_last=False, input_height=None):
     """A loader batch (img, label_list, mask_list, bbox_list) on `device`; a raw batch (BuildDataset(raw=True),
     five parts) is preprocessed there for input_height (dataset.preprocess_batch). The loader pins its batches
-    when CUDA is present, so these non_blocking copies are asynchronous: the host goes on to launch the forward
-    while they run. The lists are copied here too, so that SOLOHead.target's own .to(device) is a no-op."""
+    when CUDA is present (dataset.to_device pins any other host tensor), so the copies are asynchronous: the host
+    goes on to launch the forward while they run. The lists are copied here too, so that SOLOHead.target's own .to(device) is a no-op."""
     if len(batch) == 5:
         img, label_list, mask_list, bbox_list = preprocess_batch(batch, input_height, device)
     else:
         img, label_list, mask_list, bbox_list = batch
-        img = img.to(device, non_blocking=True)  # (bz, 3, Hp, Wp)
-        label_list = [label.to(device, non_blocking=True) for label in label_list]  # [(n,)]
-        mask_list = [mask.to(device, non_blocking=True) for mask in mask_list]  # [(n, Hp, Wp)]
-        bbox_list = [bbox.to(device, non_blocking=True) for bbox in bbox_list]  # [(n, 4)]
+        img = to_device(img, device)  # (bz, 3, Hp, Wp)
+        label_list = [to_device(label, device) for label in label_list]  # [(n,)]
+        mask_list = [to_device(mask, device) for mask in mask_list]  # [(n, Hp, Wp)]
+        bbox_list = [to_device(bbox, device) for bbox in bbox_list]  # [(n, 4)]
     # copied in the loader's (contiguous) layout, then made NHWC on the device
     return img.contiguous(memory_format=_layout(channels_last)), label_list, mask_list, bbox_list
 
