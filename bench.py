@@ -48,7 +48,7 @@ import torch
 
 from dataset import BuildDataLoader, BuildDataset, dataset_paths
 from main_train import (autocast_settings, batch_to_device, compile_module, model_cfg_from_args, optimizer_step,
-                        parse_args, prepare_model, scaled_lr)
+                        parse_args, prepare_device, prepare_model, scaled_lr)
 from solo_head import POSTPROCESS_MAP, build_model
 from synthetic import write_synthetic_dataset
 
@@ -183,9 +183,7 @@ def row(name, value, unit="", digits=1):
 
 
 def main(args):
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but CUDA is not available here: pass --device cpu")
+    device = prepare_device(args.device)
     gpu = device.type == "cuda"
     light = (1, 1) if args.quick else (args.repeats, args.warmup)  # (repeats, warm-up runs)
     # an 800x1088 forward takes ~10 s and a training step over a minute on 2 CPU cores

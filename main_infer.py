@@ -247,13 +247,13 @@ def evaluate_test_split(model, test_set, device, batch_size, workers, figures_di
     for img, *_ in tqdm(loader, desc="inference", unit="batch"):
         bz = img.shape[0]
         cfgs = [POSTPROCESS_MAP] + ([POSTPROCESS_HANDOUT] if position < num_figures else [])
-        results = predict(model, img.to(device), ori_size, cfgs)
+        results = predict(model, img.to(device, non_blocking=True), ori_size, cfgs)
         for b in range(bz):
             image_id = indices[position + b]
             _, labels, masks, _ = raw_set.get_raw(image_id)  # ground truth in the original frame
             image_sizes[image_id] = ori_size
             gt_anns += gt_annotations(image_id, labels, masks, first_id=len(gt_anns) + 1)
-            scores, det_labels, det_masks = (r[b] for r in results[0])
+            scores, det_labels, det_masks = (r[b].cpu() for r in results[0])  # one copy each, not one per score
             det_anns += det_annotations(image_id, scores, det_labels, det_masks, first_id=len(det_anns) + 1)
         if len(results) > 1:
             n = min(bz, num_figures - position)
@@ -326,7 +326,7 @@ def get_args_parser():
                         help="device (default cuda when available)")
     parser.add_argument("--batch-size", default=4, type=int, help="test images per batch")
     parser.add_argument("--amp", action="store_true",
-                        help="the network in bfloat16 (float16 on GPUs without it), as main_train.py --amp; "
+                        help="the network in bfloat16 (float16 on GPUs older than the A100), as main_train.py --amp; "
                              "post-processing stays float32. 1.6x faster on CPUs with AVX512-BF16")
     parser.add_argument("--workers", default=2, type=int, help="data loading worker processes")
     parser.add_argument("--figures-dir", default="figures", type=str,
@@ -340,9 +340,7 @@ def get_args_parser():
 def main(args):
     """Test split: map_summary's metrics (nan where a class has no ground truth) plus checkpoint, overlays,
     map_json and pr_curve paths. With --images: {"checkpoint": path, "overlays": [paths]}."""
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but CUDA is not available here: pass --device cpu")
+    device = main_train.prepare_device(args.device)
     photos = list_photos(args.images) if args.images else None  # fail before the (slow) model load
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
     checkpoint = main_train.load_checkpoint(checkpoint_path)

@@ -124,7 +124,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--warmup-factor", default=1 / 3, type=float, help="lr factor at the first iteration")
     parser.add_argument("--clip-grad", default=35.0, type=float, help="gradient-norm clipping (0 = off)")
     parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: bfloat16 where supported, else float16 with a GradScaler")
+                        help="mixed precision: bfloat16 on CPUs and GPUs from the A100 on, float16 with a GradScaler on "
+                             "older GPUs (T4, V100)")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and input images in the channels_last (NHWC) memory format: faster convolutions "
                              "under --amp on tensor-core GPUs; checkpoints are stored in the usual layout either way")
@@ -242,11 +243,27 @@ def init_distributed(device):
     return True, rank, world_size, local_rank, device
 
 
+def prepare_device(device):
+    """torch.device(device); a GPU is made the current device (--device cuda:1: the loader's pinning thread and
+    default allocations follow it) and cuDNN may time its algorithms (one input size throughout: once, then the
+    fastest is kept). RuntimeError when CUDA is asked for and absent."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device}, but CUDA is not available here: pass --device cpu")
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def autocast_settings(device, amp):
-    """(autocast dtype or None, use a GradScaler): bfloat16 where supported, float16 + GradScaler otherwise."""
+    """(autocast dtype or None, use a GradScaler): bfloat16 where the device computes it natively (CPUs, CUDA
+    compute capability 8+: A100, H100), float16 + GradScaler on older GPUs (T4, V100: torch.cuda.is_bf16_supported()
+    says True there too, for bfloat16 emulated at a fraction of the speed)."""
     if not amp:
         return None, False
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float16, True
     return torch.bfloat16, False
 
@@ -342,21 +359,22 @@ def _atomic_write(path, write):
     _fsync_dir(directory)
 
 
-def _contiguous(obj):
-    """obj with every tensor in the standard contiguous layout (torch.save keeps strides)."""
+def _to_host(obj):
+    """obj with every tensor on the CPU in the standard contiguous layout (torch.save keeps devices and strides)."""
     if torch.is_tensor(obj):
-        return obj.contiguous()
+        return obj.detach().to("cpu", memory_format=torch.contiguous_format)
     if isinstance(obj, dict):
-        return {k: _contiguous(v) for k, v in obj.items()}
+        return {k: _to_host(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_contiguous(v) for v in obj)
+        return type(obj)(_to_host(v) for v in obj)
     return obj
 
 
 def save_checkpoint(state, path):
-    """torch.save(state, path), atomically. Tensors are stored contiguous, so a checkpoint of a --channels-last
-    run (whose convolution weights and momentum buffers are NHWC-strided) is the same as any other."""
-    state = _contiguous(state)
+    """torch.save(state, path), atomically. Tensors are stored on the CPU and contiguous, so a checkpoint of a GPU
+    or --channels-last run (NHWC-strided convolution weights and momentum buffers) is the same as any other and
+    loads on a machine without a GPU."""
+    state = _to_host(state)
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -613,8 +631,7 @@ def main(args):
 
 
 def _train(args, distributed, rank, world_size, device, is_main):
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but CUDA is not available here: pass --device cpu")
+    device = prepare_device(device)
     if args.lr is None:
         args.lr = scaled_lr(args.batch_size, world_size)
     if args.log_every < 1 or args.save_every < 1:
