@@ -9,8 +9,8 @@ CUDA would take and checks it against the CPU's own path or against its definiti
   autocast runs it. Finite float32 losses, the same SGD step as float32 (clipping sees unscaled gradients), and a
   step whose float16 gradients overflow is skipped, not applied.
 - Matrix NMS's float32 intersection product (every device but a oneDNN CPU): exact pixel counts.
-- SOLOHead._masks_to_original's batched product (every device but the CPU): the CPU path's masks, with its resize
-  matrices built on the masks' device.
+- SOLOHead._masks_to_original's batched product (every device but the CPU): in test_solo_head_postprocess.py, beside
+  the CPU path's tests.
 - The data path: bilinear interpolation only of floating tensors (CUDA's bilinear kernels have no uint8), and no
   pinned-memory query for a host destination (it initialises CUDA, which fails in a DataLoader worker forked after
   the parent initialised it).
@@ -24,7 +24,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dataset as ds
 import main_train
-import solo_head
 from dataset import BuildDataLoader, BuildDataset
 from solo_head import SOLOHead, build_model, mask_intersections
 
@@ -204,87 +203,6 @@ class TestFloatIntersections:
         int8 = SOLOHead.MatrixNMS(masks, scores, labels)
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
         assert torch.equal(SOLOHead.MatrixNMS(masks, scores, labels), int8)
-
-
-# ----------------------------------------------------------------------------------------------------
-# _masks_to_original's batched product (the GPU's path)
-# ----------------------------------------------------------------------------------------------------
-class ReportsCuda(torch.Tensor):
-    """A CPU tensor whose .device says cuda:0, so that code branching on the device type takes its GPU branch;
-    the arithmetic still runs on the CPU."""
-
-    @property
-    def device(self):
-        return torch.device("cuda", 0)
-
-
-@pytest.fixture
-def batched_branch(monkeypatch):
-    """SOLOHead._masks_to_original as on a GPU, on the CPU: the masks report cuda:0, resize_matrix builds on the
-    CPU whatever device it is given (and records it), and the CPU path's box search must not run for them."""
-    devices = []
-    real_resize_matrix = solo_head.resize_matrix
-
-    def resize_matrix(size_in, size_up, crop, size_out, device=None):
-        devices.append(device)
-        return real_resize_matrix(size_in, size_up, crop, size_out)
-
-    real_reads, batched = solo_head._reads, []
-
-    def reads(matrix):
-        assert not batched, "the CPU path ran"
-        return real_reads(matrix)
-    monkeypatch.setattr(solo_head, "resize_matrix", resize_matrix)
-    monkeypatch.setattr(solo_head, "_reads", reads)
-
-    def run(masks, ori_size):
-        batched.append(True)
-        try:
-            out = SOLOHead._masks_to_original(masks.as_subclass(ReportsCuda), ori_size)
-        finally:
-            batched.pop()
-        return out.as_subclass(torch.Tensor)
-    run.devices = devices
-    return run
-
-
-def reference_masks_to_original(masks, ori_size):
-    """The authors' three steps on full-size tensors: upsample to the padded input, crop, resize."""
-    height, width = 4 * masks.shape[-2], 4 * masks.shape[-1]
-    crop_w = int(height * ori_size[1] / ori_size[0])
-    full = F.interpolate(masks[None], size=(height, width), mode="bilinear", align_corners=False)
-    return F.interpolate(full[:, :, :, :crop_w], size=ori_size, mode="bilinear", align_corners=False)[0]
-
-
-class TestBatchedMasksToOriginal:
-    QUARTER, ORI = (48, 64), (144, 180)  # input 192 x 256 (192 x 240 of image, padded), original 144 x 180
-
-    def test_equals_the_cpu_path_and_the_three_steps(self, batched_branch):
-        torch.manual_seed(1)
-        masks = F.interpolate(torch.rand(1, 10, 6, 8), size=self.QUARTER, mode="bilinear")[0]  # smooth, many edges
-        masks[0] = 0.1  # no pixel above 0.5
-        masks[1, :, -10:] = 0.9  # against the right edge, partly in the padding
-        cpu = SOLOHead._masks_to_original(masks, self.ORI)
-        out = batched_branch(masks, self.ORI)
-        assert out.shape == (10, *self.ORI) and out.dtype == torch.float32
-        reference = reference_masks_to_original(masks, self.ORI)
-        differ = (out != cpu) | (out != (reference > 0.5).float())
-        assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
-        assert differ.sum() <= 2 and not out[0].any() and out[1].any()
-
-    def test_the_resize_matrices_are_built_on_the_masks_device(self, batched_branch):
-        batched_branch(torch.rand(2, *self.QUARTER), self.ORI)
-        assert batched_branch.devices == [torch.device("cuda", 0)] * 2
-
-    def test_no_mask(self, batched_branch):
-        assert batched_branch(torch.zeros(0, *self.QUARTER), self.ORI).shape == (0, *self.ORI)
-
-    def test_float32_under_autocast(self, batched_branch):
-        masks = F.interpolate(torch.rand(1, 4, 6, 8, generator=torch.Generator().manual_seed(2)), size=self.QUARTER,
-                              mode="bilinear")[0]
-        expected = batched_branch(masks, self.ORI)
-        with torch.autocast("cpu", dtype=torch.float16):
-            assert torch.equal(batched_branch(masks, self.ORI), expected)
 
 
 # ----------------------------------------------------------------------------------------------------

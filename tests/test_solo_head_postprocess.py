@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import solo_head
 from solo_head import (CLASS_COLORS, POSTPROCESS_HANDOUT, POSTPROCESS_MAP, SOLOHead, mask_intersections,
                        resize_matrix)
 
@@ -412,6 +413,78 @@ class TestMasksToOriginal:
         out = SOLOHead._masks_to_original(masks, ORI)
         assert torch.equal(out, (reference_masks_to_original(masks, ORI) > 0.5).float())
         assert not out[5].any() and out[6].all() and out[0, 0, 0] == 1 and out[3].sum() > 0
+
+
+# ------------------------------------------------------------------ the GPU's _masks_to_original, run on the CPU
+
+
+class ReportsCuda(torch.Tensor):
+    """A CPU tensor whose .device says cuda:0, so that code branching on the device type takes its GPU branch;
+    the arithmetic still runs on the CPU."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+@pytest.fixture
+def batched_branch(monkeypatch):
+    """SOLOHead._masks_to_original as on a GPU, on the CPU: the masks report cuda:0, resize_matrix builds on the
+    CPU whatever device it is given (and records it), and the CPU path's box search must not run for them."""
+    devices = []
+    real_resize_matrix = solo_head.resize_matrix
+
+    def resize_matrix(size_in, size_up, crop, size_out, device=None):
+        devices.append(device)
+        return real_resize_matrix(size_in, size_up, crop, size_out)
+
+    real_reads, batched = solo_head._reads, []
+
+    def reads(matrix):
+        assert not batched, "the CPU path ran"
+        return real_reads(matrix)
+    monkeypatch.setattr(solo_head, "resize_matrix", resize_matrix)
+    monkeypatch.setattr(solo_head, "_reads", reads)
+
+    def run(masks, ori_size):
+        batched.append(True)
+        try:
+            out = SOLOHead._masks_to_original(masks.as_subclass(ReportsCuda), ori_size)
+        finally:
+            batched.pop()
+        return out.as_subclass(torch.Tensor)
+    run.devices = devices
+    return run
+
+
+class TestBatchedMasksToOriginal:
+
+    def test_equals_the_cpu_path_and_the_three_steps(self, batched_branch):
+        torch.manual_seed(1)
+        masks = F.interpolate(torch.rand(1, 10, 6, 8), size=QUARTER, mode="bilinear")[0]  # smooth, many edges
+        masks[0] = 0.1  # no pixel above 0.5
+        masks[1, :, -10:] = 0.9  # against the right edge, partly in the padding
+        cpu = SOLOHead._masks_to_original(masks, ORI)
+        out = batched_branch(masks, ORI)
+        assert out.shape == (10, *ORI) and out.dtype == torch.float32
+        reference = reference_masks_to_original(masks, ORI)
+        differ = (out != cpu) | (out != (reference > 0.5).float())
+        assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
+        assert differ.sum() <= 2 and not out[0].any() and out[1].any()
+
+    def test_the_resize_matrices_are_built_on_the_masks_device(self, batched_branch):
+        batched_branch(torch.rand(2, *QUARTER), ORI)
+        assert batched_branch.devices == [torch.device("cuda", 0)] * 2
+
+    def test_no_mask(self, batched_branch):
+        assert batched_branch(torch.zeros(0, *QUARTER), ORI).shape == (0, *ORI)
+
+    def test_float32_under_autocast(self, batched_branch):
+        masks = F.interpolate(torch.rand(1, 4, 6, 8, generator=torch.Generator().manual_seed(2)), size=QUARTER,
+                              mode="bilinear")[0]
+        expected = batched_branch(masks, ORI)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.equal(batched_branch(masks, ORI), expected)
 
 
 @pytest.fixture(scope="module")
