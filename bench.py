@@ -23,7 +23,8 @@ Rows:
                   runs backward: with the handout's frozen COCO backbone that part shrinks. Skipped with --quick; on
                   the CPU a single run without warm-up.
   target 800      SOLOHead.target for 16 images at 800x1088 (real masks and boxes; prediction shapes as the head
-                  makes them), per image, in the compact (training) form and the handout's layout.
+                  makes them), per image, in the compact (training) form and the handout's layout; the number
+                  of ATen operations (kernel launches or views on a GPU) the compact form runs for the batch.
   infer 800       batch 1 at 800x1088 (handout model, eval) as SOLO.infer runs it: backbone, head
                   (forward_features) and PostProcessFeat with POSTPROCESS_MAP; then the dense path (forward
                   eval=True, PostProcess) for comparison. Random weights give next to no candidates, so
@@ -45,6 +46,7 @@ import tempfile
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dataset import BuildDataLoader, BuildDataset, dataset_paths
 from main_train import (autocast_settings, batch_to_device, compile_module, model_cfg_from_args, optimizer_step,
@@ -92,6 +94,19 @@ def median_ms(fn, device, repeats, warmup):
         out = fn()
         times.append(1000 * (clock(device) - start))
     return statistics.median(times), out
+
+
+class OperationCount(TorchDispatchMode):
+    """Counts the ATen operations run inside it: on a GPU each is a kernel launch or a view, several
+    microseconds of host time, so their number bounds how fast a step of small operations can go."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def train_step(model, optimizer, scaler, batch, device, amp_dtype, channels_last, input_height, clip):
@@ -241,6 +256,9 @@ def main(args):
         target_ms = median_ms(lambda: head.target(ins_shapes, bbox_list, label_list, mask_list, compact=compact),
                               device, *light)[0]
         row(f"target, {form}: batch of 16 / per image", f"{target_ms:.1f} / {target_ms / 16:.2f}", "ms")
+    with OperationCount() as ops:
+        head.target(ins_shapes, bbox_list, label_list, mask_list, compact=True)
+    row("target, compact: ATen operations for the batch of 16", ops.count)
     row("target share of a train-800 step (compact, from its phases)",
         f"{100 * big['target'] / big['step']:.2f}" if big else "n/a", "%")
 

@@ -535,3 +535,43 @@ class TestCompactForm:
                                                     compact=True))
         assert [i.shape for i in ind] == [(0,)] * 5 and [m.shape[0] for m in ins] == [0] * 5
         assert all(not c.any() for c in cate)
+
+
+class TestBatch:
+    """target runs all the images of a batch at once: each image gets the targets it gets alone (the objects of
+    another image never contest its cells), in both forms, images without objects included."""
+
+    @pytest.mark.parametrize("compact", [False, True])
+    def test_a_batch_is_its_images_one_by_one(self, head, compact):
+        height, width = SIZES[0]
+        big, big_box = rect_object(height, width, 90, 150, 130, 190)
+        small, small_box = rect_object(height, width, 100, 140, 140, 180)  # same centre and levels, smaller box
+        scenes = [random_scene(seed, height, width) for seed in SEEDS]
+        scenes[3:3] = [scene(height, width, [(big, big_box, 1)]), scene(height, width, []),
+                       scene(height, width, [(small, small_box, 2)])]
+        assert sum(len(boxes) for boxes, _, _ in scenes) > 20
+        batch = head.target(fake_ins_preds(height, width, bz=len(scenes)), *map(list, zip(*scenes)), compact=compact)
+        for b, (boxes, labels, masks) in enumerate(scenes):
+            alone = head.target(fake_ins_preds(height, width), [boxes], [labels], [masks], compact=compact)
+            for part, (got, want) in enumerate(zip(batch, alone)):
+                for level in range(5):
+                    assert torch.equal(got[b][level], want[0][level]), f"image {b}, output {part}, level {level}"
+        # in one image the small object takes cells from the large one, so a contest across images would show
+        def positives(boxes, labels, masks):
+            return sum(int(ind.sum()) for ind in run_target(head, height, width, boxes, labels, masks)[1])
+        both = scene(height, width, [(big, big_box, 1), (small, small_box, 2)])
+        assert positives(*both) < positives(*scenes[3]) + positives(*scenes[5])
+
+    def test_target_single_img_is_the_handouts_per_image_call(self, head):
+        boxes, labels, masks = random_scene(1, 256, 352)
+        ins, cate, ind = head.target_single_img(boxes, labels, masks, level_sizes(256, 352))  # the handout's order
+        want = run_target(head, 256, 352, boxes, labels, masks)
+        for got, expected in zip((ins, ind, cate), want):
+            assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+    def test_images_of_different_sizes_are_refused(self, head):
+        a, b = scene(256, 352, [rect_object(256, 352, 10, 60, 10, 60) + (1,)]), \
+            scene(128, 352, [rect_object(128, 352, 10, 60, 10, 60) + (1,)])
+        with pytest.raises(ValueError, match=r"target: the images' masks must share one padded size, got "
+                                             r"\[\(1, 256, 352\), \(1, 128, 352\)\]"):
+            head.target(fake_ins_preds(256, 352, bz=2), *map(list, zip(a, b)))
