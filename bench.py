@@ -198,7 +198,7 @@ def row(name, value, unit="", digits=1):
 
 
 def main(args):
-    device = prepare_device(args.device)
+    device = prepare_device(args.device, fixed_input_size=True)
     gpu = device.type == "cuda"
     light = (1, 1) if args.quick else (args.repeats, args.warmup)  # (repeats, warm-up runs)
     # an 800x1088 forward takes ~10 s and a training step over a minute on 2 CPU cores

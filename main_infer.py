@@ -340,7 +340,7 @@ def get_args_parser():
 def main(args):
     """Test split: map_summary's metrics (nan where a class has no ground truth) plus checkpoint, overlays,
     map_json and pr_curve paths. With --images: {"checkpoint": path, "overlays": [paths]}."""
-    device = main_train.prepare_device(args.device)
+    device = main_train.prepare_device(args.device, fixed_input_size=args.images is None)  # photos: any size
     photos = list_photos(args.images) if args.images else None  # fail before the (slow) model load
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
     checkpoint = main_train.load_checkpoint(checkpoint_path)

@@ -124,8 +124,8 @@ def get_args_parser(add_help=True):
     parser.add_argument("--warmup-factor", default=1 / 3, type=float, help="lr factor at the first iteration")
     parser.add_argument("--clip-grad", default=35.0, type=float, help="gradient-norm clipping (0 = off)")
     parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: bfloat16 on CPUs and GPUs from the A100 on, float16 with a GradScaler on "
-                             "older GPUs (T4, V100)")
+                        help="mixed precision: bfloat16 on CPUs (fast with AVX512-BF16 or AMX) and on GPUs from the "
+                             "A100 on, float16 with a GradScaler on older GPUs (T4, V100)")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and input images in the channels_last (NHWC) memory format: faster convolutions "
                              "under --amp on tensor-core GPUs; checkpoints are stored in the usual layout either way")
@@ -243,24 +243,25 @@ def init_distributed(device):
     return True, rank, world_size, local_rank, device
 
 
-def prepare_device(device):
+def prepare_device(device, fixed_input_size):
     """torch.device(device); a GPU is made the current device (--device cuda:1: the loader's pinning thread and
-    default allocations follow it) and cuDNN may time its algorithms (one input size throughout: once, then the
-    fastest is kept). RuntimeError when CUDA is asked for and absent."""
+    default allocations follow it), and with fixed_input_size cuDNN times its algorithms for the first batches
+    and keeps the fastest (with sizes that change it would time them again for each new size).
+    RuntimeError when CUDA is asked for and absent."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {device}, but CUDA is not available here: pass --device cpu")
         if device.index is not None:
             torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = fixed_input_size
     return device
 
 
 def autocast_settings(device, amp):
-    """(autocast dtype or None, use a GradScaler): bfloat16 where the device computes it natively (CPUs, CUDA
-    compute capability 8+: A100, H100), float16 + GradScaler on older GPUs (T4, V100: torch.cuda.is_bf16_supported()
-    says True there too, for bfloat16 emulated at a fraction of the speed)."""
+    """(autocast dtype or None, use a GradScaler): bfloat16 on CPUs (native with AVX512-BF16 or AMX, emulated
+    otherwise: README says when --amp pays) and on GPUs of compute capability 8+ (A100, H100); float16 + GradScaler
+    on older GPUs (T4, V100: torch.cuda.is_bf16_supported() says True there too, for emulated bfloat16)."""
     if not amp:
         return None, False
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
@@ -294,7 +295,8 @@ def batch_to_device(batch, device, channels_last=False, input_height=None):
     """A loader batch (img, label_list, mask_list, bbox_list) on `device`; a raw batch (BuildDataset(raw=True),
     five parts) is preprocessed there for input_height (dataset.preprocess_batch). The loader pins its batches
     when CUDA is present (dataset.to_device pins any other host tensor), so the copies are asynchronous: the host
-    goes on to launch the forward while they run. The lists are copied here too, so that SOLOHead.target's own .to(device) is a no-op."""
+    goes on to launch the forward while they run. The lists are copied here too, so that SOLOHead.target's own
+    .to(device) is a no-op."""
     if len(batch) == 5:
         img, label_list, mask_list, bbox_list = preprocess_batch(batch, input_height, device)
     else:
@@ -362,7 +364,7 @@ def _atomic_write(path, write):
 def _to_host(obj):
     """obj with every tensor on the CPU in the standard contiguous layout (torch.save keeps devices and strides)."""
     if torch.is_tensor(obj):
-        return obj.detach().to("cpu", memory_format=torch.contiguous_format)
+        return obj.detach().cpu().contiguous()
     if isinstance(obj, dict):
         return {k: _to_host(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -631,7 +633,7 @@ def main(args):
 
 
 def _train(args, distributed, rank, world_size, device, is_main):
-    device = prepare_device(device)
+    device = prepare_device(device, fixed_input_size=True)
     if args.lr is None:
         args.lr = scaled_lr(args.batch_size, world_size)
     if args.log_every < 1 or args.save_every < 1:

@@ -275,7 +275,8 @@ class SOLOHead(nn.Module):
         of that object, else -1. Every positive cell is in exactly one slot; loss takes either form.
         The handout maps target_single_img over the images; here the objects of all images go through its rules
         together: the same targets from one set of operations for the batch instead of one per image (for 16
-        images 780 ATen operations instead of 9700, each a kernel launch or a view on a GPU; bench.py)."""
+        images 780 ATen operations instead of 9700, each a kernel launch or a view on a GPU; bench.py). The
+        price is one copy of the batch's masks, stacked."""
         featmap_sizes = [tuple(p.shape[-2:]) for p in ins_pred_list]
         device = ins_pred_list[0].device
         ins_gts_list, ins_ind_gts_list, cate_gts_list = self._target_batch(
@@ -297,21 +298,29 @@ class SOLOHead(nn.Module):
         return ins[0], cate[0], ind[0]
 
     def _target_batch(self, bbox_list, label_list, mask_list, featmap_sizes, compact):
-        """target_single_img's rules for every image at once: the N objects of the batch are stacked, and a cell
-        is contested only by the objects of its own image. Returns target's three lists."""
+        """target_single_img's rules for every image at once. Returns target's three lists, [image][level]."""
+        bz = len(label_list)
+        if sum(len(labels) for labels in label_list) == 0:  # no object: every level of every image is background
+            device = mask_list[0].device
+            levels = [(torch.zeros(bz, 0 if compact else s * s, *size, dtype=torch.uint8, device=device),
+                       torch.zeros(bz, 0, dtype=torch.long, device=device) if compact
+                       else torch.zeros(bz, s * s, dtype=torch.bool, device=device),
+                       torch.zeros(bz, s, s, dtype=torch.long, device=device))
+                      for s, size in zip(self.seg_num_grids, featmap_sizes)]
+        else:
+            levels = self._level_targets(bbox_list, label_list, mask_list, featmap_sizes, compact)
+        # per level (ins, ind, cate), each indexed by image -> per image, per level
+        return ([[ins[b] for ins, _, _ in levels] for b in range(bz)],
+                [[ind[b] for _, ind, _ in levels] for b in range(bz)],
+                [[cate[b] for _, _, cate in levels] for b in range(bz)])
+
+    def _level_targets(self, bbox_list, label_list, mask_list, featmap_sizes, compact):
+        """The targets of a batch with at least one object, per level: (ins, ind, cate), each indexed by image.
+        The N objects of the batch are stacked; a cell is contested only by the objects of its own image."""
         counts = [len(labels) for labels in label_list]  # host integers: the split back needs no device read
         bz, device = len(counts), mask_list[0].device
-        if sum(counts) == 0:  # no object: every level of every image is background
-            return ([[torch.zeros(0 if compact else s * s, *size, dtype=torch.uint8, device=device)
-                      for s, size in zip(self.seg_num_grids, featmap_sizes)] for _ in range(bz)],
-                    [[torch.zeros(0, dtype=torch.long, device=device) if compact
-                      else torch.zeros(s * s, dtype=torch.bool, device=device) for s in self.seg_num_grids]
-                     for _ in range(bz)],
-                    [[torch.zeros(s, s, dtype=torch.long, device=device) for s in self.seg_num_grids]
-                     for _ in range(bz)])
         with_objects = [b for b in range(bz) if counts[b]]
-        input_sizes = {tuple(mask_list[b].shape[1:]) for b in with_objects}
-        if len(input_sizes) > 1:
+        if len({tuple(mask_list[b].shape[1:]) for b in with_objects}) > 1:
             raise ValueError(f"target: the images' masks must share one padded size, got "
                              f"{[tuple(mask_list[b].shape) for b in with_objects]}")
         masks = torch.cat([mask_list[b] for b in with_objects])  # (N, H, W)
@@ -324,9 +333,9 @@ class SOLOHead(nn.Module):
         obj_scale = torch.sqrt(box_w * box_h) * (REFERENCE_HEIGHT / height)  # (N,) in 800-pixel units
         box_area = box_w * box_h
         cy, cx = center_of_mass(masks)  # (N,)
-        has_pixels = masks.flatten(1).any(1)  # (N,)
+        has_pixels = masks.flatten(1).any(1).bool()  # (N,); any() of uint8 is uint8
         resized = {}  # masks resized once per distinct level size (levels 0-1 and 3-4 share theirs)
-        levels = []  # per level: (ins_label per image, ins_ind per image, cate_label per image)
+        levels = []
         for (lower, upper), num_grid, size in zip(self.scale_ranges, self.seg_num_grids, featmap_sizes):
             if size not in resized:
                 resized[size] = (F.interpolate(masks[:, None].float(), size=size, mode="bilinear",
@@ -335,7 +344,8 @@ class SOLOHead(nn.Module):
             claims, centre = self._centre_cells(cy, cx, 0.5 * self.epsilon * box_h.double(),
                                                 0.5 * self.epsilon * box_w.double(), height, width, num_grid)
             claims &= hit[:, None, None]  # (N, S, S)
-            claims_img = claims & of_image[:, :, None, None]  # (bz, N, S, S): the claims within each image
+            # (bz, N, S, S): each image's claims (N grows with bz, so this grows with bz^2: a few MB at 16 images)
+            claims_img = claims & of_image[:, :, None, None]
             owner = torch.where(claims_img, box_area[:, None, None], torch.inf).argmin(1).flatten(1)  # (bz, S^2)
             ins_ind = claims_img.any(1).flatten(1)  # (bz, S^2)
             cate_label = torch.where(ins_ind, labels[owner], 0).view(bz, num_grid, num_grid)
@@ -347,8 +357,7 @@ class SOLOHead(nn.Module):
                 ins_label = torch.zeros(bz, num_grid ** 2, *size, dtype=torch.uint8, device=device)
                 ins_label[ins_ind] = resized[size][owner[ins_ind]]
                 levels.append((ins_label, ins_ind, cate_label))
-        # level-major -> image-major: [image][level]
-        return tuple([[level[part][b] for level in levels] for b in range(bz)] for part in range(3))
+        return levels
 
     @staticmethod
     def _slots(claims, owner, image, centre, masks):

@@ -1,7 +1,7 @@
 """The branches only a GPU run takes, run on the CPU (no session has had a GPU). Each test forces a branch that
 CUDA would take and checks it against the CPU's own path or against its definition:
 
-- prepare_device: a numbered GPU becomes the current device; cuDNN may time its algorithms.
+- prepare_device: a numbered GPU becomes the current device; cuDNN times its algorithms for a fixed input size.
 - autocast_settings: bfloat16 only where the GPU computes it natively (compute capability 8+: A100, H100), float16
   with a GradScaler on older GPUs (Colab's T4, V100), which torch.cuda.is_bf16_supported() also calls "supported"
   because it can emulate bfloat16.
@@ -74,19 +74,28 @@ class TestPrepareDevice:
         current = []
         monkeypatch.setattr(torch.cuda, "set_device", current.append)
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-        assert main_train.prepare_device("cuda:1") == torch.device("cuda", 1)
+        assert main_train.prepare_device("cuda:1", fixed_input_size=True) == torch.device("cuda", 1)
         assert current == [torch.device("cuda", 1)]
-        assert torch.backends.cudnn.benchmark  # one input size: cuDNN times its algorithms once
-        assert main_train.prepare_device("cuda") == torch.device("cuda") and len(current) == 1
+        assert main_train.prepare_device("cuda", fixed_input_size=True) == torch.device("cuda") and len(current) == 1
+
+    def test_cudnn_times_its_algorithms_only_for_a_fixed_input_size(self, monkeypatch):
+        # training and the test split: one size; photos (main_infer --images): one per aspect ratio
+        pretend_gpu(monkeypatch, (9, 0))
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+        main_train.prepare_device("cuda", fixed_input_size=True)
+        assert torch.backends.cudnn.benchmark
+        main_train.prepare_device("cuda", fixed_input_size=False)
+        assert not torch.backends.cudnn.benchmark
 
     def test_cpu_is_left_as_it_is(self, monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-        assert main_train.prepare_device("cpu") == torch.device("cpu") and not torch.backends.cudnn.benchmark
+        assert main_train.prepare_device("cpu", fixed_input_size=True) == torch.device("cpu")
+        assert not torch.backends.cudnn.benchmark
 
     def test_cuda_asked_for_without_cuda(self, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         with pytest.raises(RuntimeError, match=r"--device cuda:0, but CUDA is not available here: pass --device cpu"):
-            main_train.prepare_device("cuda:0")
+            main_train.prepare_device("cuda:0", fixed_input_size=True)
 
 
 # ----------------------------------------------------------------------------------------------------

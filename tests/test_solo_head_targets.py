@@ -164,6 +164,16 @@ class TestLayout:
             for got, want in zip((ins[b], ind[b], cate[b]), alone):
                 assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
 
+    @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.float32])
+    def test_mask_and_label_dtypes(self, head, mask_dtype):
+        """Masks as bool, uint8 or float and labels as int32 or int64 give the same targets, cate int64."""
+        boxes, labels, masks = random_scene(2, 256, 352)
+        assert len(boxes) > 0
+        want = run_target(head, 256, 352, boxes, labels, masks)
+        got = run_target(head, 256, 352, boxes, labels.int(), masks.to(mask_dtype))
+        for got_part, want_part in zip(got, want):
+            assert all(torch.equal(g, w) and g.dtype == w.dtype for g, w in zip(got_part, want_part))
+
     def test_no_object_is_all_background(self, head):
         """n = 0: every level all background, with the usual shapes and dtypes."""
         ins, ind, cate = run_target(head, H800, W800, *scene(H800, W800, []))
@@ -570,8 +580,8 @@ class TestBatch:
             assert all(torch.equal(g, e) for g, e in zip(got, expected))
 
     def test_images_of_different_sizes_are_refused(self, head):
-        a, b = scene(256, 352, [rect_object(256, 352, 10, 60, 10, 60) + (1,)]), \
-            scene(128, 352, [rect_object(128, 352, 10, 60, 10, 60) + (1,)])
+        a = scene(256, 352, [rect_object(256, 352, 10, 60, 10, 60) + (1,)])
+        b = scene(128, 352, [rect_object(128, 352, 10, 60, 10, 60) + (1,)])
         with pytest.raises(ValueError, match=r"target: the images' masks must share one padded size, got "
                                              r"\[\(1, 256, 352\), \(1, 128, 352\)\]"):
             head.target(fake_ins_preds(256, 352, bz=2), *map(list, zip(a, b)))

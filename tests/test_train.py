@@ -184,6 +184,18 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+def test_a_checkpoint_stores_each_tensor_contiguous_and_only_its_own_values(tmp_path):
+    # torch.save keeps strides and a view's whole storage: a transposed weight, a channels_last momentum buffer
+    # and a slice of a large tensor are stored as plain contiguous tensors of their own size
+    big = torch.randn(1000, 1000)  # 4 MB
+    state = {"transposed": torch.randn(3, 4).t(), "slice": big[::500, :2],
+             "nhwc": torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)}
+    main_train.save_checkpoint(state, str(tmp_path / "ckpt.pth"))
+    stored = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert all(stored[k].is_contiguous() and torch.equal(stored[k], state[k]) for k in state)
+    assert os.path.getsize(tmp_path / "ckpt.pth") < 100_000
+
+
 class TestAtomicWrite:
     def test_a_crash_during_save_keeps_the_previous_checkpoint(self, straight_run, tmp_path, monkeypatch):
         path = tmp_path / "checkpoint.pth"
