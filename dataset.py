@@ -1,11 +1,8 @@
 """Dataset and data loader for SOLO instance segmentation (CIS680 handout, section 4).
 
-Data files (names fixed, FILE_NAMES; `dataset_paths(data_dir)` lists them in this order):
-  images h5  key "data", uint8 (N, 3, 300, 400) RGB
-  masks h5   key "data", uint8 (total_objects, 300, 400) in {0, 1}, in image order
-  labels npy object array (N,), entry i int (n_i,): 1 vehicle, 2 person, 3 animal (CLASS_NAMES[k - 1])
-  bboxes npy object array (N,), entry i float (n_i, 4): x1 y1 x2 y2 in pixels of the 300x400 frame
-The masks of image i are rows offset[i] : offset[i] + n_i of the masks file (offsets = cumulative n_i).
+The four course files and their layout are described in datafiles.py (`dataset_paths(data_dir)` lists them):
+uint8 images (N, 3, 300, 400), the masks of all objects in image order, per-image labels (1 vehicle, 2 person,
+3 animal) and boxes x1 y1 x2 y2. BuildDataset groups the masks by image (the labels give the counts).
 
 Boxes use pixel-edge coordinates: pixel column c spans [c, c + 1), so scaling a box by the image's scale
 factors keeps it around the resized mask (every mask pixel centre lies inside the box).
@@ -17,9 +14,9 @@ Preprocessing (handout 4.3), for input_height = 800:
 
 Two data paths give the same batch (the same tensors, bit for bit on the CPU):
   BuildDataset(paths)            items preprocessed one by one (in the workers); collect_fn stacks them.
-  BuildDataset(paths, raw=True)  uint8 items in the 300 x 400 frame (29x fewer bytes per image from the
-                                 workers at 800); preprocess_batch(batch, input_height, device) then resizes,
-                                 flips, normalises and pads the whole batch on the device.
+  BuildDataset(paths, raw=True)  uint8 items in the 300 x 400 frame, for preprocess_batch(batch, input_height,
+                                 device) to resize, flip, normalise and pad the whole batch on the device: what
+                                 training on a GPU uses, so that the loader's workers only decode.
 Both use the helpers resize_images, resize_masks, scale_boxes, flip_boxes, normalize_ and pad_to.
 
 Visual check (saves `--num` PNGs into `--out`; uses data/synthetic when the real files are missing):
@@ -37,23 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-CLASS_NAMES = ("vehicle", "person", "animal")  # label k is CLASS_NAMES[k - 1]; 0 = background
-FILE_NAMES = (
-    "hw3_mycocodata_img_comp_zlib.h5",
-    "hw3_mycocodata_mask_comp_zlib.h5",
-    "hw3_mycocodata_labels_comp_zlib.npy",
-    "hw3_mycocodata_bboxes_comp_zlib.npy",
-)
-ROLES = ("images", "masks", "labels", "bboxes")  # what each of the four files holds, for error messages
-H5_KEY = "data"
+from datafiles import (CLASS_NAMES, FILE_NAMES, H5_KEY, ROLES, check_counts, check_files_exist,  # noqa: F401
+                       dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels)
+from synthetic import write_synthetic_dataset
+
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean
 STD = (0.229, 0.224, 0.225)  # ImageNet RGB std
 PAD_MULTIPLE = 32  # the input is padded to a multiple of the backbone's coarsest stride
-
-
-def dataset_paths(data_dir):
-    """[images_h5, masks_h5, labels_npy, bboxes_npy] inside `data_dir`."""
-    return [os.path.join(data_dir, name) for name in FILE_NAMES]
 
 
 def denormalize(img):
@@ -63,102 +50,6 @@ def denormalize(img):
     mean = torch.tensor(MEAN, dtype=img.dtype, device=img.device).view(3, 1, 1)
     std = torch.tensor(STD, dtype=img.dtype, device=img.device).view(3, 1, 1)
     return (img * std + mean).clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading and validation (each helper raises an error naming the file, the image and what was expected)
-# ----------------------------------------------------------------------------------------------------
-def _check_files_exist(paths):
-    if len(paths) != 4:
-        raise ValueError(f"expected 4 paths [images_h5, masks_h5, labels_npy, bboxes_npy], got {len(paths)}")
-    for role, name, path in zip(ROLES, FILE_NAMES, paths):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{role} file not found: {path} (expected the {name} of the dataset). The real CIS680 data "
-                f"comes with the course handout; `python synthetic.py --out DIR` writes a synthetic dataset "
-                f"in the same format.")
-
-
-def _h5_shape(path, role, expected):
-    """Shape of the uint8 dataset "data" in `path`; `expected` describes its layout, e.g. "(N, 3, H, W)"."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{role} file {path} is not a readable HDF5 file ({err})") from None
-    with f:
-        if H5_KEY not in f:
-            raise ValueError(f"{role} file {path} has no dataset '{H5_KEY}' (keys: {list(f.keys())})")
-        data = f[H5_KEY]
-        if data.dtype != np.uint8 or data.ndim != expected.count(",") + 1:
-            raise ValueError(f"{role} file {path}: '{H5_KEY}' is {data.dtype} {data.shape}, "
-                             f"expected uint8 {expected}")
-        return data.shape
-
-
-def _load_entries(path, role):
-    """The per-image entries of an npy file (an object array (N,) or a regular array (N, ...))."""
-    try:
-        array = np.load(path, allow_pickle=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{role} file {path} is not a readable .npy file ({err})") from None
-    if array.ndim == 0:
-        raise ValueError(f"{role} file {path} holds a scalar, expected one entry per image")
-    return list(array)
-
-
-def _parse_labels(entries, path):
-    """Entries -> list of int64 (n_i,) arrays with values in 1..3."""
-    labels = []
-    for i, entry in enumerate(entries):
-        try:
-            label = np.atleast_1d(np.asarray(entry, dtype=np.float64))
-        except (TypeError, ValueError):
-            raise ValueError(f"labels file {path}: image {i} has a non-numeric entry {entry!r}") from None
-        if label.ndim != 1:
-            raise ValueError(f"labels file {path}: image {i} has shape {label.shape}, expected (n,)")
-        bad = label[(label < 1) | (label > len(CLASS_NAMES)) | (label != np.round(label))]
-        if bad.size:
-            raise ValueError(f"labels file {path}: image {i} has label {bad[0]:g}; labels must be 1 "
-                             f"(vehicle), 2 (person) or 3 (animal)")
-        labels.append(label.astype(np.int64))
-    return labels
-
-
-def _parse_bboxes(entries, path, labels):
-    """Entries -> list of float32 (n_i, 4) arrays, one box per label."""
-    bboxes = []
-    for i, (entry, label) in enumerate(zip(entries, labels)):
-        try:
-            bbox = np.asarray(entry, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise ValueError(f"bboxes file {path}: image {i} has a non-numeric entry") from None
-        if bbox.size == 0:
-            bbox = bbox.reshape(0, 4)
-        if bbox.ndim != 2 or bbox.shape[1] != 4:
-            raise ValueError(f"bboxes file {path}: image {i} has boxes of shape {bbox.shape}, "
-                             f"expected (n, 4) x1 y1 x2 y2")
-        if len(bbox) != len(label):
-            raise ValueError(f"bboxes file {path}: image {i} has {len(bbox)} boxes but the labels file "
-                             f"lists {len(label)} objects for it")
-        if not np.isfinite(bbox).all() or (bbox[:, 2:] < bbox[:, :2]).any():
-            raise ValueError(f"bboxes file {path}: image {i} has a box that is not finite with x1 <= x2, "
-                             f"y1 <= y2: {bbox.tolist()}")
-        bboxes.append(bbox)
-    return bboxes
-
-
-def _check_counts(paths, num_images, num_masks, labels, bboxes):
-    """One labels entry and one bboxes entry per image, one mask per label."""
-    if num_images == 0:
-        raise ValueError(f"images file {paths[0]} holds no images")
-    for role, path, entries in (("labels", paths[2], labels), ("bboxes", paths[3], bboxes)):
-        if len(entries) != num_images:
-            raise ValueError(f"{role} file {path} has {len(entries)} entries but the images file {paths[0]} "
-                             f"has {num_images} images")
-    num_objects = sum(len(label) for label in labels)
-    if num_masks != num_objects:
-        raise ValueError(f"masks file {paths[1]} has {num_masks} masks but the labels file {paths[2]} lists "
-                         f"{num_objects} objects")
 
 
 def check_input_height(input_height):
@@ -245,7 +136,7 @@ class BuildDataset(Dataset):
         hflip: if True, flip image, masks and boxes horizontally with probability 0.5 (torch RNG: one
             `torch.rand(()) < 0.5` per item, in both modes, so a seeded run flips the same images either way).
         raw: if True, items are left in the original frame for `preprocess_batch` to preprocess a whole
-            batch on the device (the training loop's fast path).
+            batch on the device (how a GPU trains: the workers only decode).
 
     dataset[i] -> (img float32 (3, Hp, Wp) normalised, label int64 (n,) in 1..3,
                    mask float32 (n, Hp, Wp) in {0, 1}, bbox float32 (n, 4) x1 y1 x2 y2 in input pixels);
@@ -263,22 +154,22 @@ class BuildDataset(Dataset):
     def __init__(self, paths, input_height=800, hflip=False, raw=False):
         check_input_height(input_height)
         paths = [os.fspath(p) for p in paths]
-        _check_files_exist(paths)
-        num_images, channels, height, width = _h5_shape(paths[0], "images", "(N, 3, H, W)")
+        check_files_exist(paths)
+        num_images, channels, height, width = h5_shape(paths[0], "images", "(N, 3, H, W)")
         if channels != 3:
             raise ValueError(f"images file {paths[0]}: shape {(num_images, channels, height, width)}, "
                              f"expected (N, 3, H, W) RGB")
-        mask_shape = _h5_shape(paths[1], "masks", "(total_objects, H, W)")
+        mask_shape = h5_shape(paths[1], "masks", "(total_objects, H, W)")
         if mask_shape[1:] != (height, width):
             raise ValueError(f"masks file {paths[1]}: masks are {mask_shape[1:]}, but the images in "
                              f"{paths[0]} are {(height, width)}")
-        labels = _parse_labels(_load_entries(paths[2], "labels"), paths[2])
-        bbox_entries = _load_entries(paths[3], "bboxes")
-        _check_counts(paths, num_images, mask_shape[0], labels, bbox_entries)
+        labels = parse_labels(load_entries(paths[2], "labels"), paths[2])
+        bbox_entries = load_entries(paths[3], "bboxes")
+        check_counts(paths, num_images, mask_shape[0], labels, bbox_entries)
 
         self.paths = paths
         self.labels = labels  # list (N,) of int64 (n_i,)
-        self.bboxes = _parse_bboxes(bbox_entries, paths[3], labels)  # list (N,) of float32 (n_i, 4)
+        self.bboxes = parse_bboxes(bbox_entries, paths[3], labels)  # list (N,) of float32 (n_i, 4)
         self.num_objects = np.array([len(label) for label in labels], dtype=np.int64)  # (N,)
         self.mask_offsets = np.concatenate([[0], np.cumsum(self.num_objects)[:-1]])  # (N,) first mask row
         self.hflip = hflip
@@ -359,7 +250,7 @@ def _check_raw_batch(batch):
 
 def preprocess_batch(batch, input_height, device="cpu", non_blocking=True):
     """Preprocess a raw batch on `device`: the float batch of BuildDataset(paths, input_height) for the same
-    items and flips, with the whole batch resized at once (the training loop's fast path).
+    items and flips, with the whole batch resized at once (how a GPU trains).
 
     Args:
         batch: BuildDataLoader.collect_fn of BuildDataset(raw=True) items: (img uint8 (B, 3, H, W),
@@ -460,6 +351,16 @@ def split_dataset(dataset, train_frac=0.8, seed=0):
     return Subset(dataset, train.tolist()), Subset(dataset, test.tolist())
 
 
+def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, synthetic_options=None, raw=False):
+    """(train Subset, test Subset) as every script builds them: split_dataset's 80/20 split, the flips (if any)
+    only on the train split. synthetic > 0: a synthetic set of that many images under data_dir (resolve_data_dir)
+    with the scene settings synthetic_options. raw: BuildDataset(raw=True) items, for preprocess_batch."""
+    paths = dataset_paths(resolve_data_dir(data_dir, synthetic, **(synthetic_options or {})))
+    train_set, _ = split_dataset(BuildDataset(paths, input_height=input_height, hflip=hflip, raw=raw))
+    _, test_set = split_dataset(BuildDataset(paths, input_height=input_height, hflip=False, raw=raw))
+    return train_set, test_set
+
+
 # ----------------------------------------------------------------------------------------------------
 # Visual check
 # ----------------------------------------------------------------------------------------------------
@@ -489,8 +390,6 @@ def write_synthetic_if_missing(folder, num_images=400, seed=0, **options):
     options: write_synthetic_dataset's scene settings (min_size, max_objects, ...)."""
     paths = dataset_paths(folder)
     if not all(os.path.isfile(p) for p in paths):
-        from synthetic import write_synthetic_dataset  # synthetic imports this module: import late
-
         print(f"writing a synthetic dataset ({num_images} images, seed {seed}) to {folder} ...")
         paths = write_synthetic_dataset(folder, num_images=num_images, seed=seed, **options)
     return paths

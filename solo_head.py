@@ -9,10 +9,15 @@ Conventions (see ../shared/handout-notes.md for why):
   - boxes are x1 y1 x2 y2 in input pixels; scale_ranges are sqrt(w * h) at an 800-pixel-high input and are
     scaled with the input height, so a smaller input sends the same objects to the same levels.
 
+The pieces, in the handout's order and names: layers and init (6.1), NewFPN (6.2), MultiApply (6.3), forward
+(6.4), target / target_single_img (6.5), PlotGT (6.6), loss / DiceLoss / FocalLoss (6.9), PostProcess /
+PostProcessImg / MatrixNMS / points_nms (6.10), PlotInfer (6.11). SOLO puts a backbone in front; ModelConfig
+holds every setting build_model needs.
+
 python solo_head.py [--data-dir DIR] [--input-height 800] saves the ground-truth plots of handout figures 8-9.
 """
 import argparse
-import bisect
+import dataclasses
 import functools
 import math
 import os
@@ -25,7 +30,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dataset import CLASS_COLORS, CLASS_NAMES, denormalize  # noqa: E402
+from backbone import ARCHITECTURES, WeightsUnavailableError, build_backbone  # noqa: E402
+from dataset import (CLASS_COLORS, CLASS_NAMES, BuildDataLoader, BuildDataset, add_visual_check_args,  # noqa: E402
+                     choose_images, denormalize, resolve_paths)
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
 
@@ -38,6 +45,50 @@ POSTPROCESS_MAP = dict(cate_thresh=0.1, ins_thresh=0.5, pre_NMS_num=500, keep_in
                        update_thresh=0.05, nms_kernel="gauss", nms_sigma=2.0, class_wise=True)
 
 
+@dataclasses.dataclass
+class ModelConfig:
+    """Every setting of a SOLO model: main_train.py's model flags are these fields, checkpoints store them
+    (dataclasses.asdict) and build_model builds from them. The defaults are the handout's model."""
+    backbone: str = "resnet50"  # 'resnet50' (the course's COCO Mask R-CNN backbone) or 'resnet18' (CPU demos)
+    backbone_weights: str = "coco"  # 'coco', 'none' (random, always trained) or a weights file
+    trainable_backbone: bool = False  # fine-tune a pretrained backbone (default frozen, the handout's)
+    num_classes: int = 4  # C: the object classes and the background
+    seg_feat_channels: int = 256  # channels of both towers, a multiple of 32 (GroupNorm(32))
+    stacked_convs: int = 7  # 3x3 convs per tower
+    num_grids: tuple = (40, 36, 24, 16, 12)  # S of each FPN level
+    init: str = "solo"  # head init: 'solo' (authors', category prior 0.01) or 'xavier' (handout 6.1.3)
+    cate_norm: str = "positives"  # focal loss normalisation: 'positives' (authors') or 'mean' (handout 6.9.1)
+
+    def __post_init__(self):
+        self.num_grids = tuple(int(s) for s in self.num_grids)
+        problems = []
+        if self.backbone not in ARCHITECTURES:
+            problems.append(f"backbone {self.backbone!r} is not one of {ARCHITECTURES}")
+        if len(self.num_grids) != 5 or min(self.num_grids) < 1:
+            problems.append(f"num_grids {list(self.num_grids)} must be 5 grid sizes >= 1, one per FPN level")
+        if self.seg_feat_channels < 32 or self.seg_feat_channels % 32:
+            problems.append(f"seg_feat_channels {self.seg_feat_channels} must be a multiple of 32 (GroupNorm(32))")
+        if self.stacked_convs < 1:
+            problems.append(f"stacked_convs {self.stacked_convs} must be >= 1")
+        if self.num_classes < 2:
+            problems.append(f"num_classes {self.num_classes} must be >= 2 (the background and one class)")
+        if self.init not in ("solo", "xavier"):
+            problems.append(f"init {self.init!r} must be 'solo' or 'xavier'")
+        if self.cate_norm not in ("positives", "mean"):
+            problems.append(f"cate_norm {self.cate_norm!r} must be 'positives' or 'mean'")
+        if problems:
+            raise ValueError("model settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_args(cls, args):
+        """The settings among a namespace's attributes (main_train.py's flags); absent fields keep defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in vars(args).items() if name in names})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure helpers
+# ----------------------------------------------------------------------------------------------------
 def center_of_mass(masks):
     """Centres of mass (cy, cx) of masks (n, H, W), in pixel coordinates where pixel (y, x) covers
     [y, y + 1) x [x, x + 1) (so its centre is y + 0.5, as box coordinates are). float64, so that a centre on a
@@ -70,37 +121,22 @@ def full_precision(fn):
 
 
 @full_precision
-def mask_intersections(masks):
-    """Pixel counts of the pairwise intersections of binary masks (n, H, W): (n, n) float32, exact (the diagonal
-    holds the areas). On the CPU an int8 product with int32 sums (torch._int_mm on oneDNN, VNNI instructions): 5x
-    faster than float32 and as exact; elsewhere float32 (exact while H * W < 2^24, TF32 or not: inputs are 0/1)."""
-    flat = masks.flatten(1)  # (n, HW)
-    if flat.device.type == "cpu" and torch.backends.mkldnn.is_available():  # oneDNN's int8 GEMM
-        flat = flat.view(torch.int8) if flat.dtype == torch.bool else flat.to(torch.int8)  # a bool view: no copy
-        return torch._int_mm(flat, flat.T).float()
-    flat = flat.float()
-    return flat @ flat.T
-
-
-def _extent(on):
-    """on (k, n) bool -> (k, 2) first and last True index of each row; (n, -1) for a row without any."""
-    n = on.shape[1]
-    first = torch.where(on.any(1), on.int().argmax(1), n)
-    return torch.stack([first, n - 1 - on.flip(1).int().argmax(1) - n * ~on.any(1)], 1)
-
-
-def _reads(matrix):
-    """For a resize matrix (out, in) whose rows read consecutive sources: a function (first, last) of a source
-    range -> (s0, s1, o0, o1), the sources [s0, s1) to read so that the outputs [o0, o1), those reading any of
-    first..last, are computed in full (the outputs outside read only sources outside first..last)."""
-    nonzero = (matrix > 0).int()
-    lo = nonzero.argmax(1).tolist()  # (out,) first source each output reads, non-decreasing
-    hi = (matrix.shape[1] - 1 - nonzero.flip(1).argmax(1)).tolist()  # (out,) last source
-
-    def read(first, last):
-        o0, o1 = bisect.bisect_left(hi, first), bisect.bisect_right(lo, last)  # outputs reading first..last
-        return (lo[o0], hi[o1 - 1] + 1, o0, o1) if o0 < o1 else (0, 0, 0, 0)
-    return read
+def mask_intersections(masks, labels=None):
+    """Pixel counts of the pairwise intersections of binary masks (n, H, W): (n, n) float32, the diagonal holding
+    the areas. A float32 product, exact for 0/1 inputs while H * W < 2^24 (TF32 or not: 0 and 1 are exact).
+    labels (n,): only pairs of one label are needed (class-wise Matrix NMS), the others are left 0. On the CPU,
+    where a product costs its multiply-adds, that is one product per label; on a GPU, where launching kernels
+    costs more than the arithmetic, one product for all."""
+    n = len(masks)
+    if labels is None or masks.device.type != "cpu":
+        flat = masks.flatten(1).float()  # (n, HW)
+        return flat @ flat.T
+    inter = masks.new_zeros(n, n, dtype=torch.float)
+    for label in labels.unique().tolist():
+        idx = (labels == label).nonzero()[:, 0]  # (n_c,)
+        flat = masks[idx].flatten(1).float()  # (n_c, HW)
+        inter[idx[:, None], idx] = flat @ flat.T
+    return inter
 
 
 def _rgb(color):
@@ -123,6 +159,11 @@ def conv_gn_relu(in_channels, out_channels):
     """3x3 conv without bias, GroupNorm(32), ReLU: one layer of either branch's tower (handout 6.1.2)."""
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
                          nn.GroupNorm(32, out_channels), nn.ReLU(inplace=True))
+
+
+def upsample_sigmoid(logits, size):
+    """Mask logits (bz, k, h, w) -> probabilities (bz, k, *size): bilinear upsampling, then the sigmoid."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).sigmoid()
 
 
 class SOLOHead(nn.Module):
@@ -209,33 +250,28 @@ class SOLOHead(nn.Module):
 
     def forward(self, fpn_feat_list, eval=False):
         """fpn_feat_list: the backbone's 5 maps (dict or list), strides [4, 8, 16, 32, 64].
-        Training: cate_pred_list [(bz, C-1, S, S)], ins_pred_list [(bz, S^2, 2H_feat, 2W_feat)], probabilities.
-        eval=True: cate_pred_list [(bz, S, S, C-1)] after points_nms, ins_pred_list [(bz, S^2, H/4, W/4)]."""
+        Training: cate_pred_list [(bz, C-1, S, S)] and ins_pred_list [(bz, S^2, 2H_feat, 2W_feat)], probabilities.
+        eval=True: cate_pred_list [(bz, S, S, C-1)] after points_nms, and ins_pred_list [(bz, c, H_feat, W_feat)]
+        the mask features of each level, from which PostProcess computes the masks of the candidate cells only
+        (the handout's S^2 masks at H/4 would be a (bz, sum S^2, H/4, W/4) tensor, 840 MB per 800x1088 image)."""
         new_fpn_list = self.NewFPN(fpn_feat_list)
-        quarter_size = tuple(2 * s for s in new_fpn_list[0].shape[-2:])  # stride 4, as level 0 is stride 8
         cate_pred_list, ins_pred_list = self.MultiApply(self.forward_single_level, new_fpn_list,
-                                                        list(range(len(new_fpn_list))),
-                                                        eval=eval, upsample_shape=quarter_size)
+                                                        list(range(len(new_fpn_list))), eval=eval)
         return cate_pred_list, ins_pred_list
 
-    def forward_single_level(self, fpn_feat, idx, eval=False, upsample_shape=None):
-        # mask branch: the 1x1 conv to S^2 channels commutes with bilinear upsampling, so it runs at the feature
-        # resolution (4x fewer FLOPs); the sigmoid comes after the upsampling
-        ins_pred = self.ins_out_list[idx](self.ins_tower(fpn_feat))  # (bz, S^2, H_f, W_f) logits
-        out_size = upsample_shape if eval else tuple(2 * s for s in fpn_feat.shape[-2:])
-        ins_pred = self._upsample_sigmoid(ins_pred, out_size)  # (bz, S^2, *out_size)
-        return self.cate_branch(fpn_feat, idx, eval), ins_pred
-
-    def ins_tower(self, fpn_feat):
-        """CoordConv and the mask tower: (bz, 256, H_f, W_f) -> mask features (bz, c, H_f, W_f)."""
+    def forward_single_level(self, fpn_feat, idx, eval=False):
+        # mask branch: CoordConv, the tower, then the level's 1x1 conv to S^2 channels. The authors upsample the
+        # features x2 before the 1x1 conv; both are linear (the interpolation weights sum to 1, so the bias
+        # passes unchanged), so the conv runs first, at the feature resolution, on 4x fewer pixels.
         ins_feat = torch.cat([fpn_feat, coord_feat(fpn_feat)], 1)  # (bz, 256 + 2, H_f, W_f)
         for conv in self.ins_convs:
-            ins_feat = conv(ins_feat)
-        return ins_feat
+            ins_feat = conv(ins_feat)  # (bz, c, H_f, W_f)
+        if eval:
+            ins_pred = ins_feat
+        else:
+            ins_pred = upsample_sigmoid(self.ins_out_list[idx](ins_feat), tuple(2 * s for s in fpn_feat.shape[-2:]))
 
-    def cate_branch(self, fpn_feat, idx, eval=False):
-        """Category probabilities (bz, C-1, S, S), or with eval (bz, S, S, C-1) after points_nms. The features are
-        resized to S x S at position cate_down_pos of the tower (0: before the first conv)."""
+        # category branch: the features resized to S x S at position cate_down_pos of the tower (0: first)
         num_grid = self.seg_num_grids[idx]
         cate_feat = fpn_feat
         for i, conv in enumerate(self.cate_convs):
@@ -243,138 +279,129 @@ class SOLOHead(nn.Module):
                 cate_feat = F.interpolate(cate_feat, size=(num_grid, num_grid), mode="bilinear",
                                           align_corners=False)  # (bz, c, S, S)
             cate_feat = conv(cate_feat)
-        # the category logits and their sigmoid in float32, even under --amp: the focal loss lives on
-        # probabilities near 0.01, and in bfloat16 the demo's category branch learned visibly worse (AP50 0.486
-        # against 0.540 with this; S x S maps, so it costs nothing)
+        # the logits and their sigmoid in float32 even under --amp: the focal loss works on probabilities near
+        # 0.01, which bfloat16 rounds coarsely (S x S maps: it costs nothing)
         with torch.autocast(cate_feat.device.type, enabled=False):
             cate_pred = self.cate_out(cate_feat.float()).sigmoid()  # (bz, C-1, S, S)
-        return self.points_nms(cate_pred).permute(0, 2, 3, 1) if eval else cate_pred
-
-    @staticmethod
-    def _upsample_sigmoid(logits, size):
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).sigmoid()
-
-    def forward_features(self, fpn_feat_list):
-        """Inference without the S^2 masks: cate_pred_list [(bz, S, S, C-1)] as forward(eval=True) gives it, and
-        ins_feat_list [(bz, c, H_f, W_f)], each level's mask features, from which PostProcessFeat computes the
-        masks of the candidate cells only."""
-        new_fpn_list = self.NewFPN(fpn_feat_list)
-        cate_pred_list = [self.cate_branch(f, idx, eval=True) for idx, f in enumerate(new_fpn_list)]
-        return cate_pred_list, [self.ins_tower(f) for f in new_fpn_list]
+        if eval:
+            cate_pred = self.points_nms(cate_pred).permute(0, 2, 3, 1)  # (bz, S, S, C-1)
+        return cate_pred, ins_pred
 
     # ---------------------------------------------------------------- targets (6.5)
     def target(self, ins_pred_list, bbox_list, label_list, mask_list, compact=False):
-        """ins_pred_list: [(bz, S^2, 2H_f, 2W_f)], only its sizes are used. bbox_list [(n, 4)], label_list [(n,)],
-        mask_list [(n, H, W)] per image, at the padded input size (the same for every image).
+        """ins_pred_list: [(bz, S^2, 2H_f, 2W_f)], only its sizes and device are used. bbox_list [(n, 4)],
+        label_list [(n,)], mask_list [(n, H, W)] per image, at the padded input size (the same for every image).
         Returns, each a list over images of a list over levels (the handout's layout):
           ins_gts_list (S^2, 2H_f, 2W_f) uint8, ins_ind_gts_list (S^2,) bool, cate_gts_list (S, S) int64.
-        compact=True, the training form: no (S^2, 2H_f, 2W_f) tensor (167 MB per 800x1088 image) and no
-        host-device synchronisation. Each object gets 9 slots per level, the 3x3 cells around its centre cell (a
-        superset of its positive cells): ins_gts_list (9n, 2H_f, 2W_f) uint8 holds the object's mask in each of
-        its slots, ins_ind_gts_list (9n,) int64 the slot's channel i * S + j where the slot is a positive cell
-        of that object, else -1. Every positive cell is in exactly one slot; loss takes either form.
-        The handout maps target_single_img over the images; here the objects of all images go through its rules
-        together: the same targets from one set of operations for the batch instead of one per image (for 16
-        images 780 ATen operations instead of 9700, each a kernel launch or a view on a GPU; bench.py). The
-        price is one copy of the batch's masks, stacked."""
+        compact=True, the training form: target_single_img's slots (9 per object and level, see there) instead
+        of the S^2 channels; the same positives, without an (S^2, 2H_f, 2W_f) tensor and without host-device
+        synchronisation. loss takes either form.
+        All the batch's objects go through target_single_img at once (cells are contested within an image
+        only): one set of operations for the batch, not one per image, which on a GPU is what the step's
+        kernel launches cost."""
         featmap_sizes = [tuple(p.shape[-2:]) for p in ins_pred_list]
         device = ins_pred_list[0].device
-        ins_gts_list, ins_ind_gts_list, cate_gts_list = self._target_batch(
-            [b.to(device) for b in bbox_list], [l.to(device) for l in label_list], [m.to(device) for m in mask_list],
-            featmap_sizes, compact)
+        counts = [len(labels) for labels in label_list]  # host integers: splitting back needs no device read
+        shapes = {tuple(m.shape[1:]) for m, n in zip(mask_list, counts) if n}
+        if len(shapes) > 1:
+            raise ValueError(f"target: the images' masks must share one padded size, got "
+                             f"{[tuple(m.shape) for m in mask_list]}")
+        image = torch.cat([torch.full((n,), b, device=device) for b, n in enumerate(counts)])  # (N,)
+        ins, cate, ind = self.target_single_img(torch.cat([b.to(device) for b in bbox_list]),
+                                                torch.cat([lab.to(device) for lab in label_list]),
+                                                torch.cat([m.to(device) for m in mask_list]),
+                                                featmap_sizes, image=image, num_images=len(counts))
+        slots = [9 * n for n in counts]
+        ins_gts_list = [[] for _ in counts]
+        ins_ind_gts_list = [[] for _ in counts]
+        cate_gts_list = [[] for _ in counts]
+        for level, size in enumerate(featmap_sizes):
+            for b, (masks, cells) in enumerate(zip(ins[level].split(slots), ind[level].split(slots))):
+                if not compact:
+                    masks, cells = self._slots_to_channels(masks, cells, self.seg_num_grids[level] ** 2, size)
+                ins_gts_list[b].append(masks)
+                ins_ind_gts_list[b].append(cells)
+                cate_gts_list[b].append(cate[level][b])
         return ins_gts_list, ins_ind_gts_list, cate_gts_list
 
-    def target_single_img(self, gt_bboxes_raw, gt_labels_raw, gt_masks_raw, featmap_sizes, compact=False):
-        """Targets of one image (the authors' rules, handout-notes 6-9).
+    def target_single_img(self, gt_bboxes_raw, gt_labels_raw, gt_masks_raw, featmap_sizes, image=None,
+                          num_images=1):
+        """The targets of one image's objects (the authors' rules, handout-notes 6-9); target passes the objects
+        of a whole batch at once, with `image` (n,) the image of each, so that cells are contested only within
+        an image.
         An object trains every level whose (inclusive) scale range holds sqrt(w * h) of its box; its positive
         cells are those its centre region (centre of mass, half-size eps*w/2 x eps*h/2) covers, clipped to the
         3x3 cells around the centre-of-mass cell. When objects claim one cell the smallest box wins: the cell is
         all a small object has, while a large one keeps its other cells (the authors let the last one win).
         gt_bboxes_raw (n, 4), gt_labels_raw (n,), gt_masks_raw (n, H, W), featmap_sizes [(2H_f, 2W_f)].
-        Returns ins_label_list [(S^2, 2H_f, 2W_f) uint8], cate_label_list [(S, S) int64],
-        ins_ind_label_list [(S^2,) bool]; compact: ins_label_list [(9n, 2H_f, 2W_f)] and ins_ind_label_list
-        [(9n,) int64] as target describes. target applies these rules to a whole batch at once."""
-        ins, ind, cate = self._target_batch([gt_bboxes_raw], [gt_labels_raw], [gt_masks_raw], featmap_sizes, compact)
-        return ins[0], cate[0], ind[0]
-
-    def _target_batch(self, bbox_list, label_list, mask_list, featmap_sizes, compact):
-        """target_single_img's rules for every image at once. Returns target's three lists, [image][level]."""
-        bz = len(label_list)
-        if sum(len(labels) for labels in label_list) == 0:  # no object: every level of every image is background
-            device = mask_list[0].device
-            levels = [(torch.zeros(bz, 0 if compact else s * s, *size, dtype=torch.uint8, device=device),
-                       torch.zeros(bz, 0, dtype=torch.long, device=device) if compact
-                       else torch.zeros(bz, s * s, dtype=torch.bool, device=device),
-                       torch.zeros(bz, s, s, dtype=torch.long, device=device))
-                      for s, size in zip(self.seg_num_grids, featmap_sizes)]
-        else:
-            levels = self._level_targets(bbox_list, label_list, mask_list, featmap_sizes, compact)
-        # per level (ins, ind, cate), each indexed by image -> per image, per level
-        return ([[ins[b] for ins, _, _ in levels] for b in range(bz)],
-                [[ind[b] for _, ind, _ in levels] for b in range(bz)],
-                [[cate[b] for _, _, cate in levels] for b in range(bz)])
-
-    def _level_targets(self, bbox_list, label_list, mask_list, featmap_sizes, compact):
-        """The targets of a batch with at least one object, per level: (ins, ind, cate), each indexed by image.
-        The N objects of the batch are stacked; a cell is contested only by the objects of its own image."""
-        counts = [len(labels) for labels in label_list]  # host integers: the split back needs no device read
-        bz, device = len(counts), mask_list[0].device
-        with_objects = [b for b in range(bz) if counts[b]]
-        if len({tuple(mask_list[b].shape[1:]) for b in with_objects}) > 1:
-            raise ValueError(f"target: the images' masks must share one padded size, got "
-                             f"{[tuple(mask_list[b].shape) for b in with_objects]}")
-        masks = torch.cat([mask_list[b] for b in with_objects])  # (N, H, W)
-        boxes = torch.cat([bbox_list[b] for b in with_objects])  # (N, 4)
-        labels = torch.cat([label_list[b] for b in with_objects]).long()  # (N,)
-        image = torch.cat([torch.full((n,), b, device=device) for b, n in enumerate(counts)])  # (N,) each's image
-        of_image = image == torch.arange(bz, device=device)[:, None]  # (bz, N)
+        Returns, per level, in slots: 9 per object, the 3x3 cells around its centre cell (a superset of its
+        positive cells; every positive cell is in exactly one slot):
+          ins_label_list [(9n, 2H_f, 2W_f) uint8], the object's resized mask in each of its slots,
+          cate_label_list [(num_images, S, S) int64],
+          ins_ind_label_list [(9n,) int64], the slot's channel i * S + j where it is a positive cell of the
+          object, else -1.
+        Fixed sizes: no host-device synchronisation. target scatters the slots into the handout's
+        (S^2, 2H_f, 2W_f) channels."""
+        device = gt_masks_raw.device
+        n = len(gt_labels_raw)
+        image = torch.zeros(n, dtype=torch.long, device=device) if image is None else image
+        if n == 0:  # interpolate rejects empty inputs
+            return ([torch.zeros(0, *size, dtype=torch.uint8, device=device) for size in featmap_sizes],
+                    [torch.zeros(num_images, s, s, dtype=torch.long, device=device) for s in self.seg_num_grids],
+                    [torch.zeros(0, dtype=torch.long, device=device) for _ in featmap_sizes])
+        masks, labels = gt_masks_raw, gt_labels_raw.long()
         height, width = masks.shape[1:]
-        box_w, box_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]  # (N,)
-        obj_scale = torch.sqrt(box_w * box_h) * (REFERENCE_HEIGHT / height)  # (N,) in 800-pixel units
+        box_w, box_h = gt_bboxes_raw[:, 2] - gt_bboxes_raw[:, 0], gt_bboxes_raw[:, 3] - gt_bboxes_raw[:, 1]  # (n,)
+        obj_scale = torch.sqrt(box_w * box_h) * (REFERENCE_HEIGHT / height)  # (n,) in 800-pixel units
         box_area = box_w * box_h
-        cy, cx = center_of_mass(masks)  # (N,)
-        has_pixels = masks.flatten(1).any(1).bool()  # (N,); any() of uint8 is uint8
+        cy, cx = center_of_mass(masks)  # (n,)
+        has_pixels = masks.flatten(1).any(1).bool()  # (n,); any() of uint8 is uint8
+        of_image = image == torch.arange(num_images, device=device)[:, None]  # (B, n)
         resized = {}  # masks resized once per distinct level size (levels 0-1 and 3-4 share theirs)
-        levels = []
+        ins_label_list, cate_label_list, ins_ind_label_list = [], [], []
         for (lower, upper), num_grid, size in zip(self.scale_ranges, self.seg_num_grids, featmap_sizes):
             if size not in resized:
                 resized[size] = (F.interpolate(masks[:, None].float(), size=size, mode="bilinear",
-                                               align_corners=False)[:, 0] >= 0.5).to(torch.uint8)  # (N, 2H_f, 2W_f)
-            hit = (obj_scale >= lower) & (obj_scale <= upper) & has_pixels  # (N,)
+                                               align_corners=False)[:, 0] >= 0.5).to(torch.uint8)  # (n, 2H_f, 2W_f)
+            hit = (obj_scale >= lower) & (obj_scale <= upper) & has_pixels  # (n,)
             claims, centre = self._centre_cells(cy, cx, 0.5 * self.epsilon * box_h.double(),
                                                 0.5 * self.epsilon * box_w.double(), height, width, num_grid)
-            claims &= hit[:, None, None]  # (N, S, S)
-            # (bz, N, S, S): each image's claims (N grows with bz, so this grows with bz^2: a few MB at 16 images)
+            claims &= hit[:, None, None]  # (n, S, S)
+            # each image's claims (B, n, S, S): n grows with B, so this grows with B^2 (a few MB at 16 images)
             claims_img = claims & of_image[:, :, None, None]
-            owner = torch.where(claims_img, box_area[:, None, None], torch.inf).argmin(1).flatten(1)  # (bz, S^2)
-            ins_ind = claims_img.any(1).flatten(1)  # (bz, S^2)
-            cate_label = torch.where(ins_ind, labels[owner], 0).view(bz, num_grid, num_grid)
-            if compact:
-                slot_cells, slot_masks = self._slots(claims, owner, image, centre, resized[size])
-                slots = [9 * n for n in counts]
-                levels.append((slot_masks.split(slots), slot_cells.split(slots), cate_label))
-            else:
-                ins_label = torch.zeros(bz, num_grid ** 2, *size, dtype=torch.uint8, device=device)
-                ins_label[ins_ind] = resized[size][owner[ins_ind]]
-                levels.append((ins_label, ins_ind, cate_label))
-        return levels
+            owner = torch.where(claims_img, box_area[:, None, None], torch.inf).argmin(1).flatten(1)  # (B, S^2)
+            cate_label = torch.where(claims_img.any(1).flatten(1), labels[owner], 0)  # (B, S^2)
+            cells = self._slot_cells(claims, owner, image, centre)  # (n, 9)
+            ins_label_list.append(resized[size].repeat_interleave(9, dim=0))  # (9n, 2H_f, 2W_f)
+            cate_label_list.append(cate_label.view(num_images, num_grid, num_grid))
+            ins_ind_label_list.append(cells.flatten())  # (9n,)
+        return ins_label_list, cate_label_list, ins_ind_label_list
 
     @staticmethod
-    def _slots(claims, owner, image, centre, masks):
-        """The compact targets of one level: claims (N, S, S), owner (bz, S^2) (the object owning each cell of
-        each image), image (N,), centre (N, 2) centre cells (row, column), masks (N, 2H_f, 2W_f) -> slot cells
-        (9N,) (channel of a positive cell the object owns, else -1) and slot masks (9N, 2H_f, 2W_f). Fixed sizes:
-        no host-device synchronisation."""
+    def _slot_cells(claims, owner, image, centre):
+        """claims (n, S, S), owner (B, S^2) (the object owning each cell of each image), image (n,), centre
+        (n, 2) centre cells (row, column) -> (n, 9): the channel of each of the 3x3 cells around an object's
+        centre cell where it is a positive cell the object owns, else -1."""
         n, num_grid = claims.shape[:2]
         offsets = torch.arange(-1, 2, device=claims.device)
         rows = (centre[:, 0, None] + offsets)[:, :, None].expand(n, 3, 3).reshape(n, 9)  # the 3x3 window,
-        cols = (centre[:, 1, None] + offsets)[:, None, :].expand(n, 3, 3).reshape(n, 9)  # row-major (N, 9)
+        cols = (centre[:, 1, None] + offsets)[:, None, :].expand(n, 3, 3).reshape(n, 9)  # row-major (n, 9)
         inside = (rows >= 0) & (rows < num_grid) & (cols >= 0) & (cols < num_grid)
-        cells = rows.clamp(0, num_grid - 1) * num_grid + cols.clamp(0, num_grid - 1)  # (N, 9)
-        obj = torch.arange(n, device=claims.device)[:, None]  # (N, 1)
-        positive = inside & claims.flatten(1).gather(1, cells) & (owner[image[:, None], cells] == obj)  # (N, 9)
-        slot_masks = masks[:, None].expand(n, 9, *masks.shape[1:]).reshape(9 * n, *masks.shape[1:])
-        return torch.where(positive, cells, -1).flatten(), slot_masks
+        cells = rows.clamp(0, num_grid - 1) * num_grid + cols.clamp(0, num_grid - 1)  # (n, 9)
+        obj = torch.arange(n, device=claims.device)[:, None]  # (n, 1)
+        positive = inside & claims.flatten(1).gather(1, cells) & (owner[image[:, None], cells] == obj)  # (n, 9)
+        return torch.where(positive, cells, -1)
+
+    @staticmethod
+    def _slots_to_channels(masks, cells, num_channels, size):
+        """One image's slots of one level, masks (m, 2H_f, 2W_f) and cells (m,), -> the handout's layout:
+        ins_label (S^2, 2H_f, 2W_f) uint8 with each positive cell's mask in its channel, ins_ind (S^2,) bool."""
+        ins_label = torch.zeros(num_channels, *size, dtype=torch.uint8, device=masks.device)
+        ins_ind = torch.zeros(num_channels, dtype=torch.bool, device=masks.device)
+        positive = cells >= 0
+        ins_label[cells[positive]] = masks[positive]
+        ins_ind[cells[positive]] = True
+        return ins_label, ins_ind
 
     @staticmethod
     def _centre_cells(cy, cx, half_h, half_w, height, width, num_grid):
@@ -460,38 +487,25 @@ class SOLOHead(nn.Module):
 
     # ---------------------------------------------------------------- post-processing (6.10)
     def PostProcess(self, ins_pred_list, cate_pred_list, ori_size, cfg=None):
-        """ins_pred_list [(bz, S^2, H/4, W/4)], cate_pred_list [(bz, S, S, C-1)] as forward(eval=True) returns,
-        ori_size (ori_H, ori_W) of the images before resizing. cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP style
-        dict (default self.postprocess_cfg). Returns per image: scores (k,), labels (k,) in 1..C-1 and masks
-        (k, ori_H, ori_W) in {0, 1}, sorted by score; k = 0 gives empty tensors."""
-        return self._post_process(ins_pred_list, cate_pred_list, ori_size, cfg)
-
-    def PostProcessFeat(self, ins_feat_list, cate_pred_list, ori_size, cfg=None):
-        """PostProcess from forward_features' outputs: ins_feat_list [(bz, c, H_f, W_f)] instead of the S^2 masks.
-        Only the candidate cells' masks are computed (their channels of the 1x1 output conv, upsampled to H/4 and
-        passed through the sigmoid, as forward does for all S^2): the results of PostProcess after forward(eval=True)
-        (up to float rounding), without the (sum S^2, H/4, W/4) tensor (840 MB per 800x1088 image)."""
-        mask_size = tuple(2 * s for s in ins_feat_list[0].shape[-2:])  # stride 4, as level 0 is stride 8
-        return self._post_process(ins_feat_list, cate_pred_list, ori_size, cfg, mask_size)
-
-    def _post_process(self, ins_list, cate_pred_list, ori_size, cfg, mask_size=None):
-        """PostProcessImg over the batch; ins_list per level: masks, or mask features with mask_size."""
+        """ins_pred_list [(bz, c, H_f, W_f)] and cate_pred_list [(bz, S, S, C-1)] as forward(eval=True) returns
+        them, ori_size (ori_H, ori_W) of the images before resizing. cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP
+        style dict (default self.postprocess_cfg). Returns per image: scores (k,), labels (k,) in 1..C-1 and
+        masks (k, ori_H, ori_W) in {0, 1}, sorted by score; k = 0 gives empty tensors."""
         bz = cate_pred_list[0].shape[0]
         cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
-        ins_imgs = [[level[b] for level in ins_list] for b in range(bz)]  # per image, per level
+        ins_imgs = [[level[b] for level in ins_pred_list] for b in range(bz)]  # per image, per level
         return self.MultiApply(self.PostProcessImg, ins_imgs, cate_pred_all, ori_size=tuple(ori_size),
-                               cfg=cfg or self.postprocess_cfg, mask_size=mask_size)
+                               cfg=cfg or self.postprocess_cfg)
 
-    def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg, mask_size=None):
-        """One image: ins_pred_img per level, the masks (S^2, H/4, W/4) or, with mask_size = (H/4, W/4), the mask
-        features (c, H_f, W_f); cate_pred_img (sum S^2, C-1)."""
+    def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg):
+        """One image: ins_pred_img [(c, H_f, W_f)] per level, cate_pred_img (sum S^2, C-1)."""
         # filter: every (cell, class) above the category threshold is a candidate; cells come out ascending
         cell, cls = (cate_pred_img > cfg["cate_thresh"]).nonzero(as_tuple=True)  # (k,), (k,)
-        masks = self._cell_masks(ins_pred_img, cell, mask_size)  # (k, H/4, W/4)
+        masks = self.cell_masks(ins_pred_img, cell)  # (k, H/4, W/4) probabilities
         hard = masks > cfg["ins_thresh"]
-        area = hard.sum((1, 2), dtype=torch.int32).float()  # (k,); int32: 30x faster than bool's int64 sum
+        area = hard.flatten(1).sum(1, dtype=torch.int32).float()  # (k,); an int32 sum, not bool's default int64
         # maskness-weighted scores; masks no larger than their level's stride are dropped (the authors')
-        scores = cate_pred_img[cell, cls] * (masks * hard).sum((1, 2)) / area  # (k,)
+        scores = cate_pred_img[cell, cls] * torch.where(hard, masks, 0).flatten(1).sum(1) / area  # (k,)
         cell_stride = torch.cat([torch.full((s * s,), float(st), device=cell.device)
                                  for s, st in zip(self.seg_num_grids, self.strides)])  # (sum S^2,)
         idx = (area > cell_stride[cell]).nonzero()[:, 0]  # (k',) into the candidates
@@ -509,23 +523,25 @@ class SOLOHead(nn.Module):
             return scores, labels, masks
         return scores[visible], labels[visible], masks[visible]
 
-    def _cell_masks(self, ins_img, cell, mask_size=None):
+    def cell_masks(self, ins_pred_img, cell):
         """Mask probabilities (k, H/4, W/4) of the cells `cell` (ascending indices into the levels' concatenated
-        S^2 cells) of one image. ins_img per level: the masks (S^2, H/4, W/4), or with mask_size the mask features
-        (c, H_f, W_f), of which only the chosen channels of the level's 1x1 output conv are computed."""
+        S^2 cells) of one image with mask features ins_pred_img [(c, H_f, W_f)] per level. Only the chosen
+        channels of each level's 1x1 output conv are computed; then, in the authors' order, upsampled x2 (the
+        training resolution), passed through the sigmoid and resized to H/4 (a no-op on the stride-8 levels)."""
+        mask_size = tuple(2 * s for s in ins_pred_img[0].shape[-2:])  # stride 4, as level 0 is stride 8
         masks, start = [], 0
-        for level, num_grid in enumerate(self.seg_num_grids):
+        for level, (feat, num_grid) in enumerate(zip(ins_pred_img, self.seg_num_grids)):
             local = cell[(cell >= start) & (cell < start + num_grid ** 2)] - start  # (k_l,) cells of this level
             start += num_grid ** 2
-            if mask_size is None:
-                masks.append(ins_img[level][local].float())
-            elif len(local) == 0:  # conv2d rejects zero output channels
-                masks.append(ins_img[level].new_zeros(0, *mask_size, dtype=torch.float))
-            else:
-                out_conv = self.ins_out_list[level]
-                logits = F.conv2d(ins_img[level][None], out_conv.weight[local], out_conv.bias[local])  # (1, k_l, ..)
-                masks.append(self._upsample_sigmoid(logits, mask_size)[0].float())  # (k_l, H/4, W/4)
-        return torch.cat(masks)
+            if len(local) == 0:  # conv2d rejects zero output channels
+                continue
+            out_conv = self.ins_out_list[level]
+            logits = F.conv2d(feat[None], out_conv.weight[local], out_conv.bias[local])  # (1, k_l, H_f, W_f)
+            probs = upsample_sigmoid(logits, tuple(2 * s for s in feat.shape[-2:]))  # (1, k_l, 2H_f, 2W_f)
+            if probs.shape[-2:] != mask_size:
+                probs = F.interpolate(probs, size=mask_size, mode="bilinear", align_corners=False)
+            masks.append(probs[0].float())  # (k_l, H/4, W/4)
+        return torch.cat(masks) if masks else ins_pred_img[0].new_zeros(0, *mask_size, dtype=torch.float)
 
     @staticmethod
     @full_precision
@@ -535,27 +551,11 @@ class SOLOHead(nn.Module):
         H * ori_W / ori_H), bilinear resize to ori_size, threshold 0.5. Both resizes are linear and separable, so
         they compose into one (ori_H, H/4) matrix on the rows and one (ori_W, W/4) on the columns (the same values
         up to float rounding, with no (k, H, W) intermediate)."""
-        k, h4, w4 = masks.shape
+        h4, w4 = masks.shape[-2:]
         crop_w = int(4 * h4 * ori_size[1] / ori_size[0])
         rows = resize_matrix(h4, 4 * h4, 4 * h4, ori_size[0], masks.device)  # (ori_H, H/4)
         cols = resize_matrix(w4, 4 * w4, crop_w, ori_size[1], masks.device)  # (ori_W, W/4)
-        masks = masks.float()
-        if masks.device.type != "cpu":  # one batched product, a fraction of a millisecond on a GPU
-            return ((rows @ masks @ cols.T) > 0.5).float()
-        # CPU: every output pixel is a convex combination (weights >= 0, summing to 1) of the source pixels it
-        # reads, so only one reading a source pixel above 0.5 can pass the threshold. Each mask is resized over
-        # the box of its pixels above 0.5, with the margin of source pixels that the outputs there also read;
-        # the rest stays 0. 3x faster for typical objects, the same values.
-        out = masks.new_zeros(k, *ori_size)
-        on = masks > 0.5
-        boxes = torch.cat([_extent(on.any(2)), _extent(on.any(1))], 1).tolist()  # (k, 4) top bottom left right
-        row_reads, col_reads = _reads(rows), _reads(cols)
-        for mask, out_mask, (top, bottom, left, right) in zip(masks, out, boxes):
-            if bottom < top:  # no pixel above 0.5
-                continue
-            (y0, y1, oy0, oy1), (x0, x1, ox0, ox1) = row_reads(top, bottom), col_reads(left, right)
-            out_mask[oy0:oy1, ox0:ox1] = rows[oy0:oy1, y0:y1] @ mask[y0:y1, x0:x1] @ cols[ox0:ox1, x0:x1].T > 0.5
-        return out
+        return ((rows @ masks.float() @ cols.T) > 0.5).float()  # (k, ori_H, ori_W)
 
     @staticmethod
     @full_precision
@@ -567,9 +567,11 @@ class SOLOHead(nn.Module):
           the handout's exp(-iou^2 / 0.5) is sigma = 2) or 'linear' (1 - iou).
         Returns: decayed scores (n,); the top mask keeps its score and no score grows."""
         n = sorted_scores.numel()
+        if method not in ("gauss", "linear"):
+            raise ValueError(f"MatrixNMS method must be 'gauss' or 'linear', got {method!r}")
         if n == 0:
             return sorted_scores
-        inter = mask_intersections(sorted_ins)  # (n, n)
+        inter = mask_intersections(sorted_ins, sorted_labels)  # (n, n); 0 across classes with labels
         areas = inter.diagonal().expand(n, n)  # areas[i, j] = area_j
         iou = (inter / (areas + areas.T - inter).clamp(min=1)).triu(diagonal=1)  # iou[i, j], i scored above j
         if sorted_labels is not None:
@@ -578,10 +580,8 @@ class SOLOHead(nn.Module):
         iou_cmax = iou.max(0).values.expand(n, n).T  # (n, n), row i holds iou_cmax[i]
         if method == "gauss":
             decay = torch.exp(-gauss_sigma * (iou ** 2 - iou_cmax ** 2))
-        elif method == "linear":
-            decay = (1 - iou) / (1 - iou_cmax).clamp(min=1e-6)  # a copy of a fully suppressed mask: 0, not 0 / 0
         else:
-            raise ValueError(f"MatrixNMS method must be 'gauss' or 'linear', got {method!r}")
+            decay = (1 - iou) / (1 - iou_cmax).clamp(min=1e-6)  # a copy of a fully suppressed mask: 0, not 0 / 0
         return sorted_scores * decay.min(0).values
 
     @staticmethod
@@ -672,11 +672,10 @@ class SOLO(nn.Module):
 
     @torch.no_grad()
     def infer(self, img, ori_size, cfg=None):
-        """Detections of img (bz, 3, H, W): per image scores (k,), labels (k,), masks (k, ori_H, ori_W), as
-        head.PostProcess gives them after forward(img, eval=True), but with only the candidate cells' masks ever
-        computed (SOLOHead.forward_features + PostProcessFeat). cfg: a POSTPROCESS_* dict (default the head's)."""
-        cate_pred_list, ins_feat_list = self.head.forward_features(self.backbone(img))
-        return self.head.PostProcessFeat(ins_feat_list, cate_pred_list, ori_size, cfg)
+        """Detections of img (bz, 3, H, W): forward(eval=True), then head.PostProcess with cfg (a POSTPROCESS_*
+        dict, default the head's). Per image scores (k,), labels (k,), masks (k, ori_H, ori_W)."""
+        cate_pred_list, ins_pred_list = self(img, eval=True)
+        return self.head.PostProcess(ins_pred_list, cate_pred_list, ori_size, cfg)
 
     def train(self, mode=True):
         super().train(mode)
@@ -685,38 +684,24 @@ class SOLO(nn.Module):
         return self
 
 
-# what build_model takes; every key is also a main_train.py flag, and checkpoints store the dict
-MODEL_DEFAULTS = dict(backbone="resnet50", backbone_weights="coco", trainable_backbone=False, num_classes=4,
-                      seg_feat_channels=256, stacked_convs=7, num_grids=(40, 36, 24, 16, 12), init="solo",
-                      cate_norm="positives")
-
-
 def build_model(cfg=None, load_backbone_weights=True):
-    """SOLO from a MODEL_DEFAULTS-style dict. backbone_weights: 'coco' (torchvision's COCO Mask R-CNN weights,
-    frozen unless trainable_backbone), 'none' (random weights, always trained) or a checkpoint file path.
-    load_backbone_weights=False builds the same architecture without reading the weights (a SOLO checkpoint
-    about to be loaded holds them)."""
-    from backbone import build_backbone
-
-    cfg = {**MODEL_DEFAULTS, **(cfg or {})}
-    unknown = set(cfg) - set(MODEL_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(MODEL_DEFAULTS)}")
-    weights = cfg["backbone_weights"]
+    """SOLO from a ModelConfig (or a dict of its fields; None: the defaults). backbone_weights: 'coco'
+    (torchvision's COCO Mask R-CNN weights, frozen unless trainable_backbone), 'none' (random weights, always
+    trained) or a checkpoint file path. load_backbone_weights=False builds the same architecture without reading
+    the weights (a SOLO checkpoint about to be loaded holds them)."""
+    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**(cfg or {}))
+    weights = cfg.backbone_weights
     pretrained = weights != "none"
-    backbone = build_backbone(cfg["backbone"], pretrained=pretrained,
+    backbone = build_backbone(cfg.backbone, pretrained=pretrained,
                               checkpoint_file=weights if weights not in ("coco", "none") else None,
-                              trainable=cfg["trainable_backbone"] or not pretrained,
-                              load_weights=load_backbone_weights)
-    head = SOLOHead(cfg["num_classes"], seg_feat_channels=cfg["seg_feat_channels"],
-                    stacked_convs=cfg["stacked_convs"], num_grids=cfg["num_grids"], init=cfg["init"],
-                    cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg["cate_norm"]))
+                              trainable=cfg.trainable_backbone or not pretrained, load_weights=load_backbone_weights)
+    head = SOLOHead(cfg.num_classes, seg_feat_channels=cfg.seg_feat_channels, stacked_convs=cfg.stacked_convs,
+                    num_grids=cfg.num_grids, init=cfg.init,
+                    cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg.cate_norm))
     return SOLO(backbone, head)
 
 
 def get_args_parser():
-    from dataset import add_visual_check_args
-
     parser = argparse.ArgumentParser(description="Plot the SOLO targets of a few images (handout figures 8-9)")
     parser.add_argument("--backbone-weights", default="coco", type=str,
                         help="'coco', 'none' or a weights file; only the feature sizes matter for the targets")
@@ -724,9 +709,6 @@ def get_args_parser():
 
 
 def main(args):
-    from backbone import WeightsUnavailableError
-    from dataset import BuildDataLoader, BuildDataset, choose_images, resolve_paths
-
     dataset = BuildDataset(resolve_paths(args.data_dir, args.synthetic_dir, args.synthetic_images),
                            input_height=args.input_height)
     images = [dataset[i] for i in choose_images(dataset.num_objects, args.num, args.seed)]

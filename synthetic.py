@@ -1,6 +1,6 @@
 """Synthetic stand-in for the CIS680 instance-segmentation data, in the exact real-data file format.
 
-Writes the four files that `dataset.BuildDataset` reads (names from `dataset.FILE_NAMES`):
+Writes the four files that `dataset.BuildDataset` reads (names and layout in datafiles.py):
   images h5  key "data", uint8 (N, 3, H, W) RGB                 gzip, one chunk per image
   masks h5   key "data", uint8 (total_objects, H, W) in {0, 1}  gzip, one chunk per mask, image order
   labels npy object array (N,), entry i int64 (n_i,): 1 vehicle, 2 person, 3 animal
@@ -27,13 +27,11 @@ import argparse
 import colorsys
 import functools
 import multiprocessing
-import os
 import time
 
-import h5py
 import numpy as np
 
-from dataset import dataset_paths
+from datafiles import CLASS_NAMES, write_dataset
 
 ASPECT_RANGE = {1: (1.5, 2.3), 2: (0.35, 0.5), 3: (1.2, 1.7)}  # w / h per class
 MIN_VISIBLE_FRAC = 0.4  # drop an object with less of its area visible ...
@@ -220,13 +218,6 @@ def render_image(rng, height=300, width=400, max_objects=5, min_size=14, max_siz
     return image, masks, labels, _tight_boxes(masks)
 
 
-def _object_array(entries):
-    arr = np.empty(len(entries), dtype=object)  # stays 1-D even when all entries have one shape
-    for i, entry in enumerate(entries):
-        arr[i] = entry
-    return arr
-
-
 def _render_seeded(seed_seq, **scene):
     return render_image(np.random.default_rng(seed_seq), **scene)
 
@@ -253,25 +244,8 @@ def write_synthetic_dataset(out_dir, num_images=200, seed=0, max_objects=5, min_
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = dataset_paths(out_dir)
     scene = dict(height=height, width=width, max_objects=max_objects, min_size=min_size, max_size=max_size)
-    gzip = dict(compression="gzip", compression_opts=1)  # level 1: the noisy images barely gain from more
-    labels, boxes = [], []
-    with h5py.File(paths[0], "w") as f_img, h5py.File(paths[1], "w") as f_mask:
-        images = f_img.create_dataset("data", (num_images, 3, height, width), np.uint8,
-                                      chunks=(1, 3, height, width), **gzip)
-        masks = f_mask.create_dataset("data", (0, height, width), np.uint8, maxshape=(None, height, width),
-                                      chunks=(1, height, width), **gzip)
-        for i, (image, mask, label, box) in enumerate(_rendered_images(num_images, seed, workers, scene)):
-            images[i] = image  # (3, H, W)
-            masks.resize(len(masks) + len(mask), axis=0)
-            masks[len(masks) - len(mask):] = mask  # (n, H, W)
-            labels.append(label)
-            boxes.append(box)
-    np.save(paths[2], _object_array(labels), allow_pickle=True)
-    np.save(paths[3], _object_array(boxes), allow_pickle=True)
-    return paths
+    return write_dataset(out_dir, _rendered_images(num_images, seed, workers, scene), num_images, height, width)
 
 
 def get_args_parser():
@@ -291,10 +265,10 @@ def main(args):
     paths = write_synthetic_dataset(args.out, args.num_images, args.seed, args.max_objects, args.min_size,
                                     args.max_size, workers=args.workers)
     seconds = time.perf_counter() - start
-    labels = np.load(paths[2], allow_pickle=True)
-    counts = np.bincount(np.concatenate(labels), minlength=4)[1:]
-    print(f"wrote {args.num_images} images, {counts.sum()} objects (vehicle {counts[0]}, person {counts[1]}, "
-          f"animal {counts[2]}) to {args.out} in {seconds:.1f} s")
+    labels = np.load(paths[2], allow_pickle=True)  # the object array this run has just written
+    counts = np.bincount(np.concatenate(labels), minlength=len(CLASS_NAMES) + 1)[1:]
+    per_class = ", ".join(f"{name} {count}" for name, count in zip(CLASS_NAMES, counts))
+    print(f"wrote {args.num_images} images, {counts.sum()} objects ({per_class}) to {args.out} in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

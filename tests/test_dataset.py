@@ -345,7 +345,7 @@ class TestVisualisation:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The raw path: uint8 items from the workers, preprocess_batch on the device (issue 6)
+# The raw path: uint8 items from the workers, preprocess_batch on the device
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixed_paths(synthetic_paths, tmp_path_factory):

@@ -1,5 +1,5 @@
-"""The branches only a GPU run takes, run on the CPU (no session has had a GPU). Each test forces a branch that
-CUDA would take and checks it against the CPU's own path or against its definition:
+"""The branches only a GPU run takes, run on the CPU. Each test forces a branch that CUDA would take and checks it
+against the CPU's own path or against its definition:
 
 - prepare_device: a numbered GPU becomes the current device; cuDNN times its algorithms for a fixed input size.
 - autocast_settings: bfloat16 only where the GPU computes it natively (compute capability 8+: A100, H100), float16
@@ -8,7 +8,8 @@ CUDA would take and checks it against the CPU's own path or against its definiti
 - The float16 + GradScaler training step of such a GPU: CPU autocast in float16, with group_norm in float32 as CUDA's
   autocast runs it. Finite float32 losses, the same SGD step as float32 (clipping sees unscaled gradients), and a
   step whose float16 gradients overflow is skipped, not applied.
-- Matrix NMS's float32 intersection product (every device but a oneDNN CPU): exact pixel counts.
+- Matrix NMS's intersections: one float32 product for all classes on a GPU, one per class on the CPU; the same
+  decayed scores, exact pixel counts under autocast.
 - SOLOHead._masks_to_original's batched product (every device but the CPU): in test_solo_head_postprocess.py, beside
   the CPU path's tests.
 - The data path: bilinear interpolation only of floating tensors (CUDA's bilinear kernels have no uint8), and no
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dataset as ds
-import main_train
+import engine
+import utils
+from conftest import ReportsCuda
 from dataset import BuildDataLoader, BuildDataset
 from solo_head import SOLOHead, build_model, mask_intersections
 
@@ -59,12 +62,12 @@ class TestAutocastSettings:
     ])
     def test_bfloat16_only_where_the_gpu_computes_it_natively(self, monkeypatch, capability, expected):
         pretend_gpu(monkeypatch, capability)
-        assert main_train.autocast_settings(torch.device("cuda", 0), True) == expected
-        assert main_train.autocast_settings(torch.device("cuda", 0), False) == (None, False)
+        assert utils.autocast_settings(torch.device("cuda", 0), True) == expected
+        assert utils.autocast_settings(torch.device("cuda", 0), False) == (None, False)
 
     def test_cpu(self):
-        assert main_train.autocast_settings(torch.device("cpu"), True) == (torch.bfloat16, False)
-        assert main_train.autocast_settings(torch.device("cpu"), False) == (None, False)
+        assert utils.autocast_settings(torch.device("cpu"), True) == (torch.bfloat16, False)
+        assert utils.autocast_settings(torch.device("cpu"), False) == (None, False)
 
 
 class TestPrepareDevice:
@@ -74,28 +77,28 @@ class TestPrepareDevice:
         current = []
         monkeypatch.setattr(torch.cuda, "set_device", current.append)
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-        assert main_train.prepare_device("cuda:1", fixed_input_size=True) == torch.device("cuda", 1)
+        assert utils.prepare_device("cuda:1", fixed_input_size=True) == torch.device("cuda", 1)
         assert current == [torch.device("cuda", 1)]
-        assert main_train.prepare_device("cuda", fixed_input_size=True) == torch.device("cuda") and len(current) == 1
+        assert utils.prepare_device("cuda", fixed_input_size=True) == torch.device("cuda") and len(current) == 1
 
     def test_cudnn_times_its_algorithms_only_for_a_fixed_input_size(self, monkeypatch):
         # training and the test split: one size; photos (main_infer --images): one per aspect ratio
         pretend_gpu(monkeypatch, (9, 0))
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-        main_train.prepare_device("cuda", fixed_input_size=True)
+        utils.prepare_device("cuda", fixed_input_size=True)
         assert torch.backends.cudnn.benchmark
-        main_train.prepare_device("cuda", fixed_input_size=False)
+        utils.prepare_device("cuda", fixed_input_size=False)
         assert not torch.backends.cudnn.benchmark
 
     def test_cpu_is_left_as_it_is(self, monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-        assert main_train.prepare_device("cpu", fixed_input_size=True) == torch.device("cpu")
+        assert utils.prepare_device("cpu", fixed_input_size=True) == torch.device("cpu")
         assert not torch.backends.cudnn.benchmark
 
     def test_cuda_asked_for_without_cuda(self, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         with pytest.raises(RuntimeError, match=r"--device cuda:0, but CUDA is not available here: pass --device cpu"):
-            main_train.prepare_device("cuda:0", fixed_input_size=True)
+            utils.prepare_device("cuda:0", fixed_input_size=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,27 +125,26 @@ def cuda_like_group_norm(monkeypatch):
     monkeypatch.setattr(F, "group_norm", group_norm)
 
 
-def one_step(batch, amp_dtype, scaler, clip_grad):
-    """main_train's training step (compute_losses, scaled backward, optimizer_step) on a fresh seeded tiny model:
-    (losses, parameters before, parameters after, optimizer)."""
+def one_step(batch, amp_dtype, scaler, clip_grad, monkeypatch):
+    """engine.train_step with autocast in amp_dtype (None: float32) on a fresh seeded tiny model:
+    ([total, focal, dice] losses, parameters before, parameters after, optimizer)."""
     torch.manual_seed(0)
     model = build_model(TINY_MODEL).train()
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    losses = main_train.compute_losses(model, model.head, batch, torch.device("cpu"), amp_dtype, False, HEIGHT)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(losses[2]).backward()
-    main_train.optimizer_step(optimizer, scaler, params, clip_grad)
+    monkeypatch.setattr(engine, "autocast_settings", lambda device, amp: (amp_dtype, amp_dtype is torch.float16))
+    settings = SimpleNamespace(amp=amp_dtype is not None, input_height=HEIGHT, clip_grad=clip_grad)
+    losses = engine.train_step(model, batch, optimizer, scaler, torch.device("cpu"), settings)  # (3,) float32
     return losses, before, [p.detach() for p in params], optimizer
 
 
-def test_float16_step_with_a_grad_scaler_is_the_float32_step(raw_batch, cuda_like_group_norm):
+def test_float16_step_with_a_grad_scaler_is_the_float32_step(raw_batch, cuda_like_group_norm, monkeypatch):
     # clip_grad 1: clipping is active, so a clip of the scaled gradients (before unscale_) would shrink the step
     # by the scale (65536)
-    losses32, before, after32, _ = one_step(raw_batch, None, torch.amp.GradScaler("cpu", enabled=False), 1.0)
+    losses32, before, after32, _ = one_step(raw_batch, None, torch.amp.GradScaler("cpu", enabled=False), 1.0, monkeypatch)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    losses16, _, after16, _ = one_step(raw_batch, torch.float16, scaler, 1.0)
+    losses16, _, after16, _ = one_step(raw_batch, torch.float16, scaler, 1.0, monkeypatch)
     for value, expected in zip(losses16, losses32):
         assert value.dtype == torch.float32 and torch.isfinite(value)
         torch.testing.assert_close(value, expected, rtol=1e-3, atol=1e-4)
@@ -161,9 +163,9 @@ def test_float16_step_with_a_grad_scaler_is_the_float32_step(raw_batch, cuda_lik
     assert (step(after16) - step32).norm() < 0.2 * step32.norm()
 
 
-def test_a_float16_overflow_skips_the_step_and_backs_off(raw_batch, cuda_like_group_norm):
+def test_a_float16_overflow_skips_the_step_and_backs_off(raw_batch, cuda_like_group_norm, monkeypatch):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # scaled gradients beyond float16's 65504
-    losses, before, after, optimizer = one_step(raw_batch, torch.float16, scaler, 35.0)
+    losses, before, after, optimizer = one_step(raw_batch, torch.float16, scaler, 35.0, monkeypatch)
     assert all(torch.isfinite(v) for v in losses)  # the loss is finite: no NonFiniteLossError, only a skipped step
     assert all(torch.equal(a, b) for a, b in zip(after, before))
     assert not optimizer.state  # no momentum buffer was created
@@ -171,21 +173,11 @@ def test_a_float16_overflow_skips_the_step_and_backs_off(raw_batch, cuda_like_gr
 
 
 # ----------------------------------------------------------------------------------------------------
-# Matrix NMS's float32 intersections (the GPU's product)
+# Matrix NMS's intersections: one product on a GPU, one per class on the CPU
 # ----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def float_intersections(monkeypatch):
-    """mask_intersections as on a GPU: oneDNN unavailable, so the float32 product; the int8 one must not run."""
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-
-    def no_int_mm(*args, **kwargs):
-        raise AssertionError("torch._int_mm called: the float32 branch was not taken")
-    monkeypatch.setattr(torch, "_int_mm", no_int_mm)
-
-
-class TestFloatIntersections:
+class TestIntersections:
     @pytest.mark.parametrize("n", [0, 1, 7, 40])
-    def test_exact_pixel_counts_at_the_stride_4_size(self, float_intersections, n):
+    def test_exact_pixel_counts_at_the_stride_4_size(self, n):
         # 200 x 272: the stride-4 masks of an 800 x 1088 input, as Matrix NMS gets them; full masks included
         g = torch.Generator().manual_seed(n)
         masks = torch.rand(n, 200, 272, generator=g) > torch.rand(n, 1, 1, generator=g)
@@ -197,21 +189,23 @@ class TestFloatIntersections:
             assert out.dtype == torch.float32 and torch.equal(out, expected)
 
     @pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
-    def test_exact_under_autocast(self, float_intersections, amp_dtype):
+    def test_exact_under_autocast(self, amp_dtype):
         masks = torch.rand(12, 200, 272, generator=torch.Generator().manual_seed(0)) > 0.3
+        labels = torch.tensor([1, 2, 3] * 4)
         flat = masks.flatten(1).double()
         with torch.autocast("cpu", dtype=amp_dtype):
-            out = mask_intersections(masks)
-        assert out.dtype == torch.float32 and torch.equal(out, (flat @ flat.T).float())
+            out, per_class = mask_intersections(masks), mask_intersections(masks, labels)
+        assert out.dtype == per_class.dtype == torch.float32 and torch.equal(out, (flat @ flat.T).float())
+        assert torch.equal(per_class, out * (labels[:, None] == labels))
 
-    def test_matrix_nms_equals_the_int8_path(self, monkeypatch):
+    def test_the_gpus_single_product_gives_the_cpus_decayed_scores(self):
         g = torch.Generator().manual_seed(3)
         masks = torch.rand(30, 50, 68, generator=g) > torch.rand(30, 1, 1, generator=g)
         scores = torch.rand(30, generator=g).sort(descending=True).values
         labels = torch.randint(1, 4, (30,), generator=g)
-        int8 = SOLOHead.MatrixNMS(masks, scores, labels)
-        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-        assert torch.equal(SOLOHead.MatrixNMS(masks, scores, labels), int8)
+        per_class = SOLOHead.MatrixNMS(masks, scores, labels)
+        one_product = SOLOHead.MatrixNMS(masks.as_subclass(ReportsCuda), scores, labels).as_subclass(torch.Tensor)
+        assert torch.equal(one_product, per_class)
 
 
 # ----------------------------------------------------------------------------------------------------

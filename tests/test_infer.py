@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import main_infer
-import main_train
-from solo_head import build_model
+from solo_head import SOLO, build_model
 from synthetic import write_synthetic_dataset
+from utils import CheckpointError, load_checkpoint, save_checkpoint
 
 INPUT_HEIGHT = 64  # a multiple of 32: 64 x 85 images padded to 64 x 96
 TINY_MODEL = dict(backbone="resnet18", backbone_weights="none", stacked_convs=1, seg_feat_channels=32,
@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     data_dir, ckpt_dir = root / "data", root / "checkpoints"
     write_synthetic_dataset(str(data_dir), num_images=15, seed=0, workers=1)
     ckpt_dir.mkdir()
-    main_train.save_checkpoint(tiny_checkpoint(data_dir), str(ckpt_dir / "checkpoint.pth"))
+    save_checkpoint(tiny_checkpoint(data_dir), str(ckpt_dir / "checkpoint.pth"))
     return data_dir, ckpt_dir
 
 
@@ -63,9 +63,9 @@ def test_test_split_overlays_map_json_and_pr_curve(setup, tmp_path):
     assert metrics["checkpoint"] == str(ckpt_dir / "checkpoint.pth")
     assert metrics["num_images"] == 3 and metrics["num_gt"] > 0 and metrics["num_detections"] > 0
 
-    values = [metrics[k] for k in ("AP", "AP50", "AP75")]
-    values += [m[k] for m in metrics["per_class"].values() for k in ("AP", "AP50")]
-    assert all(math.isnan(v) or 0 <= v <= 1 for v in values)
+    assert all(0 <= metrics[k] <= 1 for k in ("AP", "AP50", "AP75"))
+    for m in metrics["per_class"].values():  # a number for each class with ground truth, nan for the others
+        assert all(0 <= m[k] <= 1 if m["num_gt"] else math.isnan(m[k]) for k in ("AP", "AP50"))
 
     saved = json.load(open(figures / "map.json"))
     assert KEYS <= set(saved)
@@ -77,13 +77,13 @@ def test_test_split_overlays_map_json_and_pr_curve(setup, tmp_path):
 def test_amp_runs_the_network_in_bfloat16(setup, monkeypatch, tmp_path):
     _, ckpt_dir = setup
     seen = []
-    predict = main_infer.predict
+    infer = SOLO.infer
 
-    def recording_predict(model, img, ori_size, cfgs):
+    def recording_infer(model, img, ori_size, cfg=None):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return predict(model, img, ori_size, cfgs)
+        return infer(model, img, ori_size, cfg)
 
-    monkeypatch.setattr(main_infer, "predict", recording_predict)
+    monkeypatch.setattr(SOLO, "infer", recording_infer)
     metrics = main_infer.main(parse("--checkpoint", str(ckpt_dir / "checkpoint.pth"), "--num-figures", "0",
                                     "--figures-dir", str(tmp_path), "--amp"))
     assert seen and all(seen)
@@ -94,13 +94,13 @@ def test_ground_truth_as_predictions_scores_one(setup, monkeypatch, tmp_path):
     # the mAP ground truth is dataset.get_raw of the test Subset's own indices, in the 300 x 400 frame: an oracle
     # that answers each test image with exactly that ground truth must get AP = 1
     _, ckpt_dir = setup
-    test_set = main_infer.build_test_split(main_train.load_checkpoint(str(ckpt_dir / "checkpoint.pth"))["args"])
+    test_set = main_infer.build_test_split(load_checkpoint(str(ckpt_dir / "checkpoint.pth"))["args"])
     assert len(test_set) == 3 and test_set.dataset.ori_size == (300, 400)
     assert test_set.dataset.input_size == (INPUT_HEIGHT, 96)
     inputs = [test_set[k][0] for k in range(len(test_set))]  # (3, 64, 96) each
     raw = [test_set.dataset.get_raw(i) for i in test_set.indices]
 
-    def oracle(model, img, ori_size, cfgs):
+    def oracle(model, img, ori_size, cfg=None):
         assert tuple(ori_size) == (300, 400)
         scores_list, labels_list, masks_list = [], [], []
         for x in img:
@@ -109,9 +109,9 @@ def test_ground_truth_as_predictions_scores_one(setup, monkeypatch, tmp_path):
             scores_list.append(torch.linspace(1, 0.5, len(labels)))
             labels_list.append(labels)
             masks_list.append(masks.float())
-        return [(scores_list, labels_list, masks_list) for _ in cfgs]
+        return scores_list, labels_list, masks_list
 
-    monkeypatch.setattr(main_infer, "predict", oracle)
+    monkeypatch.setattr(SOLO, "infer", oracle)
     metrics = main_infer.main(parse("--checkpoint", str(ckpt_dir / "checkpoint.pth"), "--num-figures", "0",
                                     "--figures-dir", str(tmp_path)))
     assert metrics["num_gt"] == metrics["num_detections"] == sum(len(r[1]) for r in raw)
@@ -157,7 +157,7 @@ def test_empty_photo_folder_is_a_clear_error(setup, tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     missing = tmp_path / "nope" / "epoch_007.pth"
-    with pytest.raises(main_train.CheckpointError, match=str(missing)):
+    with pytest.raises(CheckpointError, match=str(missing)):
         main_infer.main(parse("--checkpoint", str(missing), "--figures-dir", str(tmp_path)))
 
 

@@ -1,16 +1,18 @@
-"""The training step never makes the host wait for the device (issue 6): forward, the compact targets, the loss,
-backward and the SGD step with gradient clipping queue their kernels without reading a device value back.
+"""The training step never makes the host wait for the device: engine.train_step (forward, the compact targets,
+the loss, backward and the SGD step with gradient clipping) queues its kernels without reading a device value back.
 
 On the CPU nothing waits, so the test watches the operations instead: a TorchDispatchMode records every ATen
 call, and the ones that synchronise on CUDA are flagged: reading a scalar (.item(), bool(t), int(t)), nonzero
 and the boolean-mask indexing built on it (its output size depends on the data), unique, masked_select and
 repeat_interleave without an output size. The only reads allowed are the logged losses, after the step.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from main_train import optimizer_step
+from engine import train_step
 from solo_head import build_model
 
 aten = torch.ops.aten
@@ -64,30 +66,25 @@ def model():
                             num_grids=(12, 10, 8, 6, 4))).train()
 
 
-def training_step(model, img, labels, masks, boxes, compact):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    cate_pred_list, ins_pred_list = model(img)
-    targets = model.head.target(ins_pred_list, boxes, labels, masks, compact=compact)
-    losses = model.head.loss(cate_pred_list, ins_pred_list, *targets)
-    optimizer.zero_grad(set_to_none=True)
-    losses[2].backward()
-    optimizer_step(optimizer, scaler, params, clip_grad=35.0)
-    return losses
+def optimizer(model):
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                           weight_decay=1e-4)
 
 
 def test_training_step_reads_nothing_back_from_the_device(model):
-    img, labels, masks, boxes = batch(0)
+    step_settings = SimpleNamespace(amp=False, input_height=128, clip_grad=35.0)
+    scaler, data, sgd = torch.amp.GradScaler("cpu", enabled=False), batch(0), optimizer(model)
     with SyncRecorder() as recorder:
-        losses = training_step(model, img, labels, masks, boxes, compact=True)
+        losses = train_step(model, data, sgd, scaler, torch.device("cpu"), step_settings)
     assert recorder.syncs == []
-    assert losses[1].item() > 0  # objects were found: the mask loss ran on positive cells
+    assert losses[2].item() > 0  # objects were found: the mask loss ran on positive cells
 
 
 def test_the_recorder_sees_the_handout_form_synchronise(model):
     # the handout's (S^2,) boolean targets need nonzero / boolean indexing: the check above can fail
     img, labels, masks, boxes = batch(0)
     with SyncRecorder() as recorder:
-        training_step(model, img, labels, masks, boxes, compact=False)
+        cate_pred_list, ins_pred_list = model(img)
+        targets = model.head.target(ins_pred_list, boxes, labels, masks)
+        model.head.loss(cate_pred_list, ins_pred_list, *targets)[2].backward()
     assert any("nonzero" in s or "boolean" in s for s in recorder.syncs)

@@ -43,9 +43,10 @@ class TestForward:
     @pytest.mark.parametrize("height, width", [(128, 160), (256, 352)])
     def test_output_shapes_and_ranges(self, height, width):
         """Training: cate (bz, C-1, S, S), ins (bz, S^2, 2H_f, 2W_f) with the NewFPN sizes H/8, H/8, H/16, H/32,
-        H/32, i.e. ins at (H/4, W/4), (H/4, W/4), (H/8, W/8), (H/16, W/16), (H/16, W/16). eval=True: cate
-        (bz, S, S, C-1) = points_nms of the training output, channels last; ins (bz, S^2, H/4, W/4) at every level.
-        Both are probabilities: training outputs strictly inside (0, 1). The sizes do not depend on the
+        H/32, i.e. ins at (H/4, W/4), (H/4, W/4), (H/8, W/8), (H/16, W/16), (H/16, W/16), probabilities strictly
+        inside (0, 1). eval=True: cate (bz, S, S, C-1) = points_nms of the training output, channels last; ins
+        (bz, c, H_f, W_f), the mask features, of which cell_masks makes any cell's mask at (H/4, W/4): for all S^2
+        cells of levels 0 and 1 (already at H/4) they are the training masks. The sizes do not depend on the
         channel width, so a 32-channel head keeps this fast (the 256-channel layout is tested below)."""
         bz = 2
         torch.manual_seed(0)
@@ -60,14 +61,16 @@ class TestForward:
             assert cate[level].shape == (bz, 3, s, s)
             assert ins[level].shape == (bz, s * s, *size)
             assert cate_ev[level].shape == (bz, s, s, 3)
-            assert ins_ev[level].shape == (bz, s * s, height // 4, width // 4)
+            assert ins_ev[level].shape == (bz, 32, *(v // 2 for v in size))
             for p in (cate[level], ins[level]):
                 assert (p > 0).all() and (p < 1).all()
-            assert (cate_ev[level] >= 0).all() and (cate_ev[level] < 1).all() and (ins_ev[level] > 0).all()
+            assert (cate_ev[level] >= 0).all() and (cate_ev[level] < 1).all()
             torch.testing.assert_close(cate_ev[level], SOLOHead.points_nms(cate[level]).permute(0, 2, 3, 1))
-        # levels 0 and 1 are already at H/4 x W/4 in training: eval gives the same masks there
-        torch.testing.assert_close(ins_ev[0], ins[0])
-        torch.testing.assert_close(ins_ev[1], ins[1])
+        for b in range(bz):
+            masks = head.cell_masks([level[b] for level in ins_ev], torch.arange(sum(s * s for s in NUM_GRIDS)))
+            assert masks.shape == (sum(s * s for s in NUM_GRIDS), height // 4, width // 4)
+            torch.testing.assert_close(masks[:NUM_GRIDS[0] ** 2], ins[0][b])
+            torch.testing.assert_close(masks[NUM_GRIDS[0] ** 2:sum(s * s for s in NUM_GRIDS[:2])], ins[1][b])
 
     def test_branch_inputs(self, head):
         """The mask tower's first conv sees the NewFPN level then the coordinate channels x, y (256 + 2); the
@@ -89,6 +92,36 @@ class TestForward:
             torch.testing.assert_close(ins_in[:, :256], new_fpn[level])
             torch.testing.assert_close(ins_in[:, 256:], coord_feat(new_fpn[level]))
             assert cate_in.shape == (1, 256, s, s)
+
+
+def test_cell_masks_follow_the_authors_upsampling_order(head):
+    """A cell's mask at inference (handout-notes 11, 17), as the authors compute it for all S^2 cells: the mask
+    features upsampled x2, the level's 1x1 conv, the sigmoid, then the probabilities resized to (H/4, W/4).
+    cell_masks computes the chosen channels only, at the feature resolution before the x2 upsampling (the two
+    commute): the same masks up to float rounding. Upsampling the logits straight to H/4 and then taking the
+    sigmoid differs (levels 2-4 are below stride 8)."""
+    torch.manual_seed(0)
+    small = SOLOHead(num_classes=4, in_channels=32, seg_feat_channels=32, stacked_convs=1, init="xavier").eval()
+    feats = fpn_maps(128, 160, bz=1, channels=32)
+    with torch.no_grad():
+        _, ins_feats = small(feats, eval=True)
+        feats_img = [f[0] for f in ins_feats]
+        cells = torch.tensor([5, 300, 1600 + 1296 + 3, 1600 + 1296 + 576 + 255, 3871])  # levels 0, 0, 2, 3, 4
+        got = small.cell_masks(feats_img, cells)
+        starts = [0, 1600, 1600 + 1296, 1600 + 1296 + 576, 1600 + 1296 + 576 + 256]
+        want, straight = [], []
+        for cell in cells.tolist():
+            level = max(i for i, s in enumerate(starts) if cell >= s)
+            up = F.interpolate(feats_img[level][None], scale_factor=2, mode="bilinear", align_corners=False)
+            logits = small.ins_out_list[level](up)[0, cell - starts[level]]  # (2H_f, 2W_f)
+            want.append(F.interpolate(logits.sigmoid()[None, None], size=(32, 40), mode="bilinear",
+                                      align_corners=False)[0, 0])
+            direct = small.ins_out_list[level](feats_img[level][None])[:, cell - starts[level]][None]
+            straight.append(F.interpolate(direct, size=(32, 40), mode="bilinear", align_corners=False)[0, 0].sigmoid())
+    assert got.shape == (5, 32, 40)
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+    assert (got[2:] - torch.stack(straight)[2:]).abs().max() > 1e-3  # the other order is not the same
+    assert small.cell_masks(feats_img, torch.zeros(0, dtype=torch.long)).shape == (0, 32, 40)
 
 
 # ---------------------------------------------------------------- NewFPN (6.2, note 10)
@@ -289,11 +322,12 @@ class TestSOLO:
         assert not model.backbone.training and not model.head.training
 
     def test_eval_output_shapes(self):
+        """forward(eval=True): the category maps and each level's mask features (strides 8, 8, 16, 32, 32)."""
         model = small_model(trainable=False).eval()
         with torch.no_grad():
             cate, ins = model(torch.randn(1, 3, 64, 96), eval=True)
         assert [tuple(c.shape) for c in cate] == [(1, s, s, 3) for s in NUM_GRIDS]
-        assert all(tuple(i.shape) == (1, s * s, 16, 24) for i, s in zip(ins, NUM_GRIDS))
+        assert [tuple(i.shape) for i in ins] == [(1, 32, 8, 12)] * 2 + [(1, 32, 4, 6)] + [(1, 32, 2, 3)] * 2
 
 
 # ---------------------------------------------------------------- mixed precision (main_train.py --amp)

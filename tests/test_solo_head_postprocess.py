@@ -3,7 +3,8 @@
 MatrixNMS (SOLOv2 eq. 4, one pass): mask j's score is multiplied by
     decay_j = min over higher-scored masks i (of j's class, or all with labels=None) of f(iou_ij) / f(cmax_i),
     cmax_i = max IoU of mask i with the masks scored above it, f(x) = 1 - x (linear) or exp(-sigma x^2) (gauss).
-PostProcess: candidates are (cell, class) entries above cate_thresh; masks whose area (pixels > 0.5 at H/4) is
+PostProcess: candidates are (cell, class) entries above cate_thresh; their masks come from cell_masks (below a
+    head that reads them from hand-made (S^2, H/4, W/4) maps); masks whose area (pixels > 0.5 at H/4) is
     not larger than the level's stride are dropped; score *= mean of the mask probabilities above 0.5; sort,
     MatrixNMS, keep decayed scores >= update_thresh, keep_instance best; masks resized to the padded input, the
     padding cropped, resized to the original frame and thresholded at 0.5.
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import solo_head
+from conftest import ReportsCuda
 from solo_head import (CLASS_COLORS, POSTPROCESS_HANDOUT, POSTPROCESS_MAP, SOLOHead, mask_intersections,
                        resize_matrix)
 
@@ -188,9 +190,17 @@ ORI = (192, 256)  # original frame; input pixel = 4/3 original pixel, quarter pi
 INSIDE, OUTSIDE = 0.97, 0.02  # near-binary mask probabilities; maskness of such a mask is 0.97
 
 
+class GivenMasksHead(SOLOHead):
+    """PostProcess with hand-made masks: ins_pred_list holds each level's (bz, S^2, H/4, W/4) mask probabilities,
+    and a cell's mask is read off them instead of being computed from mask features."""
+
+    def cell_masks(self, ins_pred_img, cell):
+        return torch.cat(ins_pred_img)[cell]
+
+
 @pytest.fixture(scope="module")
 def head():
-    return SOLOHead(num_grids=GRIDS, seg_feat_channels=32, stacked_convs=1)
+    return GivenMasksHead(num_grids=GRIDS, seg_feat_channels=32, stacked_convs=1)
 
 
 def quarter_rect(top, left, h, w, inside=INSIDE, outside=OUTSIDE):
@@ -207,7 +217,8 @@ def ori_rect(top, left, h, w):
 
 def eval_preds(objects_per_image, cate_background=0.01):
     """objects_per_image: per image a list of (level, i, j, label, cate score, quarter mask (64, 88)).
-    Returns cate_pred_list [(bz, S, S, C-1)] and ins_pred_list [(bz, S^2, 64, 88)] as forward(eval=True) does."""
+    Returns cate_pred_list [(bz, S, S, C-1)] as forward(eval=True) does, and ins_pred_list [(bz, S^2, 64, 88)]
+    the masks GivenMasksHead reads."""
     bz = len(objects_per_image)
     cate = [torch.full((bz, s, s, 3), cate_background) for s in GRIDS]
     ins = [torch.full((bz, s * s, *QUARTER), OUTSIDE) for s in GRIDS]
@@ -328,41 +339,88 @@ class TestPostProcess:
         assert iou(masks[1][1], EXPECTED[3]) > 0.95
 
 
-# ------------------------------------------------------------------ plots
+# ------------------------------------------------------------------ plots: what the pictures show
 
 
-def png_ok(path):
-    return os.path.isfile(path) and os.path.getsize(path) > 0 and path.endswith(".png")
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plots save, kept for inspection (saving closes them; their artists stay readable)."""
+    saved, real_save = [], SOLOHead._save
+
+    def save(fig, path):
+        saved.append(fig)
+        return real_save(fig, path)
+    monkeypatch.setattr(SOLOHead, "_save", staticmethod(save))
+    return saved
+
+
+def rgb(color):
+    return torch.tensor(solo_head._rgb(color))
 
 
 @pytest.mark.parametrize("color_list", [HANDOUT_COLORS, list(CLASS_COLORS)], ids=["handout", "rgb"])
 class TestPlots:
-    def test_plot_gt(self, head, tmp_path, color_list):
-        torch.manual_seed(0)
-        img = torch.randn(1, 3, *INPUT)  # normalised input
+    def test_plot_gt_one_panel_per_level_with_the_positive_masks_in_the_class_colour(self, head, tmp_path,
+                                                                                     color_list, figures):
+        img = torch.zeros(1, 3, *INPUT)  # normalised input 0: the ImageNet mean colour once denormalised
         masks = torch.zeros(2, *INPUT)
         masks[0, 40:140, 60:200], masks[1, 150:180, 250:290] = 1, 1
-        bbox = torch.tensor([[60.0, 40, 200, 140], [250, 150, 290, 180]])
+        bbox = torch.tensor([[60.0, 40, 200, 140], [250, 150, 290, 180]])  # sqrt(wh) 118 and 35 at 256 px
         sizes = [(64, 88), (64, 88), (32, 44), (16, 22), (16, 22)]  # 2H_f x 2W_f at strides 8, 8, 16, 32, 32
         ins_pred_list = [torch.zeros(1, s * s, *size) for s, size in zip(GRIDS, sizes)]
         targets = head.target(ins_pred_list, [bbox], [torch.tensor([2, 1])], [masks])
         paths = head.PlotGT(*targets, color_list, img, save_prefix=str(tmp_path / "gt"))
-        assert len(paths) == 1 and png_ok(paths[0])
+        assert paths == [str(tmp_path / "gt_0.png")] and os.path.getsize(paths[0]) > 0
+        (fig,) = figures
+        assert len(fig.axes) == len(GRIDS)
+        mean = solo_head.denormalize(img)[0, :, 0, 0]
+        for level, ax in enumerate(fig.axes):
+            positives = int(targets[1][0][level].sum())
+            assert ax.get_title() == f"level {level}: S={GRIDS[level]}, {positives} positive cells"
+            shown = torch.tensor(ax.images[0].get_array())  # (H, W, 3) the overlay
+            person = torch.isclose(shown, 0.5 * mean + 0.5 * rgb(color_list[1]), atol=1e-4).all(-1)
+            vehicle = torch.isclose(shown, 0.5 * mean + 0.5 * rgb(color_list[0]), atol=1e-4).all(-1)
+            has_person = targets[2][0][level].eq(2).any().item()  # the large object, label 2
+            has_vehicle = targets[2][0][level].eq(1).any().item()
+            assert person[90, 130].item() == has_person and vehicle[165, 270].item() == has_vehicle
+            assert not (person | vehicle)[5, 5]  # the background is the image
+        assert sum(int(targets[1][0][level].sum()) for level in range(len(GRIDS))) > 0
 
-    def test_plot_infer(self, head, tmp_path, color_list):
+    def test_plot_infer_draws_each_kept_mask_in_its_class_colour_with_name_and_score(self, head, tmp_path,
+                                                                                     color_list, figures):
         cate, ins = eval_preds([[OBJ_A, OBJ_B, OBJ_C], []])
         results = head.PostProcess(ins, cate, ORI)
-        img = torch.randint(0, 256, (2, 3, *ORI), dtype=torch.uint8)
+        img = torch.full((2, 3, *ORI), 128, dtype=torch.uint8)  # grey 128 / 255
         paths = head.PlotInfer(*results, color_list, img, save_prefix=str(tmp_path / "infer"))
-        assert len(paths) == 2 and all(png_ok(p) for p in paths)  # the second image has no detection
+        assert paths == [str(tmp_path / "infer_0.png"), str(tmp_path / "infer_1.png")]
+        grey = 128 / 255
+        shown = torch.tensor(figures[0].axes[0].images[0].get_array())  # (ori_H, ori_W, 3)
+        for label, mask in zip(results[1][0].tolist(), results[2][0]):
+            blend = 0.5 * grey + 0.5 * rgb(color_list[label - 1])
+            assert torch.isclose(shown[mask.bool()], blend, atol=1e-4).all(), f"label {label}"
+        background = results[2][0].sum(0) == 0
+        assert torch.isclose(shown[background], torch.tensor(grey), atol=1e-4).all()
+        texts = sorted(t.get_text() for t in figures[0].axes[0].texts)
+        assert texts == sorted(f"{solo_head.CLASS_NAMES[label - 1]} {score:.2f}"
+                               for score, label in zip(results[0][0].tolist(), results[1][0].tolist()))
+        assert len(texts) == 3
+        # the second image has no detection: the picture is the image alone, without labels
+        assert not figures[1].axes[0].texts
+        assert torch.isclose(torch.tensor(figures[1].axes[0].images[0].get_array()), torch.tensor(grey),
+                             atol=1e-4).all()
 
-    def test_plot_infer_with_empty_mask(self, head, tmp_path, color_list):
+    def test_plot_infer_leaves_out_a_detection_below_the_score_threshold_or_without_pixels(self, head, tmp_path,
+                                                                                           color_list, figures):
         # a kept detection whose mask is empty in the original frame (e.g. predicted inside the padding only)
-        masks = torch.zeros(2, *ORI)
+        masks = torch.zeros(3, *ORI)
         masks[0, 10:50, 10:50] = 1
-        paths = head.PlotInfer([torch.tensor([0.9, 0.8])], [torch.tensor([1, 2])], [masks], color_list,
-                               torch.rand(1, 3, *ORI), save_prefix=str(tmp_path / "infer"))
-        assert png_ok(paths[0])
+        masks[2, 100:120, 100:120] = 1
+        head.PlotInfer([torch.tensor([0.9, 0.8, 0.2])], [torch.tensor([1, 2, 3])], [masks], color_list,
+                       torch.full((1, 3, *ORI), 0.5), save_prefix=str(tmp_path / "infer"), score_thresh=0.3)
+        ax = figures[0].axes[0]
+        assert [t.get_text() for t in ax.texts] == ["vehicle 0.90"]
+        shown = torch.tensor(ax.images[0].get_array())
+        assert torch.isclose(shown[110, 110], torch.tensor(0.5), atol=1e-4).all()  # 0.2 < 0.3: not drawn
 
 
 # ------------------------------------------------------------------ candidate-first inference
@@ -404,8 +462,7 @@ class TestMasksToOriginal:
         assert torch.equal(out, SOLOHead._masks_to_original(masks, ORI))
 
     def test_edges_corners_single_pixels_and_empty_masks(self):
-        # the CPU path resizes each mask only around its pixels above 0.5: objects at the borders, a lone
-        # pixel, a mask with no pixel above 0.5 and one with every pixel above it
+        # objects at the borders, a lone pixel, a mask with no pixel above 0.5 and one with every pixel above it
         masks = torch.full((7, *QUARTER), 0.1)
         masks[0, 0, 0] = masks[1, -1, -1] = masks[2, 0, -1] = masks[3, 30, 40] = 0.95
         masks[4, :, 80:] = 0.9  # against the right edge, partly in the padding
@@ -414,143 +471,73 @@ class TestMasksToOriginal:
         assert torch.equal(out, (reference_masks_to_original(masks, ORI) > 0.5).float())
         assert not out[5].any() and out[6].all() and out[0, 0, 0] == 1 and out[3].sum() > 0
 
+    def test_no_mask(self):
+        assert SOLOHead._masks_to_original(torch.zeros(0, *QUARTER), ORI).shape == (0, *ORI)
 
-# ------------------------------------------------------------------ the GPU's _masks_to_original, run on the CPU
+    def test_the_resize_matrices_are_built_on_the_masks_device(self, monkeypatch):
+        devices, real = [], solo_head.resize_matrix
 
-
-class ReportsCuda(torch.Tensor):
-    """A CPU tensor whose .device says cuda:0, so that code branching on the device type takes its GPU branch;
-    the arithmetic still runs on the CPU."""
-
-    @property
-    def device(self):
-        return torch.device("cuda", 0)
-
-
-@pytest.fixture
-def batched_branch(monkeypatch):
-    """SOLOHead._masks_to_original as on a GPU, on the CPU: the masks report cuda:0, resize_matrix builds on the
-    CPU whatever device it is given (and records it), and the CPU path's box search must not run for them."""
-    devices = []
-    real_resize_matrix = solo_head.resize_matrix
-
-    def resize_matrix(size_in, size_up, crop, size_out, device=None):
-        devices.append(device)
-        return real_resize_matrix(size_in, size_up, crop, size_out)
-
-    real_reads, batched = solo_head._reads, []
-
-    def reads(matrix):
-        assert not batched, "the CPU path ran"
-        return real_reads(matrix)
-    monkeypatch.setattr(solo_head, "resize_matrix", resize_matrix)
-    monkeypatch.setattr(solo_head, "_reads", reads)
-
-    def run(masks, ori_size):
-        batched.append(True)
-        try:
-            out = SOLOHead._masks_to_original(masks.as_subclass(ReportsCuda), ori_size)
-        finally:
-            batched.pop()
-        return out.as_subclass(torch.Tensor)
-    run.devices = devices
-    return run
-
-
-class TestBatchedMasksToOriginal:
-
-    def test_equals_the_cpu_path_and_the_three_steps(self, batched_branch):
-        torch.manual_seed(1)
-        masks = F.interpolate(torch.rand(1, 10, 6, 8), size=QUARTER, mode="bilinear")[0]  # smooth, many edges
-        masks[0] = 0.1  # no pixel above 0.5
-        masks[1, :, -10:] = 0.9  # against the right edge, partly in the padding
-        cpu = SOLOHead._masks_to_original(masks, ORI)
-        out = batched_branch(masks, ORI)
-        assert out.shape == (10, *ORI) and out.dtype == torch.float32
-        reference = reference_masks_to_original(masks, ORI)
-        differ = (out != cpu) | (out != (reference > 0.5).float())
-        assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
-        assert differ.sum() <= 2 and not out[0].any() and out[1].any()
-
-    def test_the_resize_matrices_are_built_on_the_masks_device(self, batched_branch):
-        batched_branch(torch.rand(2, *QUARTER), ORI)
-        assert batched_branch.devices == [torch.device("cuda", 0)] * 2
-
-    def test_no_mask(self, batched_branch):
-        assert batched_branch(torch.zeros(0, *QUARTER), ORI).shape == (0, *ORI)
-
-    def test_float32_under_autocast(self, batched_branch):
-        masks = F.interpolate(torch.rand(1, 4, 6, 8, generator=torch.Generator().manual_seed(2)), size=QUARTER,
-                              mode="bilinear")[0]
-        expected = batched_branch(masks, ORI)
-        with torch.autocast("cpu", dtype=torch.float16):
-            assert torch.equal(batched_branch(masks, ORI), expected)
+        def resize_matrix(size_in, size_up, crop, size_out, device=None):
+            devices.append(device)
+            return real(size_in, size_up, crop, size_out)  # on the CPU, whatever the masks report
+        monkeypatch.setattr(solo_head, "resize_matrix", resize_matrix)
+        SOLOHead._masks_to_original(torch.rand(2, *QUARTER).as_subclass(ReportsCuda), ORI)
+        assert devices == [torch.device("cuda", 0)] * 2
 
 
 @pytest.fixture(scope="module")
-def head_with_candidates():
-    """A small head with xavier weights and a category bias that puts about 100 (cell, class) pairs of a
-    random input above POSTPROCESS_MAP's threshold, with masks large enough to survive the area filter."""
+def model_with_candidates():
+    """A small SOLO with xavier weights and a category bias that puts about 100 (cell, class) pairs of a random
+    input above POSTPROCESS_MAP's threshold, with masks large enough to survive the area filter."""
+    from solo_head import build_model
+
     torch.manual_seed(0)
-    head = SOLOHead(num_grids=GRIDS, seg_feat_channels=32, stacked_convs=1, init="xavier").eval()
-    torch.nn.init.constant_(head.cate_out.bias, -2.5)
-    feats = [torch.randn(2, 256, INPUT[0] // s, INPUT[1] // s) for s in (4, 8, 16, 32, 64)]
-    return head, feats
+    model = build_model(dict(backbone="resnet18", backbone_weights="none", seg_feat_channels=32,
+                             stacked_convs=1, num_grids=GRIDS, init="xavier")).eval()
+    torch.nn.init.constant_(model.head.cate_out.bias, -2.5)
+    return model, torch.randn(2, 3, *INPUT)
 
 
-def assert_same_detections(fast, dense, b):
-    """Image b's detections equal up to float rounding: the k-channel and the S^2-channel 1x1 convolutions may
-    sum in another order (oneDNN picks kernels by shape), which can move a score by an ulp or flip a mask pixel
-    whose value is 0.5 to within rounding."""
-    torch.testing.assert_close(fast[0][b], dense[0][b])
-    assert torch.equal(fast[1][b], dense[1][b]) and fast[2][b].shape == dense[2][b].shape
-    assert (fast[2][b] != dense[2][b]).float().mean() < 1e-4
-
-
-class TestCandidateFirst:
-    """PostProcessFeat computes only the candidate cells' masks; the results equal PostProcess on forward's
-    S^2 masks (up to float rounding)."""
+class TestInfer:
+    """SOLO.infer = forward(eval=True) + PostProcess, the masks of the candidate cells computed by cell_masks."""
 
     @pytest.mark.parametrize("post_cfg", [POSTPROCESS_MAP, POSTPROCESS_HANDOUT], ids=["map", "handout"])
-    def test_same_detections_as_the_dense_path(self, head_with_candidates, post_cfg):
-        head, feats = head_with_candidates
+    def test_detections_are_sorted_binary_masks_in_the_original_frame(self, model_with_candidates, post_cfg):
+        model, img = model_with_candidates
         with torch.no_grad():
-            cate, ins = head(feats, eval=True)  # [(2, S, S, 3)], [(2, S^2, 64, 88)]
-            cate_f, ins_feats = head.forward_features(feats)  # [(2, S, S, 3)], [(2, 32, H_f, W_f)]
-            dense = head.PostProcess(ins, cate, ORI, cfg=post_cfg)
-            fast = head.PostProcessFeat(ins_feats, cate_f, ORI, cfg=post_cfg)
-        assert [f.shape for f in ins_feats] == [(2, 32, 32, 44)] * 2 + [(2, 32, 16, 22)] + [(2, 32, 8, 11)] * 2
-        for c, c_f in zip(cate, cate_f):
-            assert torch.equal(c, c_f)
+            cate, _ = model(img, eval=True)
         assert sum(int((c > post_cfg["cate_thresh"]).sum()) for c in cate) > 50  # a real workload
+        scores, labels, masks = model.infer(img, ORI, cfg=post_cfg)
         for b in range(2):
-            assert len(dense[0][b]) >= 3
-            assert_same_detections(fast, dense, b)
+            assert 3 <= len(scores[b]) <= post_cfg["keep_instance"]
+            assert (scores[b][:-1] >= scores[b][1:]).all() and (scores[b] >= post_cfg["update_thresh"]).all()
+            assert labels[b].dtype == torch.int64 and set(labels[b].tolist()) <= {1, 2, 3}
+            assert masks[b].shape == (len(scores[b]), *ORI) and set(masks[b].unique().tolist()) <= {0.0, 1.0}
+            assert masks[b].flatten(1).any(1).all()
 
-    def test_no_candidate_gives_empty_tensors(self, head_with_candidates):
-        head, feats = head_with_candidates
+    def test_the_candidates_masks_are_those_of_every_cell(self, model_with_candidates):
+        """PostProcess computes the masks of the candidate cells only; post-processing every cell's mask (a
+        GivenMasksHead fed all S^2 masks of each level) gives the same detections, up to float rounding (a
+        k-channel and an S^2-channel 1x1 convolution may sum in another order)."""
+        model, img = model_with_candidates
+        dense_head = GivenMasksHead(num_grids=GRIDS, seg_feat_channels=32, stacked_convs=1)
         with torch.no_grad():
-            cate, ins_feats = head.forward_features(feats)
-            scores, labels, masks = head.PostProcessFeat(ins_feats, cate, ORI, cfg={**POSTPROCESS_MAP,
-                                                                                   "cate_thresh": 1.0})
+            cate, feats = model(img, eval=True)
+            starts = [0] + [sum(s * s for s in GRIDS[:i + 1]) for i in range(len(GRIDS))]
+            every = [torch.stack([model.head.cell_masks([f[b] for f in feats], torch.arange(sum(s * s for s in GRIDS)))
+                                  for b in range(2)])[:, starts[level]:starts[level + 1]] for level in range(5)]
+            dense = dense_head.PostProcess(every, cate, ORI, cfg=POSTPROCESS_MAP)
+            fast = model.head.PostProcess(feats, cate, ORI, cfg=POSTPROCESS_MAP)
+        for b in range(2):
+            torch.testing.assert_close(fast[0][b], dense[0][b])
+            assert torch.equal(fast[1][b], dense[1][b]) and fast[2][b].shape == dense[2][b].shape
+            assert (fast[2][b] != dense[2][b]).float().mean() < 1e-4
+
+    def test_no_candidate_gives_empty_tensors(self, model_with_candidates):
+        model, img = model_with_candidates
+        scores, labels, masks = model.infer(img, ORI, cfg={**POSTPROCESS_MAP, "cate_thresh": 1.0})
         assert [s.shape for s in scores] == [(0,), (0,)] and [m.shape for m in masks] == [(0, *ORI)] * 2
         assert labels[0].dtype == torch.int64
-
-    def test_solo_infer_equals_forward_eval_then_postprocess(self):
-        from solo_head import build_model
-
-        torch.manual_seed(0)
-        model = build_model(dict(backbone="resnet18", backbone_weights="none", seg_feat_channels=32,
-                                 stacked_convs=1, num_grids=GRIDS, init="xavier")).eval()
-        torch.nn.init.constant_(model.head.cate_out.bias, -2.5)
-        img = torch.randn(2, 3, *INPUT)
-        with torch.no_grad():
-            cate, ins = model(img, eval=True)
-            dense = model.head.PostProcess(ins, cate, ORI, cfg=POSTPROCESS_MAP)
-        fast = model.infer(img, ORI, cfg=POSTPROCESS_MAP)
-        assert sum(len(s) for s in dense[0]) > 0
-        for b in range(2):
-            assert_same_detections(fast, dense, b)
 
 
 class TestMaskIntersections:
@@ -562,3 +549,13 @@ class TestMaskIntersections:
         expected = (flat @ flat.T).float()  # float64 sums: exact
         assert torch.equal(mask_intersections(masks), expected)
         assert torch.equal(mask_intersections(masks.float()), expected)  # {0, 1} floats as well as bools
+
+    @pytest.mark.parametrize("n", [0, 1, 40])
+    def test_with_labels_only_pairs_of_one_label(self, n):
+        """Class-wise Matrix NMS reads only the pairs of one class: with labels the other entries are 0."""
+        torch.manual_seed(n)
+        masks = torch.rand(n, 30, 44) > torch.rand(n, 1, 1)
+        labels = torch.randint(1, 4, (n,))
+        flat = masks.flatten(1).double()
+        expected = ((flat @ flat.T) * (labels[:, None] == labels[None, :])).float()
+        assert torch.equal(mask_intersections(masks, labels), expected)

@@ -75,6 +75,12 @@ def run_target(head, height, width, boxes, labels, masks):
     return ins[0], ind[0], cate[0]
 
 
+def run_target_compact(head, height, width, boxes, labels, masks):
+    """One image through target(..., compact=True): its (slot masks, slot cells, cate_gts) over levels."""
+    ins, ind, cate = head.target(fake_ins_preds(height, width), [boxes], [labels], [masks], compact=True)
+    return ins[0], ind[0], cate[0]
+
+
 def resize_mask(mask, size):
     """Note 9: bilinear (align_corners False) to the level's size, then >= 0.5, as uint8."""
     return (F.interpolate(mask[None, None].float(), size=size, mode="bilinear",
@@ -572,12 +578,18 @@ class TestBatch:
         both = scene(height, width, [(big, big_box, 1), (small, small_box, 2)])
         assert positives(*both) < positives(*scenes[3]) + positives(*scenes[5])
 
-    def test_target_single_img_is_the_handouts_per_image_call(self, head):
-        boxes, labels, masks = random_scene(1, 256, 352)
-        ins, cate, ind = head.target_single_img(boxes, labels, masks, level_sizes(256, 352))  # the handout's order
-        want = run_target(head, 256, 352, boxes, labels, masks)
-        for got, expected in zip((ins, ind, cate), want):
-            assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    def test_target_single_img_gives_one_images_slots_in_the_handouts_order(self, head):
+        """target_single_img(boxes, labels, masks, featmap_sizes) of one image returns, in the handout's order,
+        ins_label_list, cate_label_list, ins_ind_label_list: its slots, the (1, S, S) categories and the slots'
+        channels, which are target's compact form of that image."""
+        boxes, labels, masks = random_scene(2, 256, 352)
+        assert len(boxes) > 0
+        ins, cate, ind = head.target_single_img(boxes, labels, masks, level_sizes(256, 352))
+        want_ins, want_ind, want_cate = run_target_compact(head, 256, 352, boxes, labels, masks)
+        for level in range(5):
+            assert torch.equal(ins[level], want_ins[level]) and torch.equal(ind[level], want_ind[level])
+            assert cate[level].shape == (1, NUM_GRIDS[level], NUM_GRIDS[level])
+            assert torch.equal(cate[level][0], want_cate[level])
 
     def test_images_of_different_sizes_are_refused(self, head):
         a = scene(256, 352, [rect_object(256, 352, 10, 60, 10, 60) + (1,)])

@@ -1,17 +1,16 @@
-"""Specification of main_train.py and resume_train.py: outputs of a run, exact resume, atomic checkpoints, clear
-checkpoint errors, stopping on a non-finite loss, the lr schedule, a 2-process DistributedDataParallel run, and the
-performance flags (--channels-last, --compile, one host-device sync per training step).
+"""Specification of main_train.py and resume_train.py: the outputs of a run, exact resume with the stored settings,
+atomic checkpoints, clear checkpoint errors, stopping on a non-finite loss, the lr schedule, the --demo preset, a
+2-process DistributedDataParallel run, and one host-device synchronisation per training step.
 
 Everything runs on the CPU with a tiny model (ResNet-18 FPN with random weights, one conv per tower, 32 channels,
-small grids) on 10 synthetic images at 64x96 (8 train, 2 test images), batch 1, 2 iterations per epoch; the
---compile test uses the --demo model. One CUDA-only test (skipped without a GPU) checks the host-device syncs.
+small grids) on 3 synthetic images at 64x96 (2 train, 1 test image), batch 1: 2 iterations per epoch. One
+CUDA-only test (skipped without a GPU) checks the host-device synchronisations.
 """
 import math
 import os
 import re
 import subprocess
 import sys
-import time
 import traceback
 import warnings
 
@@ -20,30 +19,37 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import engine
 import main_train
 import resume_train
-from main_train import CHECKPOINT_KEYS, CheckpointError, NonFiniteLossError, latest_checkpoint, load_checkpoint
+import utils
+from engine import NonFiniteLossError
 from solo_head import SOLOHead, build_model
 from synthetic import write_synthetic_dataset
+from utils import CHECKPOINT_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--backbone", "resnet18", "--backbone-weights", "none", "--stacked-convs", "1",
               "--seg-feat-channels", "32", "--num-grids", "8", "6", "4", "3", "2"]
 TINY = TINY_MODEL + ["--input-height", "64", "--batch-size", "1", "--log-every", "1", "--device", "cpu", "--hflip"]
-TWO_ITERS = ["--limit-images", "2"]  # 2 train images of the 8, batch 1: 2 iterations per epoch
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(str(directory), num_images=10, seed=0)
+    write_synthetic_dataset(str(directory), num_images=3, seed=0, workers=1)  # 2 train, 1 test image
     return str(directory)
 
 
 def train_args(data_dir, run_dir, *extra):
-    return main_train.get_args_parser().parse_args(
-        TINY + TWO_ITERS + ["--data-dir", data_dir, "--output-dir", str(run_dir / "ckpt"),
-                            "--figures-dir", str(run_dir / "fig"), *map(str, extra)])
+    return main_train.parse_args(TINY + ["--data-dir", data_dir, "--output-dir", str(run_dir), *map(str, extra)])
+
+
+def resume(*argv):
+    """What `python resume_train.py ARGV` runs: main_train.py with the command resume_train.py builds."""
+    command = resume_train.resume_command(list(argv))
+    assert command[0] == resume_train.MAIN_TRAIN
+    return main_train.main(main_train.parse_args(command[1:]))
 
 
 @pytest.fixture(scope="module")
@@ -63,29 +69,28 @@ def read_csv(path):
 class TestTinyRun:
     def test_files_are_written(self, straight_run):
         run_dir, summary = straight_run
-        ckpt = run_dir / "ckpt"
-        assert sorted(os.listdir(ckpt)) == ["checkpoint.pth", "epoch_000.pth", "epoch_001.pth", "losses.csv",
-                                            "test_losses.csv"]
-        assert summary["checkpoint"] == str(ckpt / "checkpoint.pth") and summary["epoch"] == 1
-        with open(run_dir / "fig" / "loss_curve.png", "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert sorted(os.listdir(run_dir)) == ["checkpoint.pth", "epoch_000.pth", "epoch_001.pth", "loss_curve.png",
+                                               "losses.csv", "test_losses.csv"]
+        assert summary["checkpoint"] == str(run_dir / "checkpoint.pth") and summary["epoch"] == 1
+        # the rolling checkpoint is the newest epoch's file, not a second copy of it
+        assert os.path.samefile(run_dir / "checkpoint.pth", run_dir / "epoch_001.pth")
 
     def test_losses_csv_has_a_row_per_logged_iteration(self, straight_run):
         run_dir, _ = straight_run
-        rows = read_csv(run_dir / "ckpt" / "losses.csv")
+        rows = read_csv(run_dir / "losses.csv")
         assert rows[0] == ["iteration", "total_loss", "focal_loss", "dice_loss"]
         assert [int(r[0]) for r in rows[1:]] == [1, 2, 3, 4]  # --log-every 1, 2 epochs of 2 iterations
-        test_rows = read_csv(run_dir / "ckpt" / "test_losses.csv")
+        test_rows = read_csv(run_dir / "test_losses.csv")
         assert test_rows[0] == ["epoch", "total_loss", "focal_loss", "dice_loss"]
         assert [int(r[0]) for r in test_rows[1:]] == [0, 1]
 
     def test_checkpoint_has_the_contract_keys_and_finite_losses(self, straight_run):
         run_dir, summary = straight_run
-        ckpt = torch.load(run_dir / "ckpt" / "checkpoint.pth", map_location="cpu", weights_only=True)
+        ckpt = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
         assert set(CHECKPOINT_KEYS) <= set(ckpt)
         assert ckpt["format"] == "solo-checkpoint-v1"
         assert (ckpt["epoch"], ckpt["iteration"]) == (1, 4)
-        assert ckpt["model_cfg"]["num_grids"] == [8, 6, 4, 3, 2] and ckpt["model_cfg"]["backbone"] == "resnet18"
+        assert ckpt["model_cfg"]["num_grids"] == (8, 6, 4, 3, 2) and ckpt["model_cfg"]["backbone"] == "resnet18"
         assert ckpt["args"]["input_height"] == 64 and ckpt["args"]["num_grids"] == [8, 6, 4, 3, 2]
         assert ckpt["args"]["lr"] == pytest.approx(0.01 / 16)  # the scaling rule: one process, one image
         assert not any(k.startswith("module.") for k in ckpt["model"])
@@ -99,24 +104,35 @@ class TestTinyRun:
 
     def test_checkpoint_rebuilds_the_model(self, straight_run):
         run_dir, _ = straight_run
-        path = run_dir / "ckpt" / "checkpoint.pth"
-        model = main_train.load_model(str(path), "cpu")
+        path = run_dir / "checkpoint.pth"
+        model = load_model(str(path), "cpu")
         assert not model.training
         ckpt = load_checkpoint(path)
         assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
-        assert latest_checkpoint(str(run_dir / "ckpt")) == str(path)
+        assert latest_checkpoint(str(run_dir)) in (str(path), str(run_dir / "epoch_001.pth"))
+
+    def test_the_loss_curve_shows_the_three_losses_against_the_iteration(self, straight_run):
+        history = load_checkpoint(straight_run[0] / "checkpoint.pth")["history"]
+        fig = utils.loss_figure(history)
+        assert [ax.get_title() for ax in fig.axes] == ["total loss", "focal loss (category)", "dice loss (mask)"]
+        train, test = np.array(history["train"]), np.array(history["test"])
+        for k, ax in enumerate(fig.axes):
+            assert ax.get_xlabel() == "iteration"
+            (train_line, test_line) = ax.lines
+            np.testing.assert_allclose(train_line.get_xydata(), train[:, [0, k + 1]])
+            # the test losses at the iteration that ended their epoch (2 iterations per epoch)
+            np.testing.assert_allclose(test_line.get_xydata(), np.stack([[2, 4], test[:, k + 1]], 1))
 
 
 # ----------------------------------------------------------------------------------------------------
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data_dir, straight_run, tmp_path):
     main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1))
-    assert sorted(os.listdir(tmp_path / "ckpt"))[:2] == ["checkpoint.pth", "epoch_000.pth"]
-    summary = resume_train.main(resume_train.get_args_parser().parse_args(
-        ["--output-dir", str(tmp_path / "ckpt"), "--epochs", "2"]))
+    assert sorted(os.listdir(tmp_path))[:2] == ["checkpoint.pth", "epoch_000.pth"]
+    summary = resume("--output-dir", str(tmp_path), "--epochs", "2")
     assert summary["epoch"] == 1
 
-    straight = load_checkpoint(straight_run[0] / "ckpt" / "checkpoint.pth")
-    resumed = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pth")
+    straight = load_checkpoint(straight_run[0] / "checkpoint.pth")
+    resumed = load_checkpoint(tmp_path / "checkpoint.pth")
     assert straight["model"].keys() == resumed["model"].keys()
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -126,61 +142,73 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data_dir, stra
     assert straight["history"] == resumed["history"]
     assert (resumed["epoch"], resumed["iteration"]) == (1, 4)
     for name in ("losses.csv", "test_losses.csv"):
-        assert read_csv(straight_run[0] / "ckpt" / name) == read_csv(tmp_path / "ckpt" / name)
+        assert read_csv(straight_run[0] / name) == read_csv(tmp_path / name)
 
 
-def test_device_preprocessing_trains_exactly_as_the_workers_preprocessing(data_dir, tmp_path):
-    # --device-preprocess (the CUDA default): raw uint8 items, each batch preprocessed by dataset.preprocess_batch;
-    # on the CPU the same tensors, so the same flips (--hflip), losses and weights
-    runs = {}
-    for flag in ("--device-preprocess", "--no-device-preprocess"):
-        run_dir = tmp_path / flag
-        main_train.main(train_args(data_dir, run_dir, "--epochs", 1, "--workers", 0, flag))
-        runs[flag] = load_checkpoint(run_dir / "ckpt" / "checkpoint.pth")
-    raw, plain = runs["--device-preprocess"], runs["--no-device-preprocess"]
-    assert raw["args"]["device_preprocess"] and not plain["args"]["device_preprocess"]
-    assert raw["history"] == plain["history"]
-    for key, value in plain["model"].items():
-        assert torch.equal(value, raw["model"][key]), key
+class TestResumeSettings:
+    """--resume takes every setting from the checkpoint; RESUME_OVERRIDES may be given another value, any other
+    flag that differs is refused (a value printed but not used would mislead)."""
+
+    def test_the_run_folder_and_its_stored_settings(self, straight_run):
+        args = main_train.parse_args(["--resume", str(straight_run[0])])
+        assert args.resume in (str(straight_run[0] / "checkpoint.pth"), str(straight_run[0] / "epoch_001.pth"))
+        assert args.output_dir == str(straight_run[0])
+        assert (args.backbone, args.input_height, args.num_grids, args.lr) == ("resnet18", 64, [8, 6, 4, 3, 2],
+                                                                              pytest.approx(0.01 / 16))
+
+    def test_allowed_overrides_apply(self, straight_run, tmp_path):
+        args = main_train.parse_args(["--resume", str(straight_run[0]), "--epochs", "5", "--data-dir", str(tmp_path),
+                                      "--workers", "0"])
+        assert (args.epochs, args.data_dir, args.workers) == (5, str(tmp_path), 0)
+
+    def test_the_same_value_is_accepted_another_is_refused_naming_the_flag(self, straight_run):
+        assert main_train.parse_args(["--resume", str(straight_run[0]), "--input-height", "64"]).input_height == 64
+        with pytest.raises(CheckpointError, match=r"a resumed run keeps its settings; these differ: --lr \(the run "
+                                                  r"has 0\.000625, the command line 0\.5\).*another --output-dir"):
+            main_train.parse_args(["--resume", str(straight_run[0]), "--lr", "0.5"])
+
+    def test_resume_train_builds_the_main_train_command(self):
+        assert resume_train.resume_command([]) == [resume_train.MAIN_TRAIN, "--resume", "checkpoints"]
+        assert resume_train.resume_command(["--output-dir", "runs/a", "--epochs", "40"]) == [
+            resume_train.MAIN_TRAIN, "--resume", "runs/a", "--epochs", "40"]
+        assert resume_train.resume_command(["--checkpoint", "a/epoch_003.pth", "--output-dir", "b"]) == [
+            resume_train.MAIN_TRAIN, "--resume", "a/epoch_003.pth", "--output-dir", "b"]
+
+    def test_resume_without_a_checkpoint_is_one_clear_error_line(self, tmp_path):
+        with pytest.raises(CheckpointError, match="no checkpoint in this folder"):
+            main_train.parse_args(["--resume", str(tmp_path)])
+        # resume_train.py becomes main_train.py, which exits non-zero with the message, no traceback
+        result = subprocess.run([sys.executable, "resume_train.py", "--output-dir", str(tmp_path)], cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert f"error: --resume {tmp_path}: no checkpoint in this folder" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
-def test_resume_keeps_or_overrides_the_speed_flags(straight_run):
-    ckpt_dir = str(straight_run[0] / "ckpt")
-    kept = resume_train.resume_args(resume_train.get_args_parser().parse_args(["--output-dir", ckpt_dir]))
-    # the default --device-preprocess is stored undecided, so a resume on another device decides again
-    assert kept.device_preprocess is None and not kept.channels_last and not kept.compile
-    changed = resume_train.resume_args(resume_train.get_args_parser().parse_args(
-        ["--output-dir", ckpt_dir, "--no-device-preprocess", "--channels-last", "--compile"]))
-    assert changed.device_preprocess is False and changed.channels_last and changed.compile
+def test_test_only_prints_the_checkpoints_test_losses(straight_run, capsys):
+    summary = main_train.main(main_train.parse_args(["--resume", str(straight_run[0]), "--test-only"]))
+    stored = load_checkpoint(straight_run[0] / "checkpoint.pth")["history"]["test"][-1][1:]
+    np.testing.assert_allclose(summary["test_loss"], stored, rtol=1e-5)
+    assert "test losses of" in capsys.readouterr().out
 
 
-def test_save_every_n_epochs_and_after_the_last(data_dir, tmp_path):
-    main_train.main(train_args(data_dir, tmp_path, "--epochs", 3, "--save-every", 2, "--workers", 0,
-                               "--no-test-loss"))
-    # 0-based epochs: epoch 1 completes the 2nd epoch; epoch 2 is the last
-    assert sorted(n for n in os.listdir(tmp_path / "ckpt") if n.endswith(".pth")) == [
-        "checkpoint.pth", "epoch_001.pth", "epoch_002.pth"]
-    with pytest.raises(ValueError, match="--save-every must be >= 1"):
-        main_train.main(train_args(data_dir, tmp_path / "zero", "--save-every", 0))
-
-
-def test_demo_preset_gives_defaults_that_flags_override():
+def test_demo_preset_gives_defaults_that_flags_override_and_help_shows_its_command(capsys):
     demo = main_train.parse_args(["--demo", "--epochs", "3"])
     assert (demo.backbone, demo.backbone_weights, demo.input_height, demo.synthetic) == ("resnet18", "none", 128, 600)
     assert demo.epochs == 3 and demo.output_dir == "checkpoints/demo"
     assert main_train.parse_args(["--dem"]).backbone == "resnet18"  # argparse's abbreviation counts too
     plain = main_train.parse_args([])
     assert (plain.backbone, plain.input_height, plain.epochs) == ("resnet50", 800, 36)
+    # --help ends with the full command line --demo stands for, and that command gives the same settings
+    with pytest.raises(SystemExit):
+        main_train.parse_args(["--help"])
+    shown = capsys.readouterr().out.split("--demo is the same as: python main_train.py ")[1].split()
+    assert vars(main_train.parse_args(shown)) == dict(vars(main_train.parse_args(["--demo"])), demo=False)
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint to resume in"):
-        resume_train.main(resume_train.get_args_parser().parse_args(["--output-dir", str(tmp_path)]))
-    # the script exits non-zero with the message, no traceback
-    result = subprocess.run([sys.executable, "resume_train.py", "--output-dir", str(tmp_path)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert "error: no checkpoint to resume in" in result.stderr and "Traceback" not in result.stderr
+def test_at_most_about_30_flags():
+    settings = vars(main_train.get_args_parser().parse_args([]))  # one per flag
+    assert len(settings) <= 30, sorted(settings)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,16 +218,34 @@ def test_a_checkpoint_stores_each_tensor_contiguous_and_only_its_own_values(tmp_
     big = torch.randn(1000, 1000)  # 4 MB
     state = {"transposed": torch.randn(3, 4).t(), "slice": big[::500, :2],
              "nhwc": torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)}
-    main_train.save_checkpoint(state, str(tmp_path / "ckpt.pth"))
+    utils.save_checkpoint(state, str(tmp_path / "ckpt.pth"))
     stored = torch.load(tmp_path / "ckpt.pth", weights_only=True)
     assert all(stored[k].is_contiguous() and torch.equal(stored[k], state[k]) for k in state)
     assert os.path.getsize(tmp_path / "ckpt.pth") < 100_000
 
 
+def test_only_the_newest_keep_epochs_files_stay(data_dir, tmp_path):
+    main_train.main(train_args(data_dir, tmp_path, "--epochs", 3, "--workers", 0, "--keep-epochs", 2))
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth")) == [
+        "checkpoint.pth", "epoch_001.pth", "epoch_002.pth"]
+    assert os.path.samefile(tmp_path / "checkpoint.pth", tmp_path / "epoch_002.pth")
+
+
+def test_a_file_system_without_hard_links_gets_a_copy(tmp_path, monkeypatch):
+    (tmp_path / "epoch_000.pth").write_bytes(b"PK checkpoint bytes")
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    utils.link_checkpoint(str(tmp_path / "epoch_000.pth"), str(tmp_path / "checkpoint.pth"))
+    assert (tmp_path / "checkpoint.pth").read_bytes() == b"PK checkpoint bytes"
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "epoch_000.pth"]
+
+
 class TestAtomicWrite:
     def test_a_crash_during_save_keeps_the_previous_checkpoint(self, straight_run, tmp_path, monkeypatch):
         path = tmp_path / "checkpoint.pth"
-        path.write_bytes((straight_run[0] / "ckpt" / "checkpoint.pth").read_bytes())
+        path.write_bytes((straight_run[0] / "checkpoint.pth").read_bytes())
         before = path.read_bytes()
 
         def crashing_save(obj, f, *args, **kwargs):
@@ -208,14 +254,14 @@ class TestAtomicWrite:
 
         monkeypatch.setattr(torch, "save", crashing_save)
         with pytest.raises(OSError, match="disk full"):
-            main_train.save_checkpoint({"model": {}}, str(path))
+            utils.save_checkpoint({"model": {}}, str(path))
         assert path.read_bytes() == before
         assert os.listdir(tmp_path) == ["checkpoint.pth"]  # the temporary file is gone
         assert load_checkpoint(path)["epoch"] == 1
 
     def test_latest_checkpoint_skips_partial_files(self, straight_run, tmp_path):
         good = tmp_path / "epoch_001.pth"
-        good.write_bytes((straight_run[0] / "ckpt" / "epoch_001.pth").read_bytes())
+        good.write_bytes((straight_run[0] / "epoch_001.pth").read_bytes())
         full = good.read_bytes()
         os.utime(good, (1, 1))  # older than the partial files below
         (tmp_path / ".checkpoint.pth.abc123.tmp").write_bytes(full[: len(full) // 2])  # a save killed midway
@@ -224,12 +270,12 @@ class TestAtomicWrite:
         assert latest_checkpoint(str(tmp_path)) == str(good)
         assert latest_checkpoint(str(tmp_path / "missing")) is None
 
-    def test_a_crash_while_training_saves_keeps_the_last_good_checkpoint(self, data_dir, straight_run, tmp_path,
-                                                                        monkeypatch):
-        run = tmp_path / "ckpt"
+    def test_a_crash_while_training_saves_keeps_the_last_good_checkpoint(self, straight_run, tmp_path, monkeypatch):
+        run = tmp_path / "run"
         run.mkdir()
-        for name in ("checkpoint.pth", "epoch_000.pth", "epoch_001.pth"):
-            (run / name).write_bytes((straight_run[0] / "ckpt" / name).read_bytes())
+        for name in ("epoch_000.pth", "epoch_001.pth"):
+            (run / name).write_bytes((straight_run[0] / name).read_bytes())
+        os.link(run / "epoch_001.pth", run / "checkpoint.pth")
         before = (run / "checkpoint.pth").read_bytes()
         real_save = torch.save
 
@@ -238,9 +284,8 @@ class TestAtomicWrite:
             f.truncate(100)  # the bytes written so far
             raise KeyboardInterrupt  # e.g. Ctrl-C or a lost Colab session in the middle of the save
 
+        args = main_train.parse_args(["--resume", str(run), "--epochs", "3"])
         monkeypatch.setattr(torch, "save", crashing_save)
-        args = resume_train.resume_args(resume_train.get_args_parser().parse_args(
-            ["--output-dir", str(run), "--epochs", "3", "--figures-dir", str(tmp_path / "fig")]))
         with pytest.raises(KeyboardInterrupt):
             main_train.main(args)
         assert (run / "checkpoint.pth").read_bytes() == before
@@ -252,16 +297,16 @@ class TestAtomicWrite:
 # ----------------------------------------------------------------------------------------------------
 class TestBadCheckpoints:
     @pytest.fixture
-    def good_bytes(self, straight_run):
-        return (straight_run[0] / "ckpt" / "checkpoint.pth").read_bytes()
+    def good(self, straight_run):
+        return straight_run[0] / "checkpoint.pth"
 
     def test_missing_file(self, tmp_path):
         with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "nope.pth")) + ".*no such file"):
             load_checkpoint(tmp_path / "nope.pth")
 
-    def test_truncated_file(self, tmp_path, good_bytes):
+    def test_truncated_file(self, tmp_path, good):
         path = tmp_path / "truncated.pth"
-        path.write_bytes(good_bytes[: len(good_bytes) // 3])
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
         with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*cannot be read.*truncated"):
             load_checkpoint(path)
 
@@ -278,17 +323,17 @@ class TestBadCheckpoints:
         with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*not a SOLO checkpoint"):
             load_checkpoint(path)
 
-    def test_incomplete_solo_checkpoint(self, tmp_path, straight_run):
-        ckpt = load_checkpoint(straight_run[0] / "ckpt" / "checkpoint.pth")
+    def test_incomplete_solo_checkpoint(self, tmp_path, good):
+        ckpt = load_checkpoint(good)
         del ckpt["optimizer"], ckpt["rng"]
         path = tmp_path / "incomplete.pth"
         torch.save(ckpt, path)
         with pytest.raises(CheckpointError, match=re.escape(str(path)) + r".*lacks \['optimizer', 'rng'\]"):
             load_checkpoint(path)
-        assert main_train.load_model(str(path)) is not None  # inference needs only the model and its settings
+        assert load_model(str(path)) is not None  # inference needs only the model and its settings
 
-    def test_state_dict_of_another_model_shape(self, tmp_path, straight_run):
-        ckpt = load_checkpoint(straight_run[0] / "ckpt" / "checkpoint.pth")
+    def test_state_dict_of_another_model_shape(self, tmp_path, good):
+        ckpt = load_checkpoint(good)
         other_cfg = dict(ckpt["model_cfg"], num_grids=[10, 6, 4, 3, 2])
         ckpt["model"] = build_model(other_cfg).state_dict()
         path = tmp_path / "other_shape.pth"
@@ -296,12 +341,24 @@ class TestBadCheckpoints:
         with pytest.raises(CheckpointError,
                            match=re.escape(str(path)) + r".*does not fit.*head\.ins_out_list\.0\.weight: "
                                                         r"checkpoint \(100, 32, 1, 1\), model \(64, 32, 1, 1\)"):
-            main_train.load_model(str(path))
+            load_model(str(path))
         # resuming from it fails the same way, before any training
-        args = resume_train.resume_args(resume_train.get_args_parser().parse_args(
-            ["--checkpoint", str(path), "--epochs", "3"]))
         with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*does not fit"):
-            main_train.main(args)
+            main_train.main(main_train.parse_args(["--resume", str(path), "--epochs", "3"]))
+
+    @pytest.mark.parametrize("edit, message", [
+        (dict(num_grids=[8, 6]), r"num_grids \[8, 6\] must be 5 grid sizes"),
+        (dict(backbone="vgg16"), r"backbone 'vgg16' is not one of"),
+        (dict(colour="red"), r"unexpected keyword argument 'colour'"),
+    ], ids=["grids", "backbone", "unknown key"])
+    def test_hand_edited_model_settings_name_the_file(self, tmp_path, good, edit, message):
+        ckpt = load_checkpoint(good)
+        ckpt["model_cfg"] = dict(ckpt["model_cfg"], **edit)
+        path = tmp_path / "edited.pth"
+        torch.save(ckpt, path)
+        with pytest.raises(CheckpointError, match=re.escape(str(path)) + ": its model settings are not valid.*"
+                                                  + message):
+            load_model(str(path))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,26 +378,24 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(data_d
     monkeypatch.setattr(SOLOHead, "loss", loss_turning_nan)
     with pytest.raises(NonFiniteLossError,
                        match=r"non-finite loss at epoch 1, iteration 4 \(step 2 of the epoch\): total nan, "
-                             r"focal nan, dice nan.*last good checkpoint"):
+                             r"focal nan, dice nan\. Stopped; the newest checkpoint in .* is the last good one"):
         main_train.main(train_args(data_dir, tmp_path, "--epochs", 3, "--workers", 0))
-    run = tmp_path / "ckpt"
-    assert sorted(n for n in os.listdir(run) if n.endswith(".pth")) == ["checkpoint.pth", "epoch_000.pth"]
-    ckpt = load_checkpoint(run / "checkpoint.pth")
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth")) == ["checkpoint.pth", "epoch_000.pth"]
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["iteration"]) == (0, 2)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 # ----------------------------------------------------------------------------------------------------
 class TestLrSchedule:
-    def make(self, *flags, iters_per_epoch=1000):
-        args = main_train.get_args_parser().parse_args(list(flags))
+    def make(self, lr_steps=(27, 33), warmup_iters=500, iters_per_epoch=1000):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9)
-        return optimizer, main_train.build_scheduler(optimizer, iters_per_epoch, args)
+        return optimizer, utils.build_scheduler(optimizer, iters_per_epoch, lr_steps, warmup_iters)
 
     def test_lr_scales_with_the_total_batch(self):
-        assert main_train.scaled_lr(2) == pytest.approx(0.01 / 8)  # handout 7.1
-        assert main_train.scaled_lr(2, world_size=8) == pytest.approx(0.01)
-        assert main_train.get_args_parser().parse_args([]).lr is None  # so the rule applies by default
+        assert utils.scaled_lr(2) == pytest.approx(0.01 / 8)  # handout 7.1
+        assert utils.scaled_lr(2, world_size=8) == pytest.approx(0.01)
+        assert main_train.parse_args([]).lr is None  # so the rule applies by default
 
     def test_warm_up_from_a_third_to_the_full_lr(self):
         optimizer, scheduler = self.make()
@@ -363,11 +418,11 @@ class TestLrSchedule:
         assert factor(33_000) == pytest.approx(0.01)
         assert factor(35_999) == pytest.approx(0.01)
 
-    def test_every_value_is_a_flag(self):
-        _, scheduler = self.make("--lr-steps", "2", "--lr-gamma", "0.5", "--warmup-iters", "0",
-                                 iters_per_epoch=10)
+    def test_steps_and_warm_up_are_flags(self):
+        args = main_train.parse_args(["--lr-steps", "2", "--warmup-iters", "0"])
+        _, scheduler = self.make(args.lr_steps, args.warmup_iters, iters_per_epoch=10)
         factor = scheduler.lr_lambdas[0]
-        assert [factor(i) for i in (0, 19, 20, 100)] == [1.0, 1.0, 0.5, 0.5]
+        assert [factor(i) for i in (0, 19, 20, 100)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
 
     def test_state_dict_resumes_the_schedule(self):
         optimizer, scheduler = self.make(iters_per_epoch=100)
@@ -384,26 +439,25 @@ class TestLrSchedule:
 
 # ----------------------------------------------------------------------------------------------------
 def test_two_process_distributed_run(data_dir, tmp_path):
-    """torchrun --nproc_per_node=2 on the CPU (gloo): 4 train images, one per process and iteration."""
+    """torchrun --nproc_per_node=2 on the CPU (gloo): 2 train images, one per process and iteration."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_train.py",
-               *TINY, "--limit-images", "4", "--data-dir", data_dir, "--output-dir", str(tmp_path / "ckpt"),
-               "--figures-dir", str(tmp_path / "fig"), "--epochs", "1", "--workers", "0"]
+               *TINY, "--data-dir", data_dir, "--output-dir", str(tmp_path), "--epochs", "2", "--workers", "0"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pth")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
     assert ckpt["world_size"] == 2
-    assert (ckpt["epoch"], ckpt["iteration"]) == (0, 2)  # 4 images / (2 processes x 1 image)
+    assert (ckpt["epoch"], ckpt["iteration"]) == (1, 2)  # 2 images / (2 processes x 1 image) per epoch
     assert ckpt["args"]["lr"] == pytest.approx(0.01 * 2 / 16)  # total batch 2
-    assert len(ckpt["history"]["train"]) == 2 and len(ckpt["history"]["test"]) == 1
+    assert len(ckpt["history"]["train"]) == 2 and len(ckpt["history"]["test"]) == 2
     assert math.isfinite(ckpt["history"]["test"][0][1])
-    assert os.path.isfile(tmp_path / "fig" / "loss_curve.png")
+    assert os.path.isfile(tmp_path / "loss_curve.png")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Performance flags: --channels-last, --compile, and when the training step waits for the device
+# When the training step waits for the device
 # ----------------------------------------------------------------------------------------------------
 def all_tensors(obj):
     if torch.is_tensor(obj):
@@ -416,92 +470,21 @@ def all_tensors(obj):
             yield from all_tensors(value)
 
 
-def assert_close_state(a, b, rtol, atol):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
-
-
-class TestChannelsLast:
-    def test_a_channels_last_run_saves_the_usual_layout_and_resumes_to_the_plain_result(self, data_dir,
-                                                                                         straight_run, tmp_path):
-        main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1, "--channels-last"))
-        path = tmp_path / "ckpt" / "checkpoint.pth"
-        ckpt = load_checkpoint(path)
-        # the file holds contiguous tensors, as a run without the flag writes them (torch.save keeps strides)
-        conv_weight = ckpt["model"]["backbone.body.conv1.weight"]  # (64, 3, 7, 7)
-        assert conv_weight.is_contiguous() and not conv_weight.is_contiguous(memory_format=torch.channels_last)
-        assert all(t.is_contiguous() for t in all_tensors([ckpt["model"], ckpt["optimizer"]]))
-        # ... and loads into a model built without the flag
-        model = main_train.load_model(str(path), "cpu")
-        assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
-
-        # resuming (with the stored --channels-last) ends where the plain 2-epoch run ends, to float rounding
-        resume_train.main(resume_train.get_args_parser().parse_args(
-            ["--output-dir", str(tmp_path / "ckpt"), "--epochs", "2"]))
-        resumed = load_checkpoint(path)
-        plain = load_checkpoint(straight_run[0] / "ckpt" / "checkpoint.pth")
-        assert resumed["args"]["channels_last"] and not plain["args"]["channels_last"]
-        assert (resumed["epoch"], resumed["iteration"]) == (1, 4)
-        assert_close_state(resumed["model"], plain["model"], rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(resumed["history"]["train"], plain["history"]["train"], rtol=1e-4)
-
-    def test_momentum_buffers_take_their_parameters_layout(self):
-        param = torch.nn.Parameter(torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last))
-        optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
-        stored = torch.randn(4, 3, 5, 5)  # contiguous, as a checkpoint holds it
-        optimizer.load_state_dict({"state": {0: {"momentum_buffer": stored}},
-                                   "param_groups": optimizer.state_dict()["param_groups"]})
-        main_train.match_parameter_layout(optimizer)
-        buffer = optimizer.state[param]["momentum_buffer"]
-        assert buffer.stride() == param.stride()
-        assert torch.equal(buffer, stored)
-
-
-@pytest.mark.slow
-def test_compiled_run_computes_the_eager_losses_and_saves_a_plain_checkpoint(data_dir, tmp_path):
-    """--compile (the --demo model at 64x96, 2 iterations). Marked slow: 1.5 to 2 minutes on 2 CPU cores, nearly all
-    compiling (20 s once torch's compile cache in /tmp holds the kernels); `-m "not slow"` leaves it out."""
-    def demo_args(run_dir, *extra):
-        return main_train.parse_args(
-            ["--demo", "--data-dir", data_dir, "--synthetic", "0", "--input-height", "64", "--batch-size", "2",
-             "--limit-images", "4", "--max-iters", "2", "--log-every", "1", "--workers", "0", "--no-test-loss",
-             "--output-dir", str(run_dir / "ckpt"), "--figures-dir", str(run_dir / "fig"), *extra])
-
-    main_train.main(demo_args(tmp_path / "eager"))
-    start = time.perf_counter()
-    main_train.main(demo_args(tmp_path / "compiled", "--compile"))
-    print(f"compiled run: {time.perf_counter() - start:.0f} s")
-
-    eager = load_checkpoint(tmp_path / "eager" / "ckpt" / "checkpoint.pth")
-    compiled = load_checkpoint(tmp_path / "compiled" / "ckpt" / "checkpoint.pth")
-    assert compiled["args"]["compile"] and compiled["iteration"] == 2
-    # compiling changes the speed, not the numbers (up to the order of float sums in fused kernels)
-    np.testing.assert_allclose(compiled["history"]["train"], eager["history"]["train"], rtol=1e-4)
-    # the state dict has the module's own keys (no "_orig_mod." of a torch.compile wrapper) ...
-    assert compiled["model"].keys() == eager["model"].keys()
-    assert_close_state(compiled["model"], eager["model"], rtol=1e-4, atol=1e-6)
-    # ... so the checkpoint loads into an uncompiled model, as main_infer.py builds it
-    model = main_train.load_model(str(tmp_path / "compiled" / "ckpt" / "checkpoint.pth"))
-    assert model._compiled_call_impl is None
-    assert all(torch.equal(v, compiled["model"][k]) for k, v in model.state_dict().items())
-
-
 def test_the_losses_are_read_once_per_step_after_the_optimizer_step(data_dir, tmp_path, monkeypatch):
     """Reading a loss from the GPU waits for the GPU. The step reads its losses once, after backward and the
     optimizer step have been queued, so the GPU is never idle while the host waits (the CUDA test below checks
     the synchronisations themselves)."""
     events = []
-    real_read = main_train.read_losses
+    real_read = engine.read_losses
 
-    def recording_read(losses, distributed):
+    def recording_read(losses):
         events.append("read losses")
-        return real_read(losses, distributed)
+        return real_read(losses)
 
-    monkeypatch.setattr(main_train, "read_losses", recording_read)
+    monkeypatch.setattr(engine, "read_losses", recording_read)
     handle = register_optimizer_step_post_hook(lambda *_: events.append("optimizer step"))
     try:
-        main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 0, "--no-test-loss"))
+        main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 0))
     finally:
         handle.remove()
     assert events == ["optimizer step", "read losses"] * 2
@@ -509,10 +492,10 @@ def test_the_losses_are_read_once_per_step_after_the_optimizer_step(data_dir, tm
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_training_step_synchronises_only_to_read_the_losses(data_dir, tmp_path, monkeypatch):
-    """On CUDA, with --amp --channels-last: inside train_one_epoch the host waits for the device only in
-    read_losses, once per iteration, apart from SOLOHead.target and SOLOHead.loss (solo_head.py's business: data-
-    dependent shapes). torch.cuda.set_sync_debug_mode warns at every synchronising call; the warning is shown while
-    the call is on the stack, so the stack says where it came from."""
+    """On CUDA, with --amp: inside train_one_epoch the host waits for the device only in read_losses, once per
+    iteration, apart from SOLOHead.target and SOLOHead.loss (solo_head.py's business: data-dependent shapes).
+    torch.cuda.set_sync_debug_mode warns at every synchronising call; the warning is shown while the call is on
+    the stack, so the stack says where it came from."""
     syncs = []  # the function names on the stack of each synchronising call made inside train_one_epoch
 
     def record(message, category, filename, lineno, file=None, line=None):
@@ -533,14 +516,12 @@ def test_cuda_training_step_synchronises_only_to_read_the_losses(data_dir, tmp_p
                 torch.cuda.set_sync_debug_mode("default")
 
     monkeypatch.setattr(main_train, "train_one_epoch", train_one_epoch_watched)
-    args = train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1, "--device", "cuda", "--amp",
-                      "--channels-last", "--no-test-loss")
-    main_train.main(args)
+    main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1, "--device", "cuda", "--amp"))
     ours = [names for names in syncs if not {"target", "loss"} & set(names)]
     callers = [names[names.index("train_one_epoch") + 1] for names in ours]  # the function train_one_epoch called
-    # float16 (a GPU without bfloat16) adds the GradScaler's read of its inf check, in optimizer_step
-    scaled = main_train.autocast_settings(torch.device("cuda"), True)[1]
-    allowed = {"read_losses", "optimizer_step"} if scaled else {"read_losses"}
+    # float16 (a GPU without bfloat16) adds the GradScaler's read of its inf check, in train_step
+    scaled = utils.autocast_settings(torch.device("cuda"), True)[1]
+    allowed = {"read_losses", "train_step"} if scaled else {"read_losses"}
     assert callers.count("read_losses") == 2 and set(callers) <= allowed, ours
-    ckpt = torch.load(tmp_path / "ckpt" / "checkpoint.pth", weights_only=True)  # no map_location: as saved
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)  # no map_location: as saved
     assert all(t.device.type == "cpu" and t.is_contiguous() for t in all_tensors(ckpt))

@@ -1,4 +1,4 @@
-"""Specification of main_infer's mask mAP (pycocotools, COCO's 101-point interpolated precision) on hand-made
+"""Specification of coco_eval's mask mAP (pycocotools, COCO's 101-point interpolated precision) on hand-made
 detections whose AP is worked out by hand.
 
 COCO's AP of one class at one IoU threshold: detections sorted by score, precision made monotone from the right,
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from main_infer import (coco_mask_map, det_annotations, evaluate_masks, format_map_table, gt_annotations,
+from coco_eval import (coco_mask_map, det_annotations, evaluate_masks, format_map_table, gt_annotations,
                         map_summary, plot_pr_curves, pr_curves, save_map_json)
 
 H, W = 30, 40  # image size of the hand-made cases

@@ -1,0 +1,146 @@
+"""The loops: one training step, an epoch, the test-split losses, and inference over a split for mask mAP."""
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from coco_eval import det_annotations, evaluate_masks, gt_annotations
+from dataset import BuildDataLoader, preprocess_batch, to_device
+from solo_head import POSTPROCESS_MAP
+from utils import autocast_settings, is_distributed, is_main_process
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN or infinite loss; the last good checkpoint is left as it was."""
+
+
+def batch_to_device(batch, device, input_height):
+    """A loader batch (img, label_list, mask_list, bbox_list) on `device`; a raw batch (BuildDataset(raw=True),
+    five parts) is preprocessed there for input_height (dataset.preprocess_batch). The loader pins its batches
+    when CUDA is present (dataset.to_device pins any other host tensor), so the copies are asynchronous: the host
+    goes on to launch the forward while they run."""
+    if len(batch) == 5:
+        return preprocess_batch(batch, input_height, device)
+    img, label_list, mask_list, bbox_list = batch
+    return (to_device(img, device), [to_device(label, device) for label in label_list],
+            [to_device(mask, device) for mask in mask_list], [to_device(bbox, device) for bbox in bbox_list])
+
+
+def forward_losses(model, batch, device, args, lap=None):
+    """(cate_loss, mask_loss, total_loss) of one batch (handout 6.9); `model` may be DDP-wrapped.
+    No host-device synchronisation: the targets come in SOLOHead.target's compact form. lap(name), when given,
+    is called after each phase (bench.py's clock)."""
+    lap = lap or (lambda name: None)
+    head = getattr(model, "module", model).head
+    amp_dtype, _ = autocast_settings(device, args.amp)
+    img, label_list, mask_list, bbox_list = batch_to_device(batch, device, args.input_height)
+    lap("data to device")
+    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        cate_pred_list, ins_pred_list = model(img)  # [(bz, C-1, S, S)], [(bz, S^2, 2H_f, 2W_f)]
+    lap("forward")
+    targets = head.target(ins_pred_list, bbox_list, label_list, mask_list, compact=True)
+    lap("target")
+    losses = head.loss(cate_pred_list, ins_pred_list, *targets)
+    lap("loss")
+    return losses
+
+
+def train_step(model, batch, optimizer, scaler, device, args, lap=None):
+    """One SGD step: forward_losses, backward, gradient-norm clipping at args.clip_grad (0: off), the step.
+    Returns the detached [total, focal, dice] losses on the device (read them after the step is queued)."""
+    lap = lap or (lambda name: None)
+    cate_loss, mask_loss, total_loss = forward_losses(model, batch, device, args, lap)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total_loss).backward()
+    lap("backward")
+    if args.clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                       args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    lap("optimizer step")
+    return torch.stack([total_loss, cate_loss, mask_loss]).detach().float()  # (3,)
+
+
+def read_losses(losses):
+    """The mean of `losses` (a device tensor) over the processes, as a list of floats: the training step's one
+    host-device synchronisation (and, with several processes, its one extra collective)."""
+    if is_distributed():
+        dist.all_reduce(losses)
+        losses /= dist.get_world_size()
+    return losses.tolist()
+
+
+def train_one_epoch(model, optimizer, scheduler, scaler, loader, device, epoch, args, log):
+    """One epoch; the mean losses of every args.log_every iterations (and of the epoch's rest) go to log.train.
+    Raises NonFiniteLossError on a NaN or infinite loss."""
+    model.train()
+    window, running = [], torch.zeros(3, dtype=torch.float64)
+    progress = tqdm(loader, desc=f"epoch {epoch}/{args.epochs - 1}", disable=not is_main_process(),
+                    dynamic_ncols=True)
+    for step, batch in enumerate(progress):
+        losses = train_step(model, batch, optimizer, scaler, device, args)
+        scheduler.step()
+        iteration = scheduler.last_epoch  # LambdaLR counts the steps: the iterations done in the whole run
+        # The host reads the losses only now, with backward and the SGD step already queued, so the device is
+        # never left idle waiting for it (this is the step's one CPU-GPU sync). A non-finite loss has then been
+        # stepped into the model in memory, but no checkpoint of this epoch has been written yet, so the last
+        # one on disk stays the last good one. Every process sees the same (mean) values and stops together.
+        values = read_losses(losses)
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, iteration {iteration} (step {step + 1} of the epoch): total "
+                f"{values[0]}, focal {values[1]}, dice {values[2]}. Stopped; the newest checkpoint in "
+                f"{args.output_dir} is the last good one.")
+        window.append(values)
+        running += torch.tensor(values, dtype=torch.float64)
+        if iteration % args.log_every == 0 or step + 1 == len(loader):  # the window's mean; the epoch's rest at its end
+            log.train(iteration, torch.tensor(window, dtype=torch.float64).mean(0).tolist())
+            window = []
+        mean = (running / (step + 1)).tolist()
+        progress.set_postfix(total=f"{mean[0]:.3f}", focal=f"{mean[1]:.3f}", dice=f"{mean[2]:.3f}",
+                             lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    progress.close()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, args):
+    """Mean [total, focal, dice] losses over the loader's batches (every process's share), model in eval mode
+    (frozen BatchNorm statistics), predictions in the training layout."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # total, focal, dice, batches
+    for batch in loader:
+        cate_loss, mask_loss, total_loss = forward_losses(model, batch, device, args)
+        sums += torch.stack([total_loss, cate_loss, mask_loss, torch.ones_like(total_loss)]).double()
+    if is_distributed():
+        dist.all_reduce(sums)
+    sums = sums.cpu()  # the one host-device sync of the evaluation
+    return (sums[:3] / sums[3].clamp(min=1)).tolist()
+
+
+@torch.inference_mode()
+def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cfg=POSTPROCESS_MAP):
+    """Run model.infer (post-processing cfg) over the test split (a Subset of BuildDataset) and compare with the
+    ground truth in the original frame (dataset.get_raw) by COCOeval. Returns the accumulated COCOeval."""
+    model.eval()
+    raw_set, indices = test_set.dataset, list(test_set.indices)
+    ori_size = tuple(raw_set.ori_size)
+    amp_dtype, _ = autocast_settings(device, amp)
+    loader = BuildDataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=workers).loader()
+    image_sizes, gt_anns, det_anns = {}, [], []
+    position = 0  # index of the batch's first image in the test split
+    for img, *_ in tqdm(loader, desc="inference", unit="batch", disable=not is_main_process()):
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            results = model.infer(to_device(img, device), ori_size, cfg)
+        for b in range(img.shape[0]):
+            image_id = indices[position + b]
+            _, labels, masks, _ = raw_set.get_raw(image_id)  # ground truth in the original frame
+            image_sizes[image_id] = ori_size
+            gt_anns += gt_annotations(image_id, labels, masks, first_id=len(gt_anns) + 1)
+            scores, det_labels, det_masks = (r[b].cpu() for r in results)  # one copy each, not one per detection
+            det_anns += det_annotations(image_id, scores, det_labels, det_masks, first_id=len(det_anns) + 1)
+        position += img.shape[0]
+    return evaluate_masks(image_sizes, gt_anns, det_anns)

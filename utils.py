@@ -1,0 +1,399 @@
+"""Helpers the scripts share: devices and mixed precision, distributed set-up, RNG states, the lr schedule,
+checkpoints (atomic writes, loading with errors that name the file, the newest of a run folder) and the loss logs.
+"""
+import math
+import os
+import random
+import shutil
+import tempfile
+import zipfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from solo_head import ModelConfig, build_model  # noqa: E402
+
+CHECKPOINT_FORMAT = "solo-checkpoint-v1"
+CHECKPOINT_KEYS = ("format", "model", "model_cfg", "optimizer", "scheduler", "scaler", "epoch", "iteration",
+                   "history", "rng", "args")
+LOSS_NAMES = ("total_loss", "focal_loss", "dice_loss")  # total = focal + 3 dice (handout 6.9.1)
+BASE_LR, BASE_BATCH = 0.01, 16  # the authors' lr for 16 images per iteration
+LR_GAMMA = 0.1  # the lr is multiplied by this at each of the lr steps (handout 7.1: divided by 10)
+WARMUP_FACTOR = 1 / 3  # the authors' linear warm-up starts at lr / 3
+
+# The reduced configuration that learns on a CPU in minutes (README, "The demo"): main_train.py --demo sets
+# these flag values as its defaults. Same target, loss and post-processing code as the full model; what shrinks
+# is the input (128x192), the backbone (random ResNet-18 FPN), the head (2 convs of 64 channels per tower,
+# smaller grids) and the data (synthetic, no tiny objects).
+DEMO = dict(data_dir="data", synthetic=600, synthetic_min_size=30, input_height=128, backbone="resnet18",
+            backbone_weights="none", stacked_convs=2, seg_feat_channels=64, num_grids=[16, 12, 10, 8, 6],
+            batch_size=8, epochs=8, lr=0.06, lr_steps=[7], warmup_iters=30, device="cpu", log_every=10,
+            output_dir="checkpoints/demo")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, not a SOLO checkpoint, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices, mixed precision, distributed mode
+# ----------------------------------------------------------------------------------------------------
+def init_distributed(device):
+    """(rank, world_size, device) from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (each process takes
+    cuda:LOCAL_RANK); (0, 1, device) without them."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device(device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.device(device).type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device(device), "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process():
+    """True in the one process that writes files and prints (rank 0, or the only process)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def prepare_device(device, fixed_input_size):
+    """torch.device(device); a GPU is made the current device (--device cuda:1: the loader's pinning thread and
+    default allocations follow it), and with fixed_input_size cuDNN times its algorithms for the first batches
+    and keeps the fastest (with sizes that change it would time them again for each new size).
+    RuntimeError when CUDA is asked for and absent."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device}, but CUDA is not available here: pass --device cpu")
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = fixed_input_size
+    return device
+
+
+def autocast_settings(device, amp):
+    """(autocast dtype or None, use a GradScaler): bfloat16 on CPUs (native with AVX512-BF16 or AMX, emulated
+    otherwise: README says when --amp pays) and on GPUs of compute capability 8+ (A100, H100); float16 + GradScaler
+    on older GPUs (T4, V100: torch.cuda.is_bf16_supported() says True there too, for emulated bfloat16)."""
+    if not amp:
+        return None, False
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float16, True
+    return torch.bfloat16, False
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG states and the lr schedule
+# ----------------------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)  # also every CUDA device
+
+
+def get_rng_state():
+    """RNG states of python, numpy, torch and CUDA as tensors and plain types (weights_only-safe)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {"python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
+                       "gauss_next": py_gauss},
+            "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                      "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate((state["python"]["version"], tuple(state["python"]["state"].tolist()),
+                     state["python"]["gauss_next"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def scaled_lr(batch_size, world_size=1):
+    """The linear scaling rule: 0.01 for 16 images per iteration (the authors' 8 GPUs x 2 images)."""
+    return BASE_LR * batch_size * world_size / BASE_BATCH
+
+
+def lr_factor(iteration, iters_per_epoch, lr_steps=(27, 33), warmup_iters=500):
+    """Multiplier of the base lr at a global iteration (0-based): LR_GAMMA for each of lr_steps the epoch has
+    reached, times a linear warm-up from WARMUP_FACTOR at iteration 0 to 1 at iteration warmup_iters."""
+    epoch = iteration // iters_per_epoch
+    factor = LR_GAMMA ** sum(epoch >= step for step in lr_steps)
+    if iteration < warmup_iters:
+        alpha = iteration / warmup_iters
+        factor *= WARMUP_FACTOR * (1 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(optimizer, iters_per_epoch, lr_steps, warmup_iters):
+    """Per-iteration LambdaLR (step() after every iteration, so last_epoch counts the iterations done); its
+    state_dict resumes it exactly."""
+    def lr_lambda(iteration):
+        return lr_factor(iteration, iters_per_epoch, lr_steps, warmup_iters)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+def _fsync_dir(directory):
+    try:  # makes the rename durable; not possible on every platform / file system
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file in path's folder, fsync it, then rename it onto path: a crash leaves
+    either the old file or the new one, never half of one. Temporary names start with '.' and end with '.tmp'."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's files are private (0600); give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _to_host(obj):
+    """obj with every tensor on the CPU in the standard contiguous layout (torch.save keeps devices and strides)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu().contiguous()
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(state, path):
+    """torch.save(state, path), atomically. Tensors are stored on the CPU and contiguous, so a checkpoint of a GPU
+    run loads on a machine without a GPU."""
+    state = _to_host(state)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def link_checkpoint(src, dst):
+    """dst becomes the same file as src: a hard link (no second copy on disk), or a copy where the file system
+    has no hard links (some network and FUSE mounts); atomically either way."""
+    directory = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(directory, f".{os.path.basename(dst)}.link.tmp")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as f_src:
+            atomic_write(dst, lambda f_dst: shutil.copyfileobj(f_src, f_dst, 1 << 24))
+        return
+    os.replace(tmp, dst)
+    _fsync_dir(directory)
+
+
+def load_checkpoint(path, map_location="cpu", keys=CHECKPOINT_KEYS, mmap=False):
+    """The checkpoint dict in path (torch.load with weights_only=True; mmap reads tensors only when used).
+    CheckpointError, naming the file, when it is missing, unreadable (truncated, not written by torch.save) or
+    lacks any of `keys`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read: it is truncated, not a file written by torch.save, "
+                              f"or holds objects weights_only loading refuses ({type(e).__name__}: {reason})") from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} is not a SOLO checkpoint: it holds a {type(checkpoint).__name__}, "
+                              f"not a dict")
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = sorted(map(str, checkpoint))[:8]
+        raise CheckpointError(f"checkpoint {path} is not a SOLO checkpoint (format {checkpoint.get('format')!r}, "
+                              f"expected {CHECKPOINT_FORMAT!r}; its keys: {found})")
+    missing = [k for k in keys if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {missing}")
+    return checkpoint
+
+
+def model_config(checkpoint, source):
+    """The ModelConfig stored in a checkpoint; CheckpointError naming `source` when it is not one."""
+    stored = checkpoint["model_cfg"]
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"checkpoint {source}: 'model_cfg' is a {type(stored).__name__}, not a dict")
+    try:
+        return ModelConfig(**stored)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {source}: its model settings are not valid ({e})") from None
+
+
+def load_model_state(model, state, source):
+    """model.load_state_dict(state) after checking every key and shape; CheckpointError naming `source` and the
+    first mismatches otherwise. A 'module.' prefix (a state dict saved from DistributedDataParallel) is dropped."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {source}: 'model' is a {type(state).__name__}, not a state dict")
+    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k}: checkpoint {tuple(getattr(state[k], 'shape', ()))}, model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and getattr(state[k], "shape", None) != v.shape]
+    if problems:
+        raise CheckpointError(f"checkpoint {source} does not fit the model built from its model_cfg "
+                              f"({len(problems)} problems): " + "; ".join(problems[:4]))
+    model.load_state_dict(state)
+
+
+def load_model(path_or_checkpoint, device="cpu", source=None):
+    """SOLO in eval mode with a checkpoint's weights (a path, or a dict from load_checkpoint with `source` the
+    file it came from, for error messages)."""
+    if isinstance(path_or_checkpoint, dict):
+        checkpoint, source = path_or_checkpoint, source or "<checkpoint dict>"
+    else:
+        checkpoint, source = load_checkpoint(path_or_checkpoint, keys=("model", "model_cfg")), path_or_checkpoint
+    model = build_model(model_config(checkpoint, source), load_backbone_weights=False)
+    load_model_state(model, checkpoint["model"], source)
+    return model.to(device).eval()
+
+
+def is_checkpoint_name(name):
+    """checkpoint.pth or epoch_NNN.pth, the names a run folder's checkpoints have."""
+    return name == "checkpoint.pth" or (name.startswith("epoch_") and name.endswith(".pth") and name[6:-4].isdigit())
+
+
+def latest_checkpoint(directory):
+    """The newest complete checkpoint.pth or epoch_NNN.pth in directory (by modification time), or None.
+    Temporary files of an interrupted save ('.*.tmp') and files that are not complete zip archives are skipped."""
+    if not os.path.isdir(directory):
+        return None
+    candidates = []
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if is_checkpoint_name(name) and os.path.isfile(path) and zipfile.is_zipfile(path):
+            # a truncated file has no zip central directory; newest first, on equal times the rolling
+            # checkpoint.pth, then the highest epoch
+            candidates.append((os.path.getmtime(path), name == "checkpoint.pth", name, path))
+    return max(candidates)[-1] if candidates else None
+
+
+def remove_old_epochs(output_dir, keep):
+    """Delete all but the newest `keep` epoch_NNN.pth files (keep <= 0: keep all)."""
+    if keep <= 0:
+        return
+    names = sorted(n for n in os.listdir(output_dir) if is_checkpoint_name(n) and n != "checkpoint.pth")
+    for name in names[:-keep]:
+        os.remove(os.path.join(output_dir, name))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss logs: the history a checkpoint stores, the CSV files and the curve
+# ----------------------------------------------------------------------------------------------------
+class LossLog:
+    """The loss history of a run (a checkpoint's "history": {"train": [[iteration, total, focal, dice]],
+    "test": [[epoch, total, focal, dice]], "epoch_iters": [[epoch, iteration at its end]]}) and, in the main
+    process, its files: <output_dir>/losses.csv, <output_dir>/test_losses.csv and <output_dir>/loss_curve.png."""
+
+    def __init__(self, output_dir, history=None, write=True):
+        self.output_dir = output_dir
+        self.history = history or {"train": [], "test": [], "epoch_iters": []}
+        self.history.setdefault("epoch_iters", [])
+        self.write = write
+        if write:  # the CSVs restart from the history (rows a crashed run logged after its checkpoint go)
+            for name, rows in (("losses.csv", self.history["train"]), ("test_losses.csv", self.history["test"])):
+                first = "iteration" if name == "losses.csv" else "epoch"
+                header = ",".join((first,) + LOSS_NAMES) + "\n"
+                atomic_write(os.path.join(output_dir, name),
+                             lambda f, rows=rows, header=header: f.write((header + "".join(map(_csv_line, rows)))
+                                                                         .encode()))
+
+    def _append(self, kind, row):
+        self.history[kind].append(row)
+        if self.write:
+            with open(os.path.join(self.output_dir, "losses.csv" if kind == "train" else "test_losses.csv"),
+                      "a") as f:
+                f.write(_csv_line(row))
+
+    def train(self, iteration, losses):
+        self._append("train", [iteration, *losses])
+
+    def test(self, epoch, losses):
+        self._append("test", [epoch, *losses])
+
+    def end_epoch(self, epoch, iteration):
+        self.history["epoch_iters"].append([epoch, iteration])
+
+    def plot(self):
+        if self.write:
+            return plot_loss_curve(self.history, os.path.join(self.output_dir, "loss_curve.png"))
+
+
+def _csv_line(row):
+    return f"{int(row[0])}," + ",".join(f"{v:.6g}" for v in row[1:]) + "\n"
+
+
+def loss_figure(history):
+    """Total, focal (category) and dice (mask) losses against the iteration (handout 9.2): the train losses
+    (means over each logging window) as lines, the test-split losses after each epoch as markers at the
+    iteration that ended the epoch."""
+    train = np.asarray(history["train"], dtype=float).reshape(-1, 4)  # (rows, [iteration, total, focal, dice])
+    test = np.asarray(history["test"], dtype=float).reshape(-1, 4)  # (epochs, [epoch, total, focal, dice])
+    epoch_end = dict((int(e), it) for e, it in history.get("epoch_iters", []))
+    test_x = np.array([epoch_end.get(int(e), math.nan) for e in test[:, 0]])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k, (ax, name) in enumerate(zip(axes, ("total loss", "focal loss (category)", "dice loss (mask)"))):
+        ax.plot(train[:, 0], train[:, k + 1], lw=1, label="train")
+        if len(test):
+            ax.plot(test_x, test[:, k + 1], "o-", ms=4, label="test (end of epoch)")
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_curve(history, path):
+    """loss_figure(history) written to path (atomically)."""
+    fig = loss_figure(history)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
