@@ -142,20 +142,27 @@ def save_map_json(metrics, path):
     return path
 
 
-def plot_pr_curves(curves, path, iou=0.5, class_names=CLASS_NAMES):
-    """One precision-recall curve per class (COCO's interpolated precision at the 101 recall points)."""
+def pr_figure(curves, iou=0.5, class_names=CLASS_NAMES):
+    """One precision-recall curve per class (COCO's interpolated precision at the 101 recall points), in the
+    class's colour, labelled with the class and its AP at that IoU: a matplotlib Figure."""
     fig, ax = plt.subplots(figsize=(5, 4))
     for k, name in enumerate(class_names):
         if name in curves:
             recall, precision = curves[name]
-            ax.plot(recall, precision, color=CLASS_COLORS[k], label=f"{name} (AP{round(iou * 100)} "
-                                                                    f"{precision.mean():.3f})")
+            ax.plot(recall, precision, color=CLASS_COLORS[k % len(CLASS_COLORS)],
+                    label=f"{name} (AP{round(iou * 100)} {precision.mean():.3f})")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"mask PR curves, IoU {iou}")
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(loc="lower left")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
+    return fig
+
+
+def plot_pr_curves(curves, path, iou=0.5, class_names=CLASS_NAMES):
+    """pr_figure saved as a PNG at path."""
+    fig = pr_figure(curves, iou, class_names)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

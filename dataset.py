@@ -423,8 +423,8 @@ def choose_images(num_objects, num, seed=0):
     return crowded + others[:num - len(crowded)]
 
 
-def plot_item(img, label, mask, bbox, title, path):
-    """Save the denormalised input with masks (class colour, alpha 0.5), boxes and class names."""
+def item_figure(img, label, mask, bbox, title):
+    """The denormalised input with masks (class colour, alpha 0.5), boxes and class names: a matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,6 +447,14 @@ def plot_item(img, label, mask, bbox, title, path):
                 bbox=dict(facecolor=colour, alpha=0.8, pad=1, edgecolor="none"))
     ax.set_title(title)
     ax.axis("off")
+    return fig
+
+
+def plot_item(img, label, mask, bbox, title, path):
+    """item_figure saved as a PNG at path."""
+    import matplotlib.pyplot as plt
+
+    fig = item_figure(img, label, mask, bbox, title)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 

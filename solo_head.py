@@ -17,6 +17,7 @@ holds every setting build_model needs.
 python solo_head.py [--data-dir DIR] [--input-height 800] saves the ground-truth plots of handout figures 8-9.
 """
 import argparse
+import bisect
 import dataclasses
 import functools
 import math
@@ -120,23 +121,65 @@ def full_precision(fn):
     return wrapper
 
 
+def _extent(on):
+    """on (k, n) bool -> (k, 2) first and last True index of each row; (n, -1) for a row without any."""
+    n = on.shape[1]
+    first = torch.where(on.any(1), on.int().argmax(1), n)
+    return torch.stack([first, n - 1 - on.flip(1).int().argmax(1) - n * ~on.any(1)], 1)
+
+
+def mask_boxes(masks, thresh=0.0):
+    """(k, H, W) -> (k, 4) top, bottom, left, right (inclusive) of each mask's pixels above thresh; bottom < top
+    and right < left for a mask without any."""
+    return torch.cat([_extent(masks.amax(2) > thresh), _extent(masks.amax(1) > thresh)], 1)
+
+
 @full_precision
-def mask_intersections(masks, labels=None):
+def mask_intersections(masks, labels=None, tiles=8):
     """Pixel counts of the pairwise intersections of binary masks (n, H, W): (n, n) float32, the diagonal holding
-    the areas. A float32 product, exact for 0/1 inputs while H * W < 2^24 (TF32 or not: 0 and 1 are exact).
-    labels (n,): only pairs of one label are needed (class-wise Matrix NMS), the others are left 0. On the CPU,
-    where a product costs its multiply-adds, that is one product per label; on a GPU, where launching kernels
-    costs more than the arithmetic, one product for all."""
+    the areas. Float32 products, exact for 0/1 inputs while H * W < 2^24 (TF32 or not: 0 and 1 are exact).
+    labels (n,): only the pairs of one label are needed (class-wise Matrix NMS); the others may be left 0.
+    On a GPU, where launching kernels costs more than the arithmetic: one product for all. On the CPU, where a
+    product costs its multiply-adds, only what can be non-zero: the masks of one label at a time, tile by tile of
+    a tiles x tiles grid over the image, each tile's product over the masks whose box reaches it (a pair's
+    products over the tiles add up to its product over the image); one product where most masks reach most tiles."""
     n = len(masks)
-    if labels is None or masks.device.type != "cpu":
+    if masks.device.type != "cpu":
         flat = masks.flatten(1).float()  # (n, HW)
         return flat @ flat.T
+    ys = torch.linspace(0, masks.shape[1], tiles + 1).long()  # tile borders
+    xs = torch.linspace(0, masks.shape[2], tiles + 1).long()
+    top, bottom, left, right = mask_boxes(masks).T  # (n,) each
+    reach = (((top[:, None] < ys[1:]) & (bottom[:, None] >= ys[:-1]))[:, :, None]
+             & ((left[:, None] < xs[1:]) & (right[:, None] >= xs[:-1]))[:, None, :])  # (n, T, T)
+    ys, xs = ys.tolist(), xs.tolist()
     inter = masks.new_zeros(n, n, dtype=torch.float)
-    for label in labels.unique().tolist():
-        idx = (labels == label).nonzero()[:, 0]  # (n_c,)
-        flat = masks[idx].flatten(1).float()  # (n_c, HW)
-        inter[idx[:, None], idx] = flat @ flat.T
+    groups = [torch.arange(n)] if labels is None else [(labels == c).nonzero()[:, 0] for c in labels.unique()]
+    for idx in groups:  # (n_c,) the masks of one label
+        if (reach[idx].sum(0).float() ** 2).sum() > 0.5 * tiles ** 2 * len(idx) ** 2:  # tiles would cost more
+            flat = masks[idx].flatten(1).float()  # (n_c, HW)
+            inter[idx[:, None], idx] = flat @ flat.T
+            continue
+        for i in range(tiles):
+            for j in range(tiles):
+                ids = idx[reach[idx, i, j]]  # (m,) the masks of the label that reach tile (i, j)
+                tile = masks[ids, ys[i]:ys[i + 1], xs[j]:xs[j + 1]].flatten(1).float()  # (m, tile pixels)
+                inter[ids[:, None], ids] += tile @ tile.T
     return inter
+
+
+def _reads(matrix):
+    """For a resize matrix (out, in) whose rows read consecutive sources: a function (first, last) of a source
+    range -> (s0, s1, o0, o1), the sources [s0, s1) to read so that the outputs [o0, o1), those reading any of
+    first..last, are computed in full (the outputs outside read only sources outside first..last)."""
+    nonzero = (matrix > 0).int()
+    lo = nonzero.argmax(1).tolist()  # (out,) first source each output reads, non-decreasing
+    hi = (matrix.shape[1] - 1 - nonzero.flip(1).argmax(1)).tolist()  # (out,) last source
+
+    def read(first, last):
+        o0, o1 = bisect.bisect_left(hi, first), bisect.bisect_right(lo, last)  # outputs reading first..last
+        return (lo[o0], hi[o1 - 1] + 1, o0, o1) if o0 < o1 else (0, 0, 0, 0)
+    return read
 
 
 def _rgb(color):
@@ -502,10 +545,13 @@ class SOLOHead(nn.Module):
         # filter: every (cell, class) above the category threshold is a candidate; cells come out ascending
         cell, cls = (cate_pred_img > cfg["cate_thresh"]).nonzero(as_tuple=True)  # (k,), (k,)
         masks = self.cell_masks(ins_pred_img, cell)  # (k, H/4, W/4) probabilities
-        hard = masks > cfg["ins_thresh"]
-        area = hard.flatten(1).sum(1, dtype=torch.int32).float()  # (k,); an int32 sum, not bool's default int64
+        # maskness (the authors'): the mean probability over the pixels above ins_thresh. Float sums, no bool
+        # tensor: hard holds those probabilities, then 1 there (sign_), the hard masks Matrix NMS takes
+        hard = F.threshold(masks, cfg["ins_thresh"], 0)  # (k, H/4, W/4), 0 where not above the threshold
+        mass = hard.sum((1, 2))  # (k,)
+        area = hard.sign_().sum((1, 2))  # (k,) pixels above the threshold
         # maskness-weighted scores; masks no larger than their level's stride are dropped (the authors')
-        scores = cate_pred_img[cell, cls] * torch.where(hard, masks, 0).flatten(1).sum(1) / area  # (k,)
+        scores = cate_pred_img[cell, cls] * mass / area  # (k,)
         cell_stride = torch.cat([torch.full((s * s,), float(st), device=cell.device)
                                  for s, st in zip(self.seg_num_grids, self.strides)])  # (sum S^2,)
         idx = (area > cell_stride[cell]).nonzero()[:, 0]  # (k',) into the candidates
@@ -551,11 +597,25 @@ class SOLOHead(nn.Module):
         H * ori_W / ori_H), bilinear resize to ori_size, threshold 0.5. Both resizes are linear and separable, so
         they compose into one (ori_H, H/4) matrix on the rows and one (ori_W, W/4) on the columns (the same values
         up to float rounding, with no (k, H, W) intermediate)."""
-        h4, w4 = masks.shape[-2:]
+        k, h4, w4 = masks.shape
         crop_w = int(4 * h4 * ori_size[1] / ori_size[0])
         rows = resize_matrix(h4, 4 * h4, 4 * h4, ori_size[0], masks.device)  # (ori_H, H/4)
         cols = resize_matrix(w4, 4 * w4, crop_w, ori_size[1], masks.device)  # (ori_W, W/4)
-        return ((rows @ masks.float() @ cols.T) > 0.5).float()  # (k, ori_H, ori_W)
+        masks = masks.float()
+        if masks.device.type != "cpu":  # one batched product: on a GPU, launches cost more than arithmetic
+            return ((rows @ masks @ cols.T) > 0.5).float()
+        # CPU: every output pixel is a convex combination (weights >= 0, summing to 1) of the source pixels it
+        # reads, so only one reading a source pixel above 0.5 can pass the threshold. Each mask is resized over
+        # the box of its pixels above 0.5, with the margin of source pixels that the outputs there also read;
+        # the rest stays 0: the same values for a fraction of the multiply-adds of an object-sized mask.
+        out = masks.new_zeros(k, *ori_size)
+        row_reads, col_reads = _reads(rows), _reads(cols)
+        for mask, out_mask, (top, bottom, left, right) in zip(masks, out, mask_boxes(masks, 0.5).tolist()):
+            if bottom < top:  # no pixel above 0.5
+                continue
+            (y0, y1, oy0, oy1), (x0, x1, ox0, ox1) = row_reads(top, bottom), col_reads(left, right)
+            out_mask[oy0:oy1, ox0:ox1] = rows[oy0:oy1, y0:y1] @ mask[y0:y1, x0:x1] @ cols[ox0:ox1, x0:x1].T > 0.5
+        return out
 
     @staticmethod
     @full_precision

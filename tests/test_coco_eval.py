@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from coco_eval import (coco_mask_map, det_annotations, evaluate_masks, format_map_table, gt_annotations,
-                        map_summary, plot_pr_curves, pr_curves, save_map_json)
+                       map_summary, plot_pr_curves, pr_curves, pr_figure, save_map_json)
+from dataset import CLASS_COLORS
 
 H, W = 30, 40  # image size of the hand-made cases
 NAMES = ("vehicle", "person", "animal")
@@ -157,7 +158,11 @@ class TestAnnotationsAndOutputs:
         saved = json.load(open(path))
         assert saved["per_class"]["animal"]["AP"] is None  # nan is written as null
         assert saved["per_class"]["vehicle"]["AP"] == pytest.approx(1.0) and saved["AP"] == pytest.approx(0.5)
-        plot_pr_curves(curves, str(tmp_path / "pr.png"))
-        assert (tmp_path / "pr.png").stat().st_size > 0
+        assert plot_pr_curves(curves, str(tmp_path / "pr.png")) == str(tmp_path / "pr.png")
+        (ax,) = pr_figure(curves).axes  # what the picture shows: a curve per class with ground truth
+        assert [line.get_label() for line in ax.lines] == ["vehicle (AP50 1.000)", "person (AP50 0.000)"]
+        assert [line.get_color() for line in ax.lines] == [CLASS_COLORS[0], CLASS_COLORS[1]]
+        np.testing.assert_array_equal(ax.lines[0].get_xydata(), np.stack([recall, precision], 1))
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("recall", "precision")
         table = format_map_table(metrics)
         assert "vehicle" in table and "animal" in table and "nan" in table

@@ -339,6 +339,24 @@ class TestVisualisation:
         assert folder == os.path.join(str(tmp_path), "synthetic_3_max_objects2_min_size30")
         assert max(BuildDataset(dataset_paths(folder), input_height=64).num_objects) <= 2
 
+    def test_the_figure_shows_each_mask_in_its_class_colour_with_its_box_and_name(self, small):
+        index = int(np.argmax(small.num_objects))  # the most crowded image
+        img, label, mask, bbox = small[index]
+        fig = ds.item_figure(img, label, mask, bbox, "title")
+        (ax,) = fig.axes
+        shown = torch.tensor(ax.images[0].get_array())  # (Hp, Wp, 3)
+        image = denormalize(img).permute(1, 2, 0)
+        for k in range(len(label)):  # where a single object's mask lies: half the image, half its class colour
+            alone = (mask[k] > 0) & (mask.sum(0) == 1)
+            blend = 0.5 * image[alone] + 0.5 * torch.tensor(ds.CLASS_COLORS[label[k] - 1])
+            torch.testing.assert_close(shown[alone], blend.float(), atol=1e-5, rtol=0)
+        outside = mask.sum(0) == 0
+        torch.testing.assert_close(shown[outside], image[outside].float(), atol=1e-6, rtol=0)
+        boxes = [(p.get_x(), p.get_y(), p.get_x() + p.get_width(), p.get_y() + p.get_height()) for p in ax.patches]
+        np.testing.assert_allclose(boxes, bbox.numpy(), rtol=1e-6)
+        assert [t.get_text() for t in ax.texts] == [ds.CLASS_NAMES[k - 1] for k in label.tolist()]
+        assert len(label) >= 2 and ax.get_title() == "title"
+
     def test_first_choices_are_the_most_crowded_images(self):
         assert ds.choose_images(np.array([1, 4, 2, 5, 1]), 4)[:2] == [3, 1]
         assert len(set(ds.choose_images(np.array([1, 4, 2, 5, 1]), 5))) == 5

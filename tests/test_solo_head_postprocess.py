@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import solo_head
 from conftest import ReportsCuda
@@ -474,15 +475,68 @@ class TestMasksToOriginal:
     def test_no_mask(self):
         assert SOLOHead._masks_to_original(torch.zeros(0, *QUARTER), ORI).shape == (0, *ORI)
 
-    def test_the_resize_matrices_are_built_on_the_masks_device(self, monkeypatch):
-        devices, real = [], solo_head.resize_matrix
 
-        def resize_matrix(size_in, size_up, crop, size_out, device=None):
-            devices.append(device)
-            return real(size_in, size_up, crop, size_out)  # on the CPU, whatever the masks report
-        monkeypatch.setattr(solo_head, "resize_matrix", resize_matrix)
-        SOLOHead._masks_to_original(torch.rand(2, *QUARTER).as_subclass(ReportsCuda), ORI)
-        assert devices == [torch.device("cuda", 0)] * 2
+# ------------------------------------------------------------------ the GPU's _masks_to_original, run on the CPU
+
+
+@pytest.fixture
+def batched_branch(monkeypatch):
+    """SOLOHead._masks_to_original as on a GPU, on the CPU: the masks report cuda:0, resize_matrix builds on the
+    CPU whatever device it is given (and records it), and the CPU path's box search must not run for them."""
+    devices = []
+    real_resize_matrix = solo_head.resize_matrix
+
+    def resize_matrix(size_in, size_up, crop, size_out, device=None):
+        devices.append(device)
+        return real_resize_matrix(size_in, size_up, crop, size_out)
+
+    real_reads, batched = solo_head._reads, []
+
+    def reads(matrix):
+        assert not batched, "the CPU path ran"
+        return real_reads(matrix)
+    monkeypatch.setattr(solo_head, "resize_matrix", resize_matrix)
+    monkeypatch.setattr(solo_head, "_reads", reads)
+
+    def run(masks, ori_size):
+        batched.append(True)
+        try:
+            out = SOLOHead._masks_to_original(masks.as_subclass(ReportsCuda), ori_size)
+        finally:
+            batched.pop()
+        return out.as_subclass(torch.Tensor)
+    run.devices = devices
+    return run
+
+
+class TestBatchedMasksToOriginal:
+
+    def test_equals_the_cpu_path_and_the_three_steps(self, batched_branch):
+        torch.manual_seed(1)
+        masks = F.interpolate(torch.rand(1, 10, 6, 8), size=QUARTER, mode="bilinear")[0]  # smooth, many edges
+        masks[0] = 0.1  # no pixel above 0.5
+        masks[1, :, -10:] = 0.9  # against the right edge, partly in the padding
+        cpu = SOLOHead._masks_to_original(masks, ORI)
+        out = batched_branch(masks, ORI)
+        assert out.shape == (10, *ORI) and out.dtype == torch.float32
+        reference = reference_masks_to_original(masks, ORI)
+        differ = (out != cpu) | (out != (reference > 0.5).float())
+        assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
+        assert differ.sum() <= 2 and not out[0].any() and out[1].any()
+
+    def test_the_resize_matrices_are_built_on_the_masks_device(self, batched_branch):
+        batched_branch(torch.rand(2, *QUARTER), ORI)
+        assert batched_branch.devices == [torch.device("cuda", 0)] * 2
+
+    def test_no_mask(self, batched_branch):
+        assert batched_branch(torch.zeros(0, *QUARTER), ORI).shape == (0, *ORI)
+
+    def test_float32_under_autocast(self, batched_branch):
+        masks = F.interpolate(torch.rand(1, 4, 6, 8, generator=torch.Generator().manual_seed(2)), size=QUARTER,
+                              mode="bilinear")[0]
+        expected = batched_branch(masks, ORI)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.equal(batched_branch(masks, ORI), expected)
 
 
 @pytest.fixture(scope="module")
@@ -549,6 +603,36 @@ class TestMaskIntersections:
         expected = (flat @ flat.T).float()  # float64 sums: exact
         assert torch.equal(mask_intersections(masks), expected)
         assert torch.equal(mask_intersections(masks.float()), expected)  # {0, 1} floats as well as bools
+
+    @pytest.mark.parametrize("labelled", [False, True])
+    def test_object_sized_masks_are_counted_tile_by_tile_exactly(self, labelled):
+        """Small masks (one on a tile border, one empty, one covering the whole image among them) take the
+        CPU's tiled path: a product per tile the masks reach, the counts as exact as the one product's."""
+        g = torch.Generator().manual_seed(5)
+        masks = torch.zeros(60, 200, 272, dtype=torch.bool)  # the stride-4 map of 800 x 1088
+        for k in range(57):
+            y, x = int(torch.randint(0, 180, (), generator=g)), int(torch.randint(0, 250, (), generator=g))
+            h, w = (int(v) for v in torch.randint(2, 30, (2,), generator=g))
+            region = masks[k, y:y + h, x:x + w]  # a view, clipped at the image's edges
+            region[:] = torch.rand(region.shape, generator=g) > 0.2
+        masks[57, 20:30, 30:40] = True  # x 34 is the border of tiles 0 and 1 (272 / 8)
+        masks[59] = True  # masks[58] stays empty
+        labels = torch.randint(1, 4, (60,), generator=g) if labelled else None
+        flat = masks.flatten(1).double()
+        expected = flat @ flat.T
+        if labelled:
+            expected = expected * (labels[:, None] == labels[None, :])
+
+        class Products(TorchFunctionMode):
+            count = 0
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                Products.count += getattr(func, "__name__", "") in ("matmul", "__matmul__")
+                return func(*args, **(kwargs or {}))
+        with Products():
+            out = mask_intersections(masks, labels)
+        assert torch.equal(out, expected.float())
+        assert Products.count > 3  # tile by tile, not one product per label
 
     @pytest.mark.parametrize("n", [0, 1, 40])
     def test_with_labels_only_pairs_of_one_label(self, n):
