@@ -10,6 +10,7 @@ dataset.BuildDataset reads them, synthetic.py writes a stand-in in the same form
 an error naming the file, the image and what was expected.
 """
 import os
+import pickle
 
 import h5py
 import numpy as np
@@ -23,6 +24,16 @@ FILE_NAMES = (
 )
 ROLES = ("images", "masks", "labels", "bboxes")  # what each of the four files holds, for error messages
 H5_KEY = "data"
+# what unpickling an object array of numpy arrays needs (numpy 1.x and 2.x names); nothing else may load
+NUMPY_CLASSES = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+                 ("numpy.core.multiarray", "scalar")}
+EMPTY_CHECK = 100  # how many of the first masks are read at start to refuse a dataset whose masks are all empty
+
+
+class DataError(ValueError):
+    """A data file that is unreadable or does not hold what the layout says: the message names the file, the
+    image and what was expected."""
 
 
 def dataset_paths(data_dir):
@@ -35,7 +46,7 @@ def dataset_paths(data_dir):
 # ----------------------------------------------------------------------------------------------------
 def check_files_exist(paths):
     if len(paths) != 4:
-        raise ValueError(f"expected 4 paths [images_h5, masks_h5, labels_npy, bboxes_npy], got {len(paths)}")
+        raise DataError(f"expected 4 paths [images_h5, masks_h5, labels_npy, bboxes_npy], got {len(paths)}")
     for role, name, path in zip(ROLES, FILE_NAMES, paths):
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -49,25 +60,48 @@ def h5_shape(path, role, expected):
     try:
         f = h5py.File(path, "r")
     except OSError as err:
-        raise ValueError(f"{role} file {path} is not a readable HDF5 file ({err})") from None
+        raise DataError(f"{role} file {path} is not a readable HDF5 file ({err})") from None
     with f:
         if H5_KEY not in f:
-            raise ValueError(f"{role} file {path} has no dataset '{H5_KEY}' (keys: {list(f.keys())})")
+            raise DataError(f"{role} file {path} has no dataset '{H5_KEY}' (keys: {list(f.keys())})")
         data = f[H5_KEY]
         if data.dtype != np.uint8 or data.ndim != expected.count(",") + 1:
-            raise ValueError(f"{role} file {path}: '{H5_KEY}' is {data.dtype} {data.shape}, "
+            raise DataError(f"{role} file {path}: '{H5_KEY}' is {data.dtype} {data.shape}, "
                              f"expected uint8 {expected}")
         return data.shape
 
 
+class _NumpyOnly(pickle.Unpickler):
+    """Unpickles an object array of numpy arrays and refuses every other class: a crafted .npy cannot run code."""
+
+    def find_class(self, module, name):
+        if (module, name) not in NUMPY_CLASSES:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which an array of numpy arrays never does")
+        return super().find_class(module, name)
+
+
 def load_entries(path, role):
-    """The per-image entries of an npy file (an object array (N,) or a regular array (N, ...))."""
+    """The per-image entries of an npy file (an object array (N,) or a regular array (N, ...)). An object array is
+    unpickled admitting only the numpy classes it needs (np.load(allow_pickle=True) would run whatever code a
+    crafted file holds)."""
     try:
-        array = np.load(path, allow_pickle=True)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{role} file {path} is not a readable .npy file ({err})") from None
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            if not dtype.hasobject:
+                array = np.load(path, allow_pickle=False)
+            else:
+                array = _NumpyOnly(f).load()
+                if not isinstance(array, np.ndarray) or array.shape != shape:
+                    raise ValueError(f"its pickle holds a {type(array).__name__}, not the {shape} array its header "
+                                     f"announces")
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, TypeError, AttributeError) as err:
+        raise DataError(f"{role} file {path} is not a readable .npy file of numpy arrays "
+                        f"({type(err).__name__}: {err})") from None
     if array.ndim == 0:
-        raise ValueError(f"{role} file {path} holds a scalar, expected one entry per image")
+        raise DataError(f"{role} file {path} holds a scalar, expected one entry per image")
     return list(array)
 
 
@@ -78,51 +112,69 @@ def parse_labels(entries, path):
         try:
             label = np.atleast_1d(np.asarray(entry, dtype=np.float64))
         except (TypeError, ValueError):
-            raise ValueError(f"labels file {path}: image {i} has a non-numeric entry {entry!r}") from None
+            raise DataError(f"labels file {path}: image {i} has a non-numeric entry {entry!r}") from None
         if label.ndim != 1:
-            raise ValueError(f"labels file {path}: image {i} has shape {label.shape}, expected (n,)")
+            raise DataError(f"labels file {path}: image {i} has shape {label.shape}, expected (n,)")
         bad = label[(label < 1) | (label > len(CLASS_NAMES)) | (label != np.round(label))]
         if bad.size:
-            raise ValueError(f"labels file {path}: image {i} has label {bad[0]:g}; labels must be 1 "
+            raise DataError(f"labels file {path}: image {i} has label {bad[0]:g}; labels must be 1 "
                              f"(vehicle), 2 (person) or 3 (animal)")
         labels.append(label.astype(np.int64))
     return labels
 
 
-def parse_bboxes(entries, path, labels):
-    """Entries -> list of float32 (n_i, 4) arrays, one box per label."""
-    bboxes = []
+def parse_bboxes(entries, path, labels, height, width):
+    """Entries -> (list of float32 (n_i, 4) arrays, one box per label, clipped to the height x width image;
+    the number of boxes that had to be clipped). A box wholly outside the image is refused."""
+    bboxes, clipped = [], 0
     for i, (entry, label) in enumerate(zip(entries, labels)):
         try:
             bbox = np.asarray(entry, dtype=np.float32)
         except (TypeError, ValueError):
-            raise ValueError(f"bboxes file {path}: image {i} has a non-numeric entry") from None
+            raise DataError(f"bboxes file {path}: image {i} has a non-numeric entry") from None
         if bbox.size == 0:
             bbox = bbox.reshape(0, 4)
         if bbox.ndim != 2 or bbox.shape[1] != 4:
-            raise ValueError(f"bboxes file {path}: image {i} has boxes of shape {bbox.shape}, "
-                             f"expected (n, 4) x1 y1 x2 y2")
+            raise DataError(f"bboxes file {path}: image {i} has boxes of shape {bbox.shape}, "
+                            f"expected (n, 4) x1 y1 x2 y2")
         if len(bbox) != len(label):
-            raise ValueError(f"bboxes file {path}: image {i} has {len(bbox)} boxes but the labels file "
-                             f"lists {len(label)} objects for it")
+            raise DataError(f"bboxes file {path}: image {i} has {len(bbox)} boxes but the labels file "
+                            f"lists {len(label)} objects for it")
         if not np.isfinite(bbox).all() or (bbox[:, 2:] < bbox[:, :2]).any():
-            raise ValueError(f"bboxes file {path}: image {i} has a box that is not finite with x1 <= x2, "
-                             f"y1 <= y2: {bbox.tolist()}")
-        bboxes.append(bbox)
-    return bboxes
+            raise DataError(f"bboxes file {path}: image {i} has a box that is not finite with x1 <= x2, "
+                            f"y1 <= y2: {bbox.tolist()}")
+        inside = np.clip(bbox, 0, [width, height, width, height]).astype(np.float32)
+        outside = (inside[:, 2] <= inside[:, 0]) | (inside[:, 3] <= inside[:, 1])
+        outside &= (bbox[:, 2] > bbox[:, 0]) & (bbox[:, 3] > bbox[:, 1])  # a box that had an area and lost it
+        if outside.any():
+            raise DataError(f"bboxes file {path}: image {i} has a box outside the {height}x{width} image: "
+                            f"{bbox[outside][0].tolist()}")
+        clipped += int((inside != bbox).any(1).sum())
+        bboxes.append(inside)
+    return bboxes, clipped
+
+
+def check_masks_not_all_empty(path, num_masks):
+    """Refuse a masks file whose first masks (EMPTY_CHECK of them) are all empty: a dataset without masks would
+    train to a tiny loss and learn nothing."""
+    with h5py.File(path, "r") as f:
+        first = f[H5_KEY][:min(num_masks, EMPTY_CHECK)]
+    if len(first) and not first.any():
+        raise DataError(f"masks file {path}: its first {len(first)} masks are all empty; the masks must mark each "
+                        f"object's pixels with 1")
 
 
 def check_counts(paths, num_images, num_masks, labels, bboxes):
     """One labels entry and one bboxes entry per image, one mask per label."""
     if num_images == 0:
-        raise ValueError(f"images file {paths[0]} holds no images")
+        raise DataError(f"images file {paths[0]} holds no images")
     for role, path, entries in (("labels", paths[2], labels), ("bboxes", paths[3], bboxes)):
         if len(entries) != num_images:
-            raise ValueError(f"{role} file {path} has {len(entries)} entries but the images file {paths[0]} "
+            raise DataError(f"{role} file {path} has {len(entries)} entries but the images file {paths[0]} "
                              f"has {num_images} images")
     num_objects = sum(len(label) for label in labels)
     if num_masks != num_objects:
-        raise ValueError(f"masks file {paths[1]} has {num_masks} masks but the labels file {paths[2]} lists "
+        raise DataError(f"masks file {paths[1]} has {num_masks} masks but the labels file {paths[2]} lists "
                          f"{num_objects} objects")
 
 

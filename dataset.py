@@ -27,6 +27,7 @@ import itertools
 import math
 import operator
 import os
+import sys
 
 import h5py
 import numpy as np
@@ -34,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datafiles import (CLASS_NAMES, FILE_NAMES, H5_KEY, ROLES, check_counts, check_files_exist,  # noqa: F401
-                       dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels)
+from datafiles import (CLASS_NAMES, FILE_NAMES, H5_KEY, ROLES, DataError, check_counts, check_files_exist,  # noqa: F401
+                       check_masks_not_all_empty, dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels)
 from synthetic import write_synthetic_dataset
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean
 STD = (0.229, 0.224, 0.225)  # ImageNet RGB std
 PAD_MULTIPLE = 32  # the input is padded to a multiple of the backbone's coarsest stride
+_WARNED = set()  # bboxes files whose clipped boxes were reported
 
 
 def denormalize(img):
@@ -157,19 +159,25 @@ class BuildDataset(Dataset):
         check_files_exist(paths)
         num_images, channels, height, width = h5_shape(paths[0], "images", "(N, 3, H, W)")
         if channels != 3:
-            raise ValueError(f"images file {paths[0]}: shape {(num_images, channels, height, width)}, "
-                             f"expected (N, 3, H, W) RGB")
+            raise DataError(f"images file {paths[0]}: shape {(num_images, channels, height, width)}, "
+                            f"expected (N, 3, H, W) RGB")
         mask_shape = h5_shape(paths[1], "masks", "(total_objects, H, W)")
         if mask_shape[1:] != (height, width):
-            raise ValueError(f"masks file {paths[1]}: masks are {mask_shape[1:]}, but the images in "
-                             f"{paths[0]} are {(height, width)}")
+            raise DataError(f"masks file {paths[1]}: masks are {mask_shape[1:]}, but the images in "
+                            f"{paths[0]} are {(height, width)}")
         labels = parse_labels(load_entries(paths[2], "labels"), paths[2])
         bbox_entries = load_entries(paths[3], "bboxes")
         check_counts(paths, num_images, mask_shape[0], labels, bbox_entries)
+        check_masks_not_all_empty(paths[1], mask_shape[0])
+        bboxes, clipped = parse_bboxes(bbox_entries, paths[3], labels, height, width)
+        if clipped and paths[3] not in _WARNED:  # said once per file, though every split reads it
+            _WARNED.add(paths[3])
+            print(f"warning: bboxes file {paths[3]}: {clipped} boxes reach beyond the {height}x{width} images; "
+                  f"they are clipped to them")
 
         self.paths = paths
         self.labels = labels  # list (N,) of int64 (n_i,)
-        self.bboxes = parse_bboxes(bbox_entries, paths[3], labels)  # list (N,) of float32 (n_i, 4)
+        self.bboxes = bboxes  # list (N,) of float32 (n_i, 4)
         self.num_objects = np.array([len(label) for label in labels], dtype=np.int64)  # (N,)
         self.mask_offsets = np.concatenate([[0], np.cumsum(self.num_objects)[:-1]])  # (N,) first mask row
         self.hflip = hflip
@@ -204,9 +212,19 @@ class BuildDataset(Dataset):
         mask uint8 (n, H, W), bbox float32 (n, 4) x1 y1 x2 y2 in original pixels."""
         i = self._index(index)
         start, num = int(self.mask_offsets[i]), int(self.num_objects[i])
-        img = torch.from_numpy(self._data("images")[i])  # (3, H, W)
-        mask = torch.from_numpy(self._data("masks")[start:start + num])  # (n, H, W)
+        img = torch.from_numpy(self._read("images", i, i + 1, i)[0])  # (3, H, W)
+        mask = torch.from_numpy(self._read("masks", start, start + num, i))  # (n, H, W)
         return img, torch.tensor(self.labels[i]), mask, torch.tensor(self.bboxes[i])  # copies: callers may edit
+
+    def _read(self, role, start, stop, image):
+        """Rows start:stop of the h5 file of `role`; a read error (a corrupt compressed block, a file cut short)
+        names the file and the image."""
+        try:
+            return self._data(role)[start:stop]
+        except (OSError, ValueError, KeyError) as err:
+            path = self.paths[ROLES.index(role)]
+            raise DataError(f"{role} file {path}: image {image} cannot be read ({type(err).__name__}: "
+                            f"{str(err).strip() or 'no details'})") from None
 
     def __getitem__(self, index):
         img, label, mask, bbox = self.get_raw(index)
@@ -472,4 +490,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -19,6 +19,7 @@ dataset.split_dataset, so the test split is the one training never saw. Outputs 
   <stem>_infer.png  with --images: one overlay per photo (handout post-processing)
 """
 import argparse
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -31,11 +32,14 @@ from tqdm import tqdm
 
 from coco_eval import format_map_table, map_summary, plot_pr_curves, pr_curves, save_map_json
 from dataset import CLASS_COLORS, build_datasets, normalize_, pad_to, resized_sizes, to_device
+from datafiles import DataError
 from engine import evaluate_map
 from solo_head import POSTPROCESS_HANDOUT
 from utils import CheckpointError, autocast_settings, latest_checkpoint, load_checkpoint, load_model, prepare_device
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+PHOTO_MAX_SIDE = 1600  # photos are shrunk to this longer side first: the overlays' size, and memory bounded
+MAX_ASPECT = 4  # photos more elongated than 4:1 are padded to it
 
 
 def resolve_checkpoint(path, checkpoint_dir):
@@ -77,46 +81,96 @@ def plot_test_overlays(model, test_set, device, figures_dir, num_figures, score_
 # ----------------------------------------------------------------------------------------------------
 # Your own photos
 # ----------------------------------------------------------------------------------------------------
-def list_photos(folder):
-    """Sorted JPEG/PNG files of a folder; a clear error if there are none."""
+class PhotoError(ValueError):
+    """A photo that cannot be used (not an image, truncated, empty): it is skipped with its reason."""
+
+
+def list_photos(folder, recursive=False):
+    """Sorted paths of the JPEG/PNG files in folder (and its subfolders with recursive), relative to it, and the
+    number of subfolders left out. A clear error if there is no photo."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images: {folder!r} is not a directory")
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(PHOTO_SUFFIXES))
-    if not paths:
-        raise FileNotFoundError(f"--images: no JPEG/PNG images ({', '.join(PHOTO_SUFFIXES)}) in {folder!r}")
-    return paths
+    photos, subfolders = [], 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if not recursive:
+            subfolders += sum(not d.lower().endswith(PHOTO_SUFFIXES) for d in dirs)
+            # a folder named like a photo is listed, to be skipped with a warning rather than silently
+            photos += [d for d in dirs if d.lower().endswith(PHOTO_SUFFIXES)]
+            dirs.clear()
+        relative = os.path.relpath(root, folder)
+        photos += [os.path.normpath(os.path.join(relative, f)) for f in files if f.lower().endswith(PHOTO_SUFFIXES)]
+    if not photos:
+        raise FileNotFoundError(f"--images: no JPEG/PNG images ({', '.join(PHOTO_SUFFIXES)}) in {folder!r}"
+                                + (" (its subfolders are searched with --recursive)" if subfolders else ""))
+    return sorted(photos), subfolders
 
 
-def load_photo(path):
-    """uint8 (3, h, w) RGB, EXIF orientation applied (phone photos). Pillow (a matplotlib dependency) rather
-    than torchvision.io, whose image decoding is deprecated since torchvision 0.29."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (3, h, w)
+def load_photo(path, max_side=PHOTO_MAX_SIDE):
+    """uint8 (3, h, w) RGB, EXIF orientation applied (phone photos), shrunk so that its longer side is at most
+    max_side (JPEGs are decoded at a reduced size where the format allows): a huge photo costs what a moderate
+    one does. Pillow (a matplotlib dependency) rather than torchvision.io, whose decoding is deprecated.
+    PhotoError with the reason when the file is not a readable image."""
+    if os.path.isdir(path):
+        raise PhotoError("it is a folder")
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if still larger
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            if max(image.size) > max_side:
+                scale = max_side / max(image.size)
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.BILINEAR, reducing_gap=2.0)
+            return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (3, h, w)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors of bad files
+        raise PhotoError(f"not a readable image ({type(err).__name__}: {err})") from None
+
+
+def letterbox(photo, max_aspect=MAX_ASPECT):
+    """photo (3, h, w) padded with black at the bottom or right to an aspect of at most max_aspect:1 (the model
+    knows 4:3 images; a 3000x10 strip would be resized to a width of 0)."""
+    h, w = photo.shape[-2:]
+    height, width = max(h, math.ceil(w / max_aspect)), max(w, math.ceil(h / max_aspect))
+    return pad_to(photo, (height, width))
 
 
 def preprocess_photo(photo, input_height):
     """uint8 (3, h, w) -> (1, 3, Hp, Wp) network input as BuildDataset makes it: resized to height input_height
     keeping the aspect ratio, normalised, zero-padded right/bottom to multiples of 32."""
     scaled, padded = resized_sizes(*photo.shape[-2:], input_height)
-    # antialias: a phone photo is usually shrunk several times (a no-op when enlarging, as BuildDataset does)
+    # antialias: a photo is usually shrunk several times (a no-op when enlarging, as BuildDataset does)
     img = F.interpolate(photo[None].float() / 255, size=scaled, mode="bilinear", align_corners=False,
                         antialias=True)  # (1, 3, Hs, Ws) in [0, 1]
     return pad_to(normalize_(img), padded)  # (1, 3, Hp, Wp), padding exactly 0 as in BuildDataset
 
 
+def overlay_name(photo):
+    """The overlay's path for a photo's relative path: the extension kept in the name, so that same.jpg and
+    same.png give two files (sub/same.jpg -> sub/same_jpg_infer.png)."""
+    stem, ext = os.path.splitext(photo)
+    return f"{stem}_{ext[1:]}_infer.png"
+
+
 @torch.inference_mode()
-def infer_photos(model, paths, input_height, device, figures_dir, score_thresh):
-    """Overlay (handout post-processing) per photo, written as <figures_dir>/<photo stem>_infer.png."""
-    out_paths = []
-    for path in tqdm(paths, desc="photos", unit="image"):
-        photo = load_photo(path)  # (3, h, w) uint8
-        results = model.infer(preprocess_photo(photo, input_height).to(device), photo.shape[-2:],
-                              POSTPROCESS_HANDOUT)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        out_paths += model.head.PlotInfer(*results, list(CLASS_COLORS), photo[None], score_thresh=score_thresh,
-                                          save_paths=[os.path.join(figures_dir, f"{stem}_infer.png")])
-    return out_paths
+def infer_photos(model, folder, photos, input_height, device, figures_dir, score_thresh):
+    """Overlay (handout post-processing) per photo, written as <figures_dir>/<overlay_name>. A photo that cannot
+    be read is skipped with one warning line naming it and why. Returns (overlay paths, skipped photos)."""
+    out_paths, skipped = [], []
+    for name in tqdm(photos, desc="photos", unit="image"):
+        try:
+            photo = load_photo(os.path.join(folder, name))  # (3, h, w) uint8
+        except PhotoError as err:
+            tqdm.write(f"warning: skipped {os.path.join(folder, name)}: {err}")
+            skipped.append(name)
+            continue
+        padded = letterbox(photo)
+        scores, labels, masks = model.infer(preprocess_photo(padded, input_height).to(device), padded.shape[-2:],
+                                            POSTPROCESS_HANDOUT)
+        masks = [m[:, :photo.shape[1], :photo.shape[2]] for m in masks]  # the padding cut off again
+        out_paths += model.head.PlotInfer(scores, labels, masks, list(CLASS_COLORS), photo[None],
+                                          score_thresh=score_thresh,
+                                          save_paths=[os.path.join(figures_dir, overlay_name(name))])
+    return out_paths, skipped
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,6 +187,8 @@ def get_args_parser():
                         help="use the synthetic dataset of N images (default: the checkpoint's setting)")
     parser.add_argument("--images", default=None, type=str,
                         help="folder of your own JPEG/PNG photos: overlays only, no test split and no mAP")
+    parser.add_argument("--recursive", action="store_true",
+                        help="with --images, the photos of its subfolders too (their overlays in the same subfolders)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=str,
                         help="device (default cuda when available)")
     parser.add_argument("--batch-size", default=4, type=int, help="test images per batch")
@@ -150,9 +206,9 @@ def get_args_parser():
 
 def main(args):
     """Test split: map_summary's metrics (nan where a class has no ground truth) plus checkpoint, overlays,
-    map_json and pr_curve paths. With --images: {"checkpoint": path, "overlays": [paths]}."""
+    map_json and pr_curve paths. With --images: {"checkpoint": path, "overlays": [paths], "skipped": [photos]}."""
     device = prepare_device(args.device, fixed_input_size=args.images is None)  # photos: any size
-    photos = list_photos(args.images) if args.images else None  # fail before the (slow) model load
+    photos, subfolders = list_photos(args.images, args.recursive) if args.images else (None, 0)  # before the model
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
     checkpoint = load_checkpoint(checkpoint_path)
     model = load_model(checkpoint, device, source=checkpoint_path)  # eval mode
@@ -163,10 +219,11 @@ def main(args):
 
     if photos:
         with autocast:
-            paths = infer_photos(model, photos, train_args["input_height"], device, args.figures_dir,
-                                 args.plot_score_thresh)
-        print(f"wrote {len(paths)} overlays to {args.figures_dir}")
-        return dict(checkpoint=checkpoint_path, overlays=paths)
+            paths, skipped = infer_photos(model, args.images, photos, train_args["input_height"], device,
+                                          args.figures_dir, args.plot_score_thresh)
+        print(f"wrote {len(paths)} overlays to {args.figures_dir}, skipped {len(skipped)} photos"
+              + (f"; {subfolders} subfolders not searched (--recursive)" if subfolders else ""))
+        return dict(checkpoint=checkpoint_path, overlays=paths, skipped=skipped)
 
     test_set = build_test_split(train_args, args.data_dir, args.synthetic)
     print(f"test split: {len(test_set)} images, input {test_set.dataset.input_size}, device {device}")
@@ -186,6 +243,8 @@ def main(args):
 
 if __name__ == "__main__":
     try:
-        main(get_args_parser().parse_args())
-    except (CheckpointError, FileNotFoundError) as e:
+        result = main(get_args_parser().parse_args())
+    except (CheckpointError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    if "skipped" in result and not result["overlays"]:
+        sys.exit(f"error: none of the {len(result['skipped'])} photos could be read")

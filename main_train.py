@@ -25,24 +25,28 @@ import argparse
 import math
 import os
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from dataset import BuildDataLoader, build_datasets
+from dataset import BuildDataLoader, build_datasets, check_input_height
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from solo_head import ModelConfig, build_model
-from utils import (CHECKPOINT_FORMAT, DEMO, CheckpointError, LossLog, autocast_settings, build_scheduler, get_rng_state,
-                   init_distributed, is_main_process, latest_checkpoint, link_checkpoint, load_checkpoint,
-                   load_model_state, model_config, prepare_device, remove_old_epochs, save_checkpoint, scaled_lr,
-                   seed_everything, set_rng_state)
+from datafiles import DataError
+from utils import (CHECKPOINT_FORMAT, DEMO, CheckpointError, LossLog, RunFolderError, WriteError, autocast_settings,
+                   build_scheduler, get_rng_state, init_distributed, is_main_process, latest_checkpoint,
+                   link_checkpoint, load_checkpoint, load_model_state, model_config, prepare_device, remove_old_epochs,
+                   run_folder, save_checkpoint, scaled_lr, seed_everything, set_rng_state, stop_on_sigterm,
+                   stored_settings)
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
 # flags a resumed run may change; every other setting comes from the checkpoint (an explicit other value is an
 # error): they change where and how fast it runs, not what it computes
-RESUME_OVERRIDES = ("data_dir", "output_dir", "device", "workers", "epochs", "keep_epochs", "resume", "test_only")
+RESUME_OVERRIDES = ("data_dir", "output_dir", "device", "workers", "epochs", "keep_epochs", "overwrite", "resume",
+                    "test_only")
 
 
 def get_args_parser(add_help=True):
@@ -82,7 +86,8 @@ def get_args_parser(add_help=True):
     optim.add_argument("--batch-size", default=2, type=int,
                        help="images per process and iteration (the authors use 2 per GPU)")
     optim.add_argument("--epochs", default=36, type=int, help="number of epochs")
-    optim.add_argument("--lr", default=None, type=float, help="initial lr (default: 0.01 * batch_size * world_size / 16)")
+    optim.add_argument("--lr", default=None, type=float,
+                       help="initial lr (default: 0.01 * batch_size * world_size / 16)")
     optim.add_argument("--lr-steps", default=[27, 33], type=int, nargs="+",
                        help="0-based epochs at whose start the lr is divided by 10")
     optim.add_argument("--warmup-iters", default=500, type=int, help="linear warm-up iterations from lr/3 (0 = none)")
@@ -101,8 +106,11 @@ def get_args_parser(add_help=True):
                      help="keep the newest N epoch_NNN.pth files (0 = all); checkpoint.pth is always the newest")
     run.add_argument("--resume", default=None, type=str,
                      help="continue the run of this checkpoint, or of the newest in this folder, with its stored "
-                          "settings (only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_OVERRIDES[:-2])
+                          "settings (only " + ", ".join("--" + k.replace("_", "-") for k in RESUME_OVERRIDES[:-3])
                           + " may change)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start the run even where --output-dir holds another run's checkpoints, deleting them and "
+                          "its logs (default: refuse, so that no finished run is lost by mistake)")
     run.add_argument("--test-only", action="store_true",
                      help="print the test-split losses of the model (--resume's checkpoint) and stop")
     run.add_argument("--demo", action="store_true",
@@ -130,6 +138,12 @@ def parse_args(argv=None):
         args = parser.parse_args(argv)
     if args.resume:
         args = resume_args(args, given_flags(argv))
+    try:
+        check_input_height(args.input_height)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.log_every < 1:
+        parser.error(f"--log-every must be >= 1, got {args.log_every}")
     return args
 
 
@@ -149,9 +163,7 @@ def resume_args(args, given):
         if path is None:
             raise CheckpointError(f"--resume {args.resume}: no checkpoint in this folder (looked for checkpoint.pth "
                                   f"and epoch_NNN.pth): start a run with main_train.py, or pass a checkpoint file")
-    stored = load_checkpoint(path, mmap=True)["args"]
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"checkpoint {path}: 'args' is a {type(stored).__name__}, not a dict")
+    stored = stored_settings(load_checkpoint(path, mmap=True), path, vars(get_args_parser().parse_args([])))
     refused = [f"--{k.replace('_', '-')} (the run has {stored[k]!r}, the command line {getattr(args, k)!r})"
                for k in sorted(given) if k in stored and k not in RESUME_OVERRIDES and k != "demo"
                and getattr(args, k) != stored[k]]
@@ -160,7 +172,7 @@ def resume_args(args, given):
                               f" Start a new run (another --output-dir) to change them")
     merged = vars(args).copy()
     merged.update({k: v for k, v in stored.items() if k in merged and k not in given})
-    merged["resume"] = path
+    merged.update(resume=path, overwrite=args.overwrite, test_only=args.test_only)  # this command's, not the run's
     if "output_dir" not in given:  # the run folder is the checkpoint's own
         merged["output_dir"] = os.path.dirname(path) or "."
     return argparse.Namespace(**merged)
@@ -178,8 +190,6 @@ def main(args):
 def train(args, rank, world_size, device):
     if args.lr is None:
         args.lr = scaled_lr(args.batch_size, world_size)
-    if args.log_every < 1:
-        raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
     seed_everything(args.seed + 1000 * rank)
     checkpoint = load_checkpoint(args.resume) if args.resume else None
 
@@ -231,54 +241,76 @@ def train(args, rank, world_size, device):
                   f"{test_loss[1]:.4f}, dice {test_loss[2]:.4f}")
         return dict(test_loss=test_loss)
 
-    if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-    log = LossLog(args.output_dir, history, write=is_main_process())
-    if is_main_process():
-        print(f"SOLO training: {len(train_set)} train / {len(test_set)} test images, {world_size} process(es) x "
-              f"batch {args.batch_size}, {iters_per_epoch} iterations per epoch, lr {args.lr:g}, device {device}, "
-              f"epochs {start_epoch}..{args.epochs - 1}")
-        if start_epoch >= args.epochs:
-            print(f"nothing to train: the checkpoint has finished epoch {start_epoch - 1} of 0..{args.epochs - 1} "
-                  f"(pass a larger --epochs to go on)")
-    summary = dict(epoch=start_epoch - 1, iteration=scheduler.last_epoch, checkpoint=args.resume, test_loss=None,
-                   train_loss=log.history["train"][-1][1:] if log.history["train"] else None)
-
-    for epoch in range(start_epoch, args.epochs):
-        # the epoch's randomness is a function of (seed, epoch, rank) only, so a resumed run repeats it exactly
-        seed_everything(args.seed + epoch + 1000 * rank)
-        train_sampler.set_epoch(epoch)  # shuffles with seed + epoch, the same order on every process
-        # a fresh loader per epoch: its workers draw their seeds from the RNG just seeded
-        train_loader = BuildDataLoader(train_set, args.batch_size, False, args.workers, sampler=train_sampler).loader()
-        train_one_epoch(model, optimizer, scheduler, scaler, train_loader, device, epoch, args, log)
-        del train_loader
-        log.end_epoch(epoch, scheduler.last_epoch)
-        test_loss = evaluate(model_without_ddp, test_loader, device, args) if len(test_set) else None
-        if test_loss is not None:
-            log.test(epoch, test_loss)
-            if is_main_process():
-                print(f"epoch {epoch}: test losses total {test_loss[0]:.4f}, focal {test_loss[1]:.4f}, "
-                      f"dice {test_loss[2]:.4f}")
+    # the run folder is this run's while it trains: locked, another run's checkpoints refused (main process)
+    with run_folder(args.output_dir, args.resume, args.overwrite) if is_main_process() else nullcontext():
+        log = LossLog(args.output_dir, history, write=is_main_process())
         if is_main_process():
-            epoch_path = os.path.join(args.output_dir, f"epoch_{epoch:03d}.pth")
-            save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model_without_ddp.state_dict(),
-                             "model_cfg": vars(model_cfg).copy(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if use_scaler else None,
-                             "epoch": epoch, "iteration": scheduler.last_epoch, "history": log.history,
-                             "rng": get_rng_state(), "args": {k: v for k, v in vars(args).items()},
-                             "iters_per_epoch": iters_per_epoch, "world_size": world_size}, epoch_path)
-            link_checkpoint(epoch_path, os.path.join(args.output_dir, "checkpoint.pth"))
-            remove_old_epochs(args.output_dir, args.keep_epochs)
-            log.plot()
-        if world_size > 1:
-            dist.barrier()  # no process races ahead of the checkpoint
-        summary.update(epoch=epoch, iteration=scheduler.last_epoch, test_loss=test_loss,
-                       checkpoint=os.path.join(args.output_dir, "checkpoint.pth"), train_loss=log.history["train"][-1][1:])
+            print(f"SOLO training: {len(train_set)} train / {len(test_set)} test images, {world_size} process(es) "
+                  f"x batch {args.batch_size}, {iters_per_epoch} iterations per epoch, lr {args.lr:g}, device "
+                  f"{device}, epochs {start_epoch}..{args.epochs - 1}")
+            if start_epoch >= args.epochs:
+                print(f"nothing to train: the checkpoint has finished epoch {start_epoch - 1} of 0..{args.epochs - 1}"
+                      f" (pass a larger --epochs to go on)")
+        summary = dict(epoch=start_epoch - 1, iteration=scheduler.last_epoch, checkpoint=args.resume, test_loss=None,
+                       train_loss=log.history["train"][-1][1:] if log.history["train"] else None)
+
+        for epoch in range(start_epoch, args.epochs):
+            # the epoch's randomness is a function of (seed, epoch, rank) only, so a resumed run repeats it exactly
+            seed_everything(args.seed + epoch + 1000 * rank)
+            train_sampler.set_epoch(epoch)  # shuffles with seed + epoch, the same order on every process
+            # a fresh loader per epoch: its workers draw their seeds from the RNG just seeded
+            train_loader = BuildDataLoader(train_set, args.batch_size, False, args.workers,
+                                           sampler=train_sampler).loader()
+            train_one_epoch(model, optimizer, scheduler, scaler, train_loader, device, epoch, args, log)
+            del train_loader
+            log.end_epoch(epoch, scheduler.last_epoch)
+            test_loss = evaluate(model_without_ddp, test_loader, device, args) if len(test_set) else None
+            if test_loss is not None:
+                if not all(math.isfinite(v) for v in test_loss):  # as a non-finite train loss: stop, write nothing
+                    raise NonFiniteLossError(f"non-finite test loss after epoch {epoch}: total {test_loss[0]}, focal "
+                                             f"{test_loss[1]}, dice {test_loss[2]}. Stopped; the newest checkpoint in "
+                                             f"{args.output_dir} is the last good one.")
+                log.test(epoch, test_loss)
+                if is_main_process():
+                    print(f"epoch {epoch}: test losses total {test_loss[0]:.4f}, focal {test_loss[1]:.4f}, "
+                          f"dice {test_loss[2]:.4f}")
+            if is_main_process():
+                epoch_path = os.path.join(args.output_dir, f"epoch_{epoch:03d}.pth")
+                save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model_without_ddp.state_dict(),
+                                 "model_cfg": vars(model_cfg).copy(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict() if use_scaler else None, "epoch": epoch,
+                                 "iteration": scheduler.last_epoch, "history": log.history, "rng": get_rng_state(),
+                                 "args": vars(args).copy(), "iters_per_epoch": iters_per_epoch,
+                                 "world_size": world_size}, epoch_path)
+                link_checkpoint(epoch_path, os.path.join(args.output_dir, "checkpoint.pth"))
+                remove_old_epochs(args.output_dir, args.keep_epochs)
+                log.plot()
+            if world_size > 1:
+                dist.barrier()  # no process races ahead of the checkpoint
+            summary.update(epoch=epoch, iteration=scheduler.last_epoch, test_loss=test_loss,
+                           checkpoint=os.path.join(args.output_dir, "checkpoint.pth"),
+                           train_loss=log.history["train"][-1][1:])
     return summary
 
 
+def stopped_message(args, reason):
+    """What to say when a run is interrupted: why, and the checkpoint to continue from."""
+    newest = latest_checkpoint(args.output_dir) if args else None
+    if newest is None:
+        return f"error: {reason}; no checkpoint was written"
+    return f"error: {reason}; the newest checkpoint is {newest}: continue with python main_train.py --resume {newest}"
+
+
 if __name__ == "__main__":
+    stop_on_sigterm()
+    args = None
     try:
-        main(parse_args())
-    except (NonFiniteLossError, CheckpointError) as e:
+        args = parse_args()
+        main(args)
+    except KeyboardInterrupt as e:
+        sys.exit(stopped_message(args, e.args[0] if e.args else "interrupted (Ctrl-C)"))
+    except WriteError as e:
+        sys.exit(stopped_message(args, e.strerror))
+    except (NonFiniteLossError, CheckpointError, RunFolderError, DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 
 import matplotlib
 
@@ -32,8 +33,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from backbone import ARCHITECTURES, WeightsUnavailableError, build_backbone  # noqa: E402
-from dataset import (CLASS_COLORS, CLASS_NAMES, BuildDataLoader, BuildDataset, add_visual_check_args,  # noqa: E402
-                     choose_images, denormalize, resolve_paths)
+from dataset import (CLASS_COLORS, CLASS_NAMES, BuildDataLoader, BuildDataset, DataError,  # noqa: E402
+                     add_visual_check_args, choose_images, denormalize, resolve_paths)
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
 
@@ -684,7 +685,8 @@ class SOLOHead(nn.Module):
             keep = NMS_sorted_scores_list[b].cpu() >= score_thresh
             masks = NMS_sorted_ins_list[b].cpu()[keep].float()
             labels, scores = NMS_sorted_cate_label_list[b].cpu()[keep], NMS_sorted_scores_list[b].cpu()[keep]
-            fig, ax = plt.subplots(figsize=(6, 6 * image.shape[1] / image.shape[2]))
+            inches = 6 / max(image.shape[1:])  # the longer side 6 inches, whatever the photo's aspect
+            fig, ax = plt.subplots(figsize=(max(image.shape[2] * inches, 1), max(image.shape[1] * inches, 1)))
             ax.imshow(self._overlay(image, masks, labels, color_list))
             for mask, label, score in zip(masks, labels, scores):
                 ys, xs = mask.nonzero(as_tuple=True)
@@ -788,4 +790,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

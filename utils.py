@@ -1,10 +1,14 @@
 """Helpers the scripts share: devices and mixed precision, distributed set-up, RNG states, the lr schedule,
 checkpoints (atomic writes, loading with errors that name the file, the newest of a run folder) and the loss logs.
 """
+import contextlib
+import errno
 import math
 import os
 import random
 import shutil
+import signal
+import socket
 import tempfile
 import zipfile
 
@@ -38,6 +42,17 @@ DEMO = dict(data_dir="data", synthetic=600, synthetic_min_size=30, input_height=
 
 class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable, not a SOLO checkpoint, or does not fit the model."""
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that another process is writing to, or that holds another run's checkpoints."""
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, a lost mount): the message names the file and the cause."""
+
+    def __str__(self):
+        return self.strerror
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,12 +187,27 @@ def _umask():
     return mask
 
 
+def _cause(error):
+    """The reason of an error in one phrase: the operating system's (e.g. 'No space left on device') when an
+    OSError is in its chain (torch.save reports a full disk as a RuntimeError of its zip writer), else its own."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def atomic_write(path, write):
     """Call write(file) on a temporary file in path's folder, fsync it, then rename it onto path: a crash leaves
-    either the old file or the new one, never half of one. Temporary names start with '.' and end with '.tmp'."""
+    either the old file or the new one, never half of one. Temporary names start with '.' and end with '.tmp'; the
+    temporary file is removed on any failure, which is reported as a WriteError naming path and the cause."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise WriteError(e.errno, f"cannot write {path}: {_cause(e)}") from e
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's files are private (0600); give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -185,11 +215,13 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, Exception) and not isinstance(e, WriteError):
+            raise WriteError(getattr(e, "errno", None), f"cannot write {path}: {_cause(e)}") from e
         raise
     _fsync_dir(directory)
 
@@ -225,7 +257,11 @@ def link_checkpoint(src, dst):
         with open(src, "rb") as f_src:
             atomic_write(dst, lambda f_dst: shutil.copyfileobj(f_src, f_dst, 1 << 24))
         return
-    os.replace(tmp, dst)
+    try:
+        os.replace(tmp, dst)
+    except OSError as e:
+        os.unlink(tmp)
+        raise WriteError(e.errno, f"cannot write {dst}: {_cause(e)}") from e
     _fsync_dir(directory)
 
 
@@ -266,6 +302,31 @@ def model_config(checkpoint, source):
         raise CheckpointError(f"checkpoint {source}: its model settings are not valid ({e})") from None
 
 
+def stored_settings(checkpoint, source, defaults):
+    """The run's arguments a checkpoint stores ("args"), checked against `defaults` (name -> default value): each
+    stored setting that has a default must have its type (an int counts as a float; a list's items as the default
+    list's). CheckpointError naming `source` and the setting otherwise (a hand-edited file)."""
+    stored = checkpoint["args"]
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"checkpoint {source}: 'args' is a {type(stored).__name__}, not a dict")
+
+    def fits(value, default):
+        if default is None or value is None:
+            return True
+        if isinstance(default, list):
+            return isinstance(value, list) and all(fits(v, default[0]) for v in value) if default else True
+        if isinstance(default, bool) or isinstance(value, bool):
+            return isinstance(value, bool) and isinstance(default, bool)
+        if isinstance(default, float):
+            return isinstance(value, (int, float))
+        return isinstance(value, type(default))
+    for name, default in defaults.items():
+        if name in stored and not fits(stored[name], default):
+            raise CheckpointError(f"checkpoint {source}: its stored setting {name}={stored[name]!r} is not a "
+                                  f"{type(default).__name__} (like {default!r})")
+    return stored
+
+
 def load_model_state(model, state, source):
     """model.load_state_dict(state) after checking every key and shape; CheckpointError naming `source` and the
     first mismatches otherwise. A 'module.' prefix (a state dict saved from DistributedDataParallel) is dropped."""
@@ -280,6 +341,10 @@ def load_model_state(model, state, source):
     if problems:
         raise CheckpointError(f"checkpoint {source} does not fit the model built from its model_cfg "
                               f"({len(problems)} problems): " + "; ".join(problems[:4]))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"checkpoint {source} holds NaN or infinite weights ({len(broken)} tensors, the first "
+                              f"{broken[0]}): it cannot be evaluated or trained on; use an earlier checkpoint")
     model.load_state_dict(state)
 
 
@@ -301,17 +366,24 @@ def is_checkpoint_name(name):
 
 
 def latest_checkpoint(directory):
-    """The newest complete checkpoint.pth or epoch_NNN.pth in directory (by modification time), or None.
-    Temporary files of an interrupted save ('.*.tmp') and files that are not complete zip archives are skipped."""
+    """The newest complete checkpoint.pth or epoch_NNN.pth in directory, by the epoch and iteration it stores
+    (modification times are equal or wrong in copied folders and on some network drives), or None. Temporary
+    files of an interrupted save ('.*.tmp') and files that cannot be read are skipped; of two equally new ones
+    the rolling checkpoint.pth is taken."""
     if not os.path.isdir(directory):
         return None
     candidates = []
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if is_checkpoint_name(name) and os.path.isfile(path) and zipfile.is_zipfile(path):
-            # a truncated file has no zip central directory; newest first, on equal times the rolling
-            # checkpoint.pth, then the highest epoch
-            candidates.append((os.path.getmtime(path), name == "checkpoint.pth", name, path))
+        if not (is_checkpoint_name(name) and os.path.isfile(path) and zipfile.is_zipfile(path)):
+            continue  # a truncated file has no zip central directory
+        try:
+            checkpoint = load_checkpoint(path, keys=("epoch", "iteration"), mmap=True)  # tensors are not read
+        except CheckpointError:
+            continue
+        progress = (checkpoint["epoch"], checkpoint["iteration"])
+        if all(isinstance(v, int) for v in progress):
+            candidates.append((progress, name == "checkpoint.pth", name, path))
     return max(candidates)[-1] if candidates else None
 
 
@@ -322,6 +394,71 @@ def remove_old_epochs(output_dir, keep):
     names = sorted(n for n in os.listdir(output_dir) if is_checkpoint_name(n) and n != "checkpoint.pth")
     for name in names[:-keep]:
         os.remove(os.path.join(output_dir, name))
+
+
+LOG_NAMES = ("losses.csv", "test_losses.csv", "loss_curve.png")  # what a run writes beside its checkpoints
+
+
+@contextlib.contextmanager
+def run_folder(directory, resumed_from=None, overwrite=False):
+    """Hold the run folder `directory` for one training process (the main one) while the block runs.
+    - A lock: an advisory lock (flock) on directory/.lock, which the operating system drops when the process
+      ends in any way (a crash or kill -9 leaves nothing stuck); a second process is refused while it is held.
+    - A folder holding another run's checkpoints (not the one resumed_from, a checkpoint path) is refused: resume
+      that run or choose another folder; overwrite=True deletes its checkpoints and logs and starts over.
+    - Temporary files of writes a crash interrupted ('.*.tmp') are removed.
+    RunFolderError with what to do otherwise."""
+    os.makedirs(directory, exist_ok=True)
+    with _lock(os.path.join(directory, ".lock")):
+        ours = resumed_from and os.path.samefile(os.path.dirname(os.path.abspath(resumed_from)), directory)
+        found = sorted(n for n in os.listdir(directory) if is_checkpoint_name(n))
+        if found and not ours:
+            if not overwrite:
+                raise RunFolderError(
+                    f"{directory} holds the checkpoints of another run ({', '.join(found[:3])}"
+                    f"{', ...' if len(found) > 3 else ''}): continue it with `python main_train.py --resume "
+                    f"{directory}`, choose another --output-dir, or pass --overwrite to delete them and start over")
+            for name in found + [n for n in LOG_NAMES if os.path.exists(os.path.join(directory, n))]:
+                os.remove(os.path.join(directory, name))
+        for name in os.listdir(directory):
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(directory, name))
+        yield
+
+
+@contextlib.contextmanager
+def _lock(path):
+    try:
+        import fcntl  # POSIX; elsewhere the folder is not locked
+    except ImportError:
+        yield
+        return
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # no locks on this file system
+                print(f"warning: cannot lock {path} ({e.strerror}): make sure no other run writes to this folder")
+                yield
+                return
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunFolderError(f"{os.path.dirname(path)} is in use by a training run ({holder}): wait for it "
+                                 f"to end, or choose another --output-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+
+
+def stop_on_sigterm():
+    """Make SIGTERM (what a scheduler or a notebook's stop sends) end the run as Ctrl-C does: a KeyboardInterrupt,
+    so that a checkpoint being written is abandoned cleanly (its temporary file removed) and the script can say
+    which checkpoint to resume from."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,9 +485,12 @@ class LossLog:
     def _append(self, kind, row):
         self.history[kind].append(row)
         if self.write:
-            with open(os.path.join(self.output_dir, "losses.csv" if kind == "train" else "test_losses.csv"),
-                      "a") as f:
-                f.write(_csv_line(row))
+            path = os.path.join(self.output_dir, "losses.csv" if kind == "train" else "test_losses.csv")
+            try:
+                with open(path, "a") as f:
+                    f.write(_csv_line(row))
+            except OSError as e:
+                raise WriteError(e.errno, f"cannot write {path}: {_cause(e)}") from e
 
     def train(self, iteration, losses):
         self._append("train", [iteration, *losses])

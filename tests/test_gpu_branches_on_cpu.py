@@ -142,7 +142,8 @@ def one_step(batch, amp_dtype, scaler, clip_grad, monkeypatch):
 def test_float16_step_with_a_grad_scaler_is_the_float32_step(raw_batch, cuda_like_group_norm, monkeypatch):
     # clip_grad 1: clipping is active, so a clip of the scaled gradients (before unscale_) would shrink the step
     # by the scale (65536)
-    losses32, before, after32, _ = one_step(raw_batch, None, torch.amp.GradScaler("cpu", enabled=False), 1.0, monkeypatch)
+    plain = torch.amp.GradScaler("cpu", enabled=False)
+    losses32, before, after32, _ = one_step(raw_batch, None, plain, 1.0, monkeypatch)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     losses16, _, after16, _ = one_step(raw_batch, torch.float16, scaler, 1.0, monkeypatch)
     for value, expected in zip(losses16, losses32):

@@ -132,8 +132,9 @@ def test_own_photos_of_any_size(setup, tmp_path):
 
     result = main_infer.main(parse("--checkpoint", str(ckpt_dir / "checkpoint.pth"), "--images", str(photos),
                                    "--figures-dir", str(figures), "--plot-score-thresh", "0"))
-    assert sorted(os.listdir(figures)) == ["tall_infer.png", "wide_infer.png"]
-    assert sorted(result["overlays"]) == [str(figures / "tall_infer.png"), str(figures / "wide_infer.png")]
+    assert sorted(os.listdir(figures)) == ["tall_JPG_infer.png", "wide_png_infer.png"]
+    assert sorted(result["overlays"]) == [str(figures / "tall_JPG_infer.png"), str(figures / "wide_png_infer.png")]
+    assert result["skipped"] == []
 
 
 def test_photo_preprocessing_matches_the_dataset_frame():

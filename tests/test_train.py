@@ -69,8 +69,8 @@ def read_csv(path):
 class TestTinyRun:
     def test_files_are_written(self, straight_run):
         run_dir, summary = straight_run
-        assert sorted(os.listdir(run_dir)) == ["checkpoint.pth", "epoch_000.pth", "epoch_001.pth", "loss_curve.png",
-                                               "losses.csv", "test_losses.csv"]
+        assert sorted(os.listdir(run_dir)) == [".lock", "checkpoint.pth", "epoch_000.pth", "epoch_001.pth",
+                                               "loss_curve.png", "losses.csv", "test_losses.csv"]
         assert summary["checkpoint"] == str(run_dir / "checkpoint.pth") and summary["epoch"] == 1
         # the rolling checkpoint is the newest epoch's file, not a second copy of it
         assert os.path.samefile(run_dir / "checkpoint.pth", run_dir / "epoch_001.pth")
@@ -127,7 +127,7 @@ class TestTinyRun:
 # ----------------------------------------------------------------------------------------------------
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data_dir, straight_run, tmp_path):
     main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1))
-    assert sorted(os.listdir(tmp_path))[:2] == ["checkpoint.pth", "epoch_000.pth"]
+    assert sorted(os.listdir(tmp_path))[:3] == [".lock", "checkpoint.pth", "epoch_000.pth"]
     summary = resume("--output-dir", str(tmp_path), "--epochs", "2")
     assert summary["epoch"] == 1
 

@@ -1,0 +1,429 @@
+"""What a run survives and what bad input gets (README, "Reliability"): a run folder belongs to one run, an
+interrupted or failed write leaves the newest checkpoint intact and says which to resume from, data files cannot
+run code and every read error names the file and the image, and bad photos are skipped one by one.
+
+Tiny models and temporary folders throughout, on the CPU; the subprocess tests run the scripts as a user does.
+"""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_infer
+import main_train
+from dataset import BuildDataLoader, BuildDataset
+from datafiles import DataError, write_dataset
+from engine import NonFiniteLossError
+from solo_head import SOLOHead
+from synthetic import write_synthetic_dataset
+from utils import (CheckpointError, RunFolderError, WriteError, latest_checkpoint, load_checkpoint, load_model,
+                   run_folder)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--stacked-convs", "1", "--seg-feat-channels", "32",
+        "--num-grids", "8", "6", "4", "3", "2", "--input-height", "64", "--batch-size", "1", "--log-every", "1",
+        "--device", "cpu", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(str(directory), num_images=3, seed=0, workers=1)  # 2 train, 1 test image
+    return str(directory)
+
+
+def train(data_dir, run_dir, *extra):
+    return main_train.main(main_train.parse_args(TINY + ["--data-dir", data_dir, "--output-dir", str(run_dir),
+                                                         *map(str, extra)]))
+
+
+def script(*argv, timeout=240, **kwargs):
+    """Run a script of the repository as a user does: (return code, stdout, stderr)."""
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            **kwargs)
+    return result.returncode, result.stdout, result.stderr
+
+
+def error_line(stderr):
+    """The one line a script prints when it stops on a user's error: 'error: ...', and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finished")
+    train(data_dir, run_dir, "--epochs", 2)
+    return run_dir
+
+
+def copy_run(source, target):
+    target.mkdir()
+    for name in os.listdir(source):
+        if not name.startswith("."):
+            (target / name).write_bytes((source / name).read_bytes())
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run folders
+# ----------------------------------------------------------------------------------------------------
+class TestRunFolder:
+    def test_a_second_process_is_refused_while_one_holds_the_folder(self, tmp_path):
+        with run_folder(str(tmp_path)):
+            with pytest.raises(RunFolderError, match=f"{tmp_path} is in use by a training run \\(process "
+                                                     f"{os.getpid()} on .*\\): wait for it to end"):
+                with run_folder(str(tmp_path)):
+                    pass
+        with run_folder(str(tmp_path)):  # released at the end of the block
+            pass
+
+    def test_a_killed_run_leaves_no_stuck_lock(self, tmp_path):
+        hold = (f"import time, utils\nwith utils.run_folder({str(tmp_path)!r}):\n"
+                f"    print('locked', flush=True)\n    time.sleep(120)")
+        holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(RunFolderError, match="is in use"):
+                with run_folder(str(tmp_path)):
+                    pass
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=30)
+        with run_folder(str(tmp_path)):  # kill -9 released it
+            pass
+
+    def test_a_new_run_into_another_runs_folder_is_refused(self, data_dir, finished_run, tmp_path):
+        before = {n: (finished_run / n).read_bytes() for n in os.listdir(finished_run) if not n.startswith(".")}
+        with pytest.raises(RunFolderError, match=f"{finished_run} holds the checkpoints of another run \\("
+                                                 f"checkpoint.pth, epoch_000.pth, epoch_001.pth\\): continue it with "
+                                                 f"`python main_train.py --resume {finished_run}`.*--overwrite"):
+            train(data_dir, finished_run, "--epochs", 1)
+        assert {n: (finished_run / n).read_bytes() for n in before} == before  # nothing touched, logs included
+
+    def test_overwrite_starts_over(self, data_dir, finished_run, tmp_path):
+        run = copy_run(finished_run, tmp_path / "run")
+        summary = train(data_dir, run, "--epochs", 1, "--overwrite")
+        assert summary["epoch"] == 0
+        assert sorted(n for n in os.listdir(run) if not n.startswith(".")) == [
+            "checkpoint.pth", "epoch_000.pth", "loss_curve.png", "losses.csv", "test_losses.csv"]
+        assert [int(line.split(",")[0]) for line in open(run / "losses.csv").readlines()[1:]] == [1, 2]
+        # resuming this run does not inherit --overwrite: it would delete what another folder holds
+        assert load_checkpoint(run / "checkpoint.pth")["args"]["overwrite"] is True
+        assert main_train.parse_args(["--resume", str(run)]).overwrite is False
+
+    def test_resuming_the_folders_own_run_is_allowed_and_stale_temporary_files_go(self, finished_run, tmp_path):
+        run = copy_run(finished_run, tmp_path / "run")
+        (run / ".epoch_002.pth.x7y8.tmp").write_bytes(b"PK half a checkpoint a killed run left")
+        (run / ".losses.csv.a1b2.tmp").write_text("iteration,total")
+        main_train.main(main_train.parse_args(["--resume", str(run), "--epochs", "3"]))
+        assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
+        assert load_checkpoint(run / "checkpoint.pth")["epoch"] == 2
+
+    def test_the_newest_checkpoint_is_chosen_by_the_epoch_it_holds_not_by_time(self, finished_run, tmp_path):
+        run = copy_run(finished_run, tmp_path / "run")
+        (run / "checkpoint.pth").write_bytes((run / "epoch_000.pth").read_bytes())  # a stale rolling copy
+        for name in os.listdir(run):
+            os.utime(run / name, (1000, 1000))  # a copied folder: every file of the same time
+        assert latest_checkpoint(str(run)) == str(run / "epoch_001.pth")
+        os.utime(run / "checkpoint.pth", (2000, 2000))  # even when the stale one looks newer
+        assert latest_checkpoint(str(run)) == str(run / "epoch_001.pth")
+
+
+class TestInterruptions:
+    def test_sigterm_stops_with_one_line_naming_the_checkpoint_to_resume(self, data_dir, tmp_path):
+        run = tmp_path / "run"
+        process = subprocess.Popen([sys.executable, "main_train.py", *TINY, "--data-dir", data_dir, "--output-dir",
+                                    str(run), "--epochs", "500"], cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 180
+            while not (run / "epoch_001.pth").exists() and time.time() < deadline:
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            process.kill()
+        assert process.returncode == 1
+        newest = latest_checkpoint(str(run))
+        assert error_line(stderr) == (f"error: stopped by signal SIGTERM; the newest checkpoint is {newest}: continue "
+                                      f"with python main_train.py --resume {newest}")
+        assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
+        assert load_checkpoint(newest)["epoch"] >= 1
+
+    def test_a_full_disk_names_the_file_and_the_cause_and_keeps_the_previous_checkpoint(self, data_dir,
+                                                                                         finished_run, tmp_path,
+                                                                                         monkeypatch):
+        run = copy_run(finished_run, tmp_path / "run")
+        before = (run / "checkpoint.pth").read_bytes()
+        real_save = torch.save
+
+        def full_disk(obj, f, *args, **kwargs):  # torch.save's zip writer reports ENOSPC as a RuntimeError
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+        args = main_train.parse_args(["--resume", str(run), "--epochs", "3"])
+        monkeypatch.setattr(torch, "save", full_disk)
+        with pytest.raises(WriteError) as raised:
+            main_train.main(args)
+        assert str(raised.value) == f"cannot write {run / 'epoch_002.pth'}: No space left on device"
+        monkeypatch.setattr(torch, "save", real_save)
+        assert (run / "checkpoint.pth").read_bytes() == before
+        assert not [n for n in os.listdir(run) if n.endswith(".tmp")] and not (run / "epoch_002.pth").exists()
+        assert main_train.stopped_message(args, raised.value.strerror) == (
+            f"error: cannot write {run / 'epoch_002.pth'}: No space left on device; the newest checkpoint is "
+            f"{latest_checkpoint(str(run))}: continue with python main_train.py --resume "
+            f"{latest_checkpoint(str(run))}")
+
+    def test_a_log_line_that_cannot_be_written_names_the_file(self, data_dir, tmp_path, monkeypatch):
+        real_open = open
+
+        def no_space(path, mode="r", *args, **kwargs):
+            if str(path).endswith("losses.csv") and "a" in mode:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real_open(path, mode, *args, **kwargs)
+        monkeypatch.setattr("builtins.open", no_space)
+        with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'losses.csv'}: No space left on device"):
+            train(data_dir, tmp_path, "--epochs", 1)
+
+    def test_a_non_finite_test_loss_stops_like_a_train_loss(self, data_dir, tmp_path, monkeypatch):
+        real_loss = SOLOHead.loss
+
+        def nan_in_eval(self, *args):
+            losses = real_loss(self, *args)
+            return tuple(x * float("nan") for x in losses) if not self.training else losses
+        monkeypatch.setattr(SOLOHead, "loss", nan_in_eval)
+        with pytest.raises(NonFiniteLossError, match=r"non-finite test loss after epoch 0: total nan.*newest "
+                                                     r"checkpoint in .* is the last good one"):
+            train(data_dir, tmp_path, "--epochs", 2)
+        assert not [n for n in os.listdir(tmp_path) if n.endswith(".pth")]
+        assert open(tmp_path / "test_losses.csv").read() == "epoch,total_loss,focal_loss,dice_loss\n"
+
+    @pytest.mark.slow  # subprocesses of the scripts, each importing torch
+    def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(self, data_dir, finished_run, tmp_path):
+        run = tmp_path / "run"
+        command = ["main_train.py", *TINY, "--data-dir", data_dir, "--output-dir", str(run), "--epochs", "2"]
+        process = subprocess.Popen([sys.executable, *command], cwd=REPO, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while not (run / "epoch_000.pth").exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)  # during epoch 1, or while epoch 0's files are written
+        process.wait(timeout=30)
+        code, _, stderr = script("main_train.py", "--resume", str(run), "--epochs", "2")
+        assert code == 0, stderr
+        straight, resumed = load_checkpoint(finished_run / "checkpoint.pth"), load_checkpoint(run / "checkpoint.pth")
+        assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
+        assert straight["history"] == resumed["history"]
+
+
+class TestBadCheckpoints:
+    def test_nan_weights_are_refused_naming_the_file(self, finished_run, tmp_path):
+        checkpoint = load_checkpoint(finished_run / "checkpoint.pth")
+        checkpoint["model"]["head.cate_out.bias"][0] = float("nan")
+        path = tmp_path / "nan.pth"
+        torch.save(checkpoint, path)
+        with pytest.raises(CheckpointError, match=f"checkpoint {path} holds NaN or infinite weights \\(1 tensors, "
+                                                  f"the first head.cate_out.bias\\)"):
+            load_model(str(path))
+        code, _, stderr = script("main_infer.py", "--checkpoint", str(path), "--device", "cpu")
+        assert code == 1 and error_line(stderr).startswith(f"error: checkpoint {path} holds NaN")
+
+    def test_a_hand_edited_setting_is_refused_naming_the_file(self, finished_run, tmp_path):
+        checkpoint = load_checkpoint(finished_run / "checkpoint.pth")
+        checkpoint["args"]["input_height"] = "sixty-four"
+        (tmp_path / "run").mkdir()
+        path = tmp_path / "run" / "checkpoint.pth"
+        torch.save(checkpoint, path)
+        with pytest.raises(CheckpointError, match=f"checkpoint {path}: its stored setting input_height='sixty-four' "
+                                                  f"is not a int"):
+            main_train.parse_args(["--resume", str(path)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data files
+# ----------------------------------------------------------------------------------------------------
+def tiny_items(boxes=None, masks=None):
+    """Two 30 x 40 images with one object each, for write_dataset."""
+    image = np.zeros((3, 30, 40), np.uint8)
+    mask = np.zeros((1, 30, 40), np.uint8)
+    mask[0, 5:15, 5:20] = 1
+    masks = [mask, mask] if masks is None else masks
+    boxes = [np.array([[5, 5, 20, 15]], np.float32)] * 2 if boxes is None else boxes
+    return [(image, m, np.array([1]), b) for m, b in zip(masks, boxes)]
+
+
+class Marker:
+    """Unpickling this writes a marker file: what a crafted .npy could do with np.load(allow_pickle=True)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+class TestDataFiles:
+    def test_a_crafted_npy_cannot_run_code(self, tmp_path):
+        paths = write_dataset(str(tmp_path), tiny_items(), 2, 30, 40)
+        marker = tmp_path / "marker"
+        crafted = np.empty(2, dtype=object)
+        crafted[0], crafted[1] = np.array([1]), Marker(str(marker))
+        np.save(paths[2], crafted, allow_pickle=True)
+        with pytest.raises(DataError, match=f"labels file {paths[2]} is not a readable .npy file of numpy arrays "
+                                            f"\\(UnpicklingError: it refers to io.open, which an array of numpy "
+                                            f"arrays never does\\)"):
+            BuildDataset(paths)
+        assert not marker.exists()
+
+    def test_a_truncated_npy_names_the_file(self, tmp_path):
+        paths = write_dataset(str(tmp_path), tiny_items(), 2, 30, 40)
+        data = open(paths[3], "rb").read()
+        open(paths[3], "wb").write(data[:len(data) - 40])
+        with pytest.raises(DataError, match=f"bboxes file {paths[3]} is not a readable .npy file"):
+            BuildDataset(paths)
+
+    def test_a_corrupt_image_names_the_file_and_the_image_even_inside_the_loader(self, tmp_path):
+        paths = write_synthetic_dataset(str(tmp_path), num_images=8, seed=0, workers=1)
+        with h5py.File(paths[0], "r") as f:
+            offset, size = f["data"].id.get_chunk_info(5).byte_offset, f["data"].id.get_chunk_info(5).size
+        with open(paths[0], "r+b") as f:  # scramble the middle of image 5's compressed block
+            f.seek(offset + size // 2)
+            f.write(bytes(range(256)) * 4)
+        dataset = BuildDataset(paths, input_height=64)
+        dataset[4]  # the others read fine
+        with pytest.raises(DataError, match=f"images file {paths[0]}: image 5 cannot be read"):
+            dataset[5]
+        loader = BuildDataLoader(torch.utils.data.Subset(dataset, [5]), 1, False, 1).loader()
+        with pytest.raises(DataError, match=f"images file {paths[0]}: image 5 cannot be read"):
+            next(iter(loader))
+
+    def test_boxes_beyond_the_image_are_clipped_and_said_once(self, tmp_path, capsys):
+        boxes = [np.array([[-10, 5, 20, 15]], np.float32), np.array([[5, 5, 1e30, 15]], np.float32)]
+        paths = write_dataset(str(tmp_path), tiny_items(boxes), 2, 30, 40)
+        dataset = BuildDataset(paths, input_height=64)
+        assert dataset.bboxes[0].tolist() == [[0, 5, 20, 15]] and dataset.bboxes[1].tolist() == [[5, 5, 40, 15]]
+        BuildDataset(paths, input_height=64)  # the test split reads it again
+        assert capsys.readouterr().out.count(f"warning: bboxes file {paths[3]}: 2 boxes reach beyond the 30x40 "
+                                             f"images; they are clipped to them") == 1
+
+    @pytest.mark.parametrize("box, message", [
+        ([[50, 5, 60, 15]], r"image 1 has a box outside the 30x40 image: \[50.0, 5.0, 60.0, 15.0\]"),
+        ([[5, 5, float("inf"), 15]], r"image 1 has a box that is not finite"),
+    ], ids=["outside", "infinite"])
+    def test_boxes_that_cannot_be_right_are_refused(self, tmp_path, box, message):
+        paths = write_dataset(str(tmp_path), tiny_items([np.array([[5, 5, 20, 15]], np.float32),
+                                                         np.array(box, np.float32)]), 2, 30, 40)
+        with pytest.raises(DataError, match=f"bboxes file {paths[3]}: " + message):
+            BuildDataset(paths)
+
+    def test_a_dataset_whose_masks_are_all_empty_is_refused(self, tmp_path):
+        empty = np.zeros((1, 30, 40), np.uint8)
+        paths = write_dataset(str(tmp_path), tiny_items(masks=[empty, empty]), 2, 30, 40)
+        with pytest.raises(DataError, match=f"masks file {paths[1]}: its first 2 masks are all empty"):
+            BuildDataset(paths)
+
+    @pytest.mark.slow  # subprocesses of the scripts, each importing torch
+    def test_scripts_print_one_error_line(self, tmp_path):
+        paths = write_dataset(str(tmp_path / "data"), tiny_items(), 2, 30, 40)
+        open(paths[2], "wb").write(b"not an npy file")
+        code, _, stderr = script("main_train.py", *TINY, "--data-dir", str(tmp_path / "data"), "--output-dir",
+                                 str(tmp_path / "run"))
+        assert code == 1 and error_line(stderr).startswith(f"error: labels file {paths[2]} is not a readable")
+        code, _, stderr = script("dataset.py", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "fig"))
+        assert code == 1 and error_line(stderr).startswith(f"error: labels file {paths[2]} is not a readable")
+        code, _, stderr = script("main_train.py", "--input-height", "100")
+        assert code == 2 and "input_height 100 is not a multiple of 32" in stderr and "Traceback" not in stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Your own photos
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint_dir(finished_run):
+    return str(finished_run)
+
+
+def photo(path, size, mode="RGB", seed=0):
+    array = np.random.default_rng(seed).integers(0, 256, (*size, 3) if mode == "RGB" else size, dtype=np.uint8)
+    Image.fromarray(array).save(path)
+
+
+def infer_photos(checkpoint_dir, folder, out, *extra):
+    return main_infer.main(main_infer.get_args_parser().parse_args(
+        ["--checkpoint-dir", checkpoint_dir, "--device", "cpu", "--images", str(folder), "--figures-dir", str(out),
+         "--plot-score-thresh", "0", *extra]))
+
+
+class TestPhotos:
+    def test_bad_files_are_skipped_one_warning_each_the_rest_processed(self, checkpoint_dir, tmp_path, capsys):
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        photo(folder / "good.jpg", (60, 80))
+        photo(folder / "good2.png", (50, 50), mode="L")
+        (folder / "empty.png").write_bytes(b"")
+        (folder / "notes.png").write_text("a text file named .png")
+        good = (folder / "good.jpg").read_bytes()
+        (folder / "truncated.jpg").write_bytes(good[:len(good) // 2])
+        (folder / "x.png").mkdir()
+        result = infer_photos(checkpoint_dir, folder, tmp_path / "out")
+        assert sorted(os.path.basename(p) for p in result["overlays"]) == ["good2_png_infer.png", "good_jpg_infer.png"]
+        assert sorted(result["skipped"]) == ["empty.png", "notes.png", "truncated.jpg", "x.png"]
+        out = capsys.readouterr()
+        for name in result["skipped"]:
+            assert out.err.count(f"warning: skipped {folder / name}: ") + out.out.count(
+                f"warning: skipped {folder / name}: ") == 1, name
+        assert "warning: skipped " + str(folder / "x.png") + ": it is a folder" in out.err + out.out
+        assert "wrote 2 overlays to " + str(tmp_path / "out") + ", skipped 4 photos" in out.out
+
+    @pytest.mark.slow  # subprocesses of the scripts, each importing torch
+    def test_the_script_fails_only_when_no_photo_could_be_read(self, checkpoint_dir, tmp_path):
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        (folder / "a.png").write_text("not an image")
+        code, _, stderr = script("main_infer.py", "--checkpoint-dir", checkpoint_dir, "--device", "cpu",
+                                 "--images", str(folder), "--figures-dir", str(tmp_path / "out"))
+        assert code == 1 and error_line(stderr) == "error: none of the 1 photos could be read"
+        photo(folder / "b.png", (40, 40))
+        code, stdout, stderr = script("main_infer.py", "--checkpoint-dir", checkpoint_dir, "--device", "cpu",
+                                      "--images", str(folder), "--figures-dir", str(tmp_path / "out"))
+        assert code == 0 and "wrote 1 overlays" in stdout, stderr
+
+    def test_extreme_aspect_ratios_and_huge_photos(self, checkpoint_dir, tmp_path):
+        folder = tmp_path / "photos"
+        folder.mkdir()
+        photo(folder / "strip.png", (3000, 10))
+        photo(folder / "banner.png", (10, 3000))
+        Image.new("RGB", (8000, 6000), (90, 120, 150)).save(folder / "huge.jpg", quality=80)
+        assert main_infer.load_photo(str(folder / "huge.jpg")).shape == (3, 1200, 1600)  # shrunk first
+        assert main_infer.letterbox(main_infer.load_photo(str(folder / "strip.png"))).shape == (3, 1600, 400)
+        result = infer_photos(checkpoint_dir, folder, tmp_path / "out")
+        assert len(result["overlays"]) == 3 and not result["skipped"]
+        for name, size in (("strip_png_infer.png", (3000, 10)), ("banner_png_infer.png", (10, 3000))):
+            assert os.path.getsize(tmp_path / "out" / name) > 0, name
+
+    def test_names_stay_unique_and_subfolders_are_searched_only_when_asked(self, checkpoint_dir, tmp_path, capsys):
+        folder = tmp_path / "photos"
+        (folder / "trip").mkdir(parents=True)
+        photo(folder / "same.jpg", (40, 60))
+        photo(folder / "same.png", (40, 60), seed=1)
+        photo(folder / "trip" / "beach.jpg", (40, 60), seed=2)
+        result = infer_photos(checkpoint_dir, folder, tmp_path / "out")
+        assert sorted(os.path.relpath(p, tmp_path / "out") for p in result["overlays"]) == [
+            "same_jpg_infer.png", "same_png_infer.png"]
+        assert "1 subfolders not searched (--recursive)" in capsys.readouterr().out
+        result = infer_photos(checkpoint_dir, folder, tmp_path / "out2", "--recursive")
+        assert sorted(os.path.relpath(p, tmp_path / "out2") for p in result["overlays"]) == [
+            "same_jpg_infer.png", "same_png_infer.png", os.path.join("trip", "beach_jpg_infer.png")]
