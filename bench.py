@@ -23,8 +23,9 @@ Rows:
                   post-processed on the random model's mask features (noise over the whole image) and on
                   object-like blob masks (what a trained model gives), each also as a share of the backbone's
                   forward. Then SOLO.infer on a batch of --infer-batch (skipped with --quick).
-  MatrixNMS       500 binary masks of 200x272 (the stride-4 map of 800x1088), 3 classes, noise and blobs, beside a
-                  float32 product of the same masks (flat @ flat.T) timed in the same run.
+  MatrixNMS       500 binary masks of 200x272 (the stride-4 map of 800x1088) as 0/1 floats (PostProcess's form),
+                  3 classes, noise and blobs, beside a float32 product of the same masks (flat @ flat.T) timed in
+                  the same run.
   data loading    BuildDataset at 800 through BuildDataLoader (2 workers, batch 2) over --data-images images,
                   images/s once the workers are running: preprocessed items (CPU training) and raw uint8 items
                   (GPU training).
@@ -291,7 +292,6 @@ def main(args):
             f"{noise_ms:.1f}, {100 * noise_ms / backbone_ms:.1f}")
         row(f"PostProcess, {k} candidates, blob masks ({len(blob_scores[0])} kept): ms, % of backbone",
             f"{blob_ms:.1f}, {100 * blob_ms / backbone_ms:.1f}")
-    del blob_head
     if not args.quick:
         bz = args.infer_batch
         batch_img = host_batch(paths, 800, bz, False)[0].to(device, memory_format=model_format(args))
@@ -305,7 +305,8 @@ def main(args):
     print(f"MatrixNMS: {n} masks of {(height // 4, width // 4)}, 3 classes")
     for name, masks in (("noise", torch.rand(n, height // 4, width // 4, device=device) > 0.5),
                         ("blobs", blobs(n, (height // 4, width // 4), device) > 0.5)):
-        flat = masks.flatten(1).float()
+        masks = masks.float()  # 0/1, as PostProcessImg passes its hard masks
+        flat = masks.flatten(1)
         product_ms = median_ms(lambda: flat @ flat.T, device, *light)[0]
         nms_ms = median_ms(lambda: head.MatrixNMS(masks, scores, labels), device, *light)[0]
         agnostic_ms = median_ms(lambda: head.MatrixNMS(masks, scores), device, *light)[0]
@@ -318,7 +319,8 @@ def main(args):
     for raw, what in ((False, "preprocessed items (CPU training)"), (True, "raw uint8 items (GPU training)")):
         dataset = BuildDataset(paths, input_height=800, raw=raw)
         loader = BuildDataLoader(torch.utils.data.Subset(dataset, range(num_images)), 2, False, 2).loader()
-        pass_ms = median_ms(lambda: [None for _ in loader], torch.device("cpu"), 1 if args.quick else 2, 1)[0]
+        pass_ms = median_ms(lambda loader=loader: [None for _ in loader], torch.device("cpu"), 1 if args.quick else 2,
+                            1)[0]
         row(what, num_images * 1000 / pass_ms, "images/s")
         del loader
 

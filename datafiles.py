@@ -157,8 +157,12 @@ def parse_bboxes(entries, path, labels, height, width):
 def check_masks_not_all_empty(path, num_masks):
     """Refuse a masks file whose first masks (EMPTY_CHECK of them) are all empty: a dataset without masks would
     train to a tiny loss and learn nothing."""
-    with h5py.File(path, "r") as f:
-        first = f[H5_KEY][:min(num_masks, EMPTY_CHECK)]
+    try:
+        with h5py.File(path, "r") as f:
+            first = f[H5_KEY][:min(num_masks, EMPTY_CHECK)]
+    except (OSError, ValueError) as err:
+        raise DataError(f"masks file {path}: its first {min(num_masks, EMPTY_CHECK)} masks cannot be read "
+                        f"({type(err).__name__}: {str(err).strip() or 'no details'})") from None
     if len(first) and not first.any():
         raise DataError(f"masks file {path}: its first {len(first)} masks are all empty; the masks must mark each "
                         f"object's pixels with 1")

@@ -16,7 +16,7 @@ dataset.split_dataset, so the test split is the one training never saw. Outputs 
                     interpolated precision) with the SOLO authors' post-processing (up to 100 detections per image),
                     against the ground truth in the original 300x400 frame; null where a class has no ground truth
   pr_curve.png      precision-recall curve per class at IoU 0.5
-  <stem>_infer.png  with --images: one overlay per photo (handout post-processing)
+  <name>_<extension>_infer.png  with --images: one overlay per photo (handout post-processing)
 """
 import argparse
 import math
@@ -35,11 +35,14 @@ from dataset import CLASS_COLORS, build_datasets, normalize_, pad_to, resized_si
 from datafiles import DataError
 from engine import evaluate_map
 from solo_head import POSTPROCESS_HANDOUT
-from utils import CheckpointError, autocast_settings, latest_checkpoint, load_checkpoint, load_model, prepare_device
+from utils import (CheckpointError, DeviceError, autocast_settings, error_message, latest_checkpoint, load_checkpoint,
+                   load_model, prepare_device, stored_settings)
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 PHOTO_MAX_SIDE = 1600  # photos are shrunk to this longer side first: the overlays' size, and memory bounded
 MAX_ASPECT = 4  # photos more elongated than 4:1 are padded to it
+# the training run's settings inference reads from a checkpoint, with their types (main_train.py's defaults)
+STORED_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_min_size=14)
 
 
 def resolve_checkpoint(path, checkpoint_dir):
@@ -58,10 +61,10 @@ def build_test_split(train_args, data_dir=None, synthetic=None):
     synthetic, input_height). data_dir alone means the real files in that folder; synthetic N the synthetic set."""
     if data_dir is not None and synthetic is None:
         synthetic = 0
-    _, test_set = build_datasets(data_dir if data_dir is not None else train_args["data_dir"],
-                                 synthetic if synthetic is not None else train_args["synthetic"],
-                                 train_args["input_height"],
-                                 synthetic_options=dict(min_size=train_args.get("synthetic_min_size", 14)))
+    stored = {**STORED_SETTINGS, **train_args}
+    _, test_set = build_datasets(data_dir if data_dir is not None else stored["data_dir"],
+                                 synthetic if synthetic is not None else stored["synthetic"], stored["input_height"],
+                                 synthetic_options=dict(min_size=stored["synthetic_min_size"]))
     return test_set
 
 
@@ -212,7 +215,7 @@ def main(args):
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
     checkpoint = load_checkpoint(checkpoint_path)
     model = load_model(checkpoint, device, source=checkpoint_path)  # eval mode
-    train_args = checkpoint["args"]
+    train_args = stored_settings(checkpoint, checkpoint_path, STORED_SETTINGS, required=("input_height",))
     print(f"checkpoint {checkpoint_path} (epoch {checkpoint['epoch']}), input height {train_args['input_height']}")
     amp_dtype, _ = autocast_settings(device, args.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
@@ -244,7 +247,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         result = main(get_args_parser().parse_args())
-    except (CheckpointError, DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (CheckpointError, DataError, DeviceError, FileNotFoundError) as e:
+        sys.exit(f"error: {error_message(e)}")
     if "skipped" in result and not result["overlays"]:
         sys.exit(f"error: none of the {len(result['skipped'])} photos could be read")

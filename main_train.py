@@ -22,10 +22,10 @@ Outputs in --output-dir: checkpoint.pth (the newest, a hard link to its epoch fi
 epoch), loss_curve.png.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -36,11 +36,11 @@ from dataset import BuildDataLoader, build_datasets, check_input_height
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from solo_head import ModelConfig, build_model
 from datafiles import DataError
-from utils import (CHECKPOINT_FORMAT, DEMO, CheckpointError, LossLog, RunFolderError, WriteError, autocast_settings,
-                   build_scheduler, get_rng_state, init_distributed, is_main_process, latest_checkpoint,
-                   link_checkpoint, load_checkpoint, load_model_state, model_config, prepare_device, remove_old_epochs,
-                   run_folder, save_checkpoint, scaled_lr, seed_everything, set_rng_state, stop_on_sigterm,
-                   stored_settings)
+from utils import (DEMO, CheckpointError, DeviceError, LossLog, RunFolderError, WriteError, autocast_settings,
+                   build_scheduler, error_message, init_distributed, is_main_process, latest_checkpoint,
+                   link_checkpoint, load_checkpoint, model_config, prepare_device, remove_old_epochs, restore_training,
+                   run_folder, save_checkpoint, scaled_lr, seed_everything, stop_on_sigterm, stored_settings,
+                   training_checkpoint)
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
 # flags a resumed run may change; every other setting comes from the checkpoint (an explicit other value is an
@@ -144,6 +144,10 @@ def parse_args(argv=None):
         parser.error(str(e))
     if args.log_every < 1:
         parser.error(f"--log-every must be >= 1, got {args.log_every}")
+    try:
+        ModelConfig.from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
@@ -213,17 +217,10 @@ def train(args, rank, world_size, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     scheduler = build_scheduler(optimizer, iters_per_epoch, args.lr_steps, args.warmup_iters)
-    _, use_scaler = autocast_settings(device, args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_settings(device, args.amp)[1])
     history, start_epoch = None, 0
     if checkpoint:
-        load_model_state(model, checkpoint["model"], args.resume)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if use_scaler and checkpoint["scaler"]:
-            scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        history, start_epoch = checkpoint["history"], checkpoint["epoch"] + 1
+        history, start_epoch = restore_training(checkpoint, args.resume, model, optimizer, scheduler, scaler)
         if is_main_process() and checkpoint.get("iters_per_epoch", iters_per_epoch) != iters_per_epoch:
             print(f"warning: {iters_per_epoch} iterations per epoch now, {checkpoint['iters_per_epoch']} in the "
                   f"checkpoint (another number of processes): the lr steps move")
@@ -242,7 +239,19 @@ def train(args, rank, world_size, device):
         return dict(test_loss=test_loss)
 
     # the run folder is this run's while it trains: locked, another run's checkpoints refused (main process)
-    with run_folder(args.output_dir, args.resume, args.overwrite) if is_main_process() else nullcontext():
+    with contextlib.ExitStack() as held:
+        refused = None
+        if is_main_process():
+            try:
+                held.enter_context(run_folder(args.output_dir, args.resume, args.overwrite))
+            except RunFolderError as e:
+                refused = e
+        if world_size > 1:  # every process stops, not only the main one
+            box = [str(refused) if refused else None]
+            dist.broadcast_object_list(box, src=0)
+            refused = RunFolderError(box[0]) if box[0] else None
+        if refused:
+            raise refused
         log = LossLog(args.output_dir, history, write=is_main_process())
         if is_main_process():
             print(f"SOLO training: {len(train_set)} train / {len(test_set)} test images, {world_size} process(es) "
@@ -276,13 +285,8 @@ def train(args, rank, world_size, device):
                           f"dice {test_loss[2]:.4f}")
             if is_main_process():
                 epoch_path = os.path.join(args.output_dir, f"epoch_{epoch:03d}.pth")
-                save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model_without_ddp.state_dict(),
-                                 "model_cfg": vars(model_cfg).copy(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(),
-                                 "scaler": scaler.state_dict() if use_scaler else None, "epoch": epoch,
-                                 "iteration": scheduler.last_epoch, "history": log.history, "rng": get_rng_state(),
-                                 "args": vars(args).copy(), "iters_per_epoch": iters_per_epoch,
-                                 "world_size": world_size}, epoch_path)
+                save_checkpoint(training_checkpoint(model_without_ddp, model_cfg, optimizer, scheduler, scaler, epoch,
+                                                    log.history, args, iters_per_epoch, world_size), epoch_path)
                 link_checkpoint(epoch_path, os.path.join(args.output_dir, "checkpoint.pth"))
                 remove_old_epochs(args.output_dir, args.keep_epochs)
                 log.plot()
@@ -312,5 +316,5 @@ if __name__ == "__main__":
         sys.exit(stopped_message(args, e.args[0] if e.args else "interrupted (Ctrl-C)"))
     except WriteError as e:
         sys.exit(stopped_message(args, e.strerror))
-    except (NonFiniteLossError, CheckpointError, RunFolderError, DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (NonFiniteLossError, CheckpointError, RunFolderError, DataError, DeviceError, FileNotFoundError) as e:
+        sys.exit(f"error: {error_message(e)}")

@@ -37,6 +37,9 @@ from dataset import (CLASS_COLORS, CLASS_NAMES, BuildDataLoader, BuildDataset, D
                      add_visual_check_args, choose_images, denormalize, resolve_paths)
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
+# mask_intersections on the CPU goes tile by tile while the tiles' products need at most this share of one
+# product's multiply-adds (gathering the tiles costs about the rest)
+TILED_SHARE = 0.5
 
 # Post-processing settings. The handout's keep 5 detections: right for figures, but they cap recall, so mAP
 # uses the SOLO authors' settings (handout-notes 14). Matrix NMS has no IoU threshold: update_thresh is the
@@ -157,8 +160,10 @@ def mask_intersections(masks, labels=None, tiles=8):
     inter = masks.new_zeros(n, n, dtype=torch.float)
     groups = [torch.arange(n)] if labels is None else [(labels == c).nonzero()[:, 0] for c in labels.unique()]
     for idx in groups:  # (n_c,) the masks of one label
-        if (reach[idx].sum(0).float() ** 2).sum() > 0.5 * tiles ** 2 * len(idx) ** 2:  # tiles would cost more
-            flat = masks[idx].flatten(1).float()  # (n_c, HW)
+        if (reach[idx].sum(0).float() ** 2).sum() > TILED_SHARE * tiles ** 2 * len(idx) ** 2:  # tiles' share
+            flat = (masks if labels is None else masks[idx]).flatten(1).float()  # (n_c, HW), no copy for all
+            if labels is None:
+                return flat @ flat.T
             inter[idx[:, None], idx] = flat @ flat.T
             continue
         for i in range(tiles):
@@ -173,9 +178,7 @@ def _reads(matrix):
     """For a resize matrix (out, in) whose rows read consecutive sources: a function (first, last) of a source
     range -> (s0, s1, o0, o1), the sources [s0, s1) to read so that the outputs [o0, o1), those reading any of
     first..last, are computed in full (the outputs outside read only sources outside first..last)."""
-    nonzero = (matrix > 0).int()
-    lo = nonzero.argmax(1).tolist()  # (out,) first source each output reads, non-decreasing
-    hi = (matrix.shape[1] - 1 - nonzero.flip(1).argmax(1)).tolist()  # (out,) last source
+    lo, hi = _extent(matrix > 0).T.tolist()  # (out,) first and last source of each output, both non-decreasing
 
     def read(first, last):
         o0, o1 = bisect.bisect_left(hi, first), bisect.bisect_right(lo, last)  # outputs reading first..last

@@ -9,7 +9,7 @@ import random
 import shutil
 import signal
 import socket
-import tempfile
+import uuid
 import zipfile
 
 import matplotlib
@@ -46,6 +46,10 @@ class CheckpointError(ValueError):
 
 class RunFolderError(RuntimeError):
     """A run folder that another process is writing to, or that holds another run's checkpoints."""
+
+
+class DeviceError(RuntimeError):
+    """The device asked for is not there (--device cuda without CUDA)."""
 
 
 class WriteError(OSError):
@@ -87,11 +91,11 @@ def prepare_device(device, fixed_input_size):
     """torch.device(device); a GPU is made the current device (--device cuda:1: the loader's pinning thread and
     default allocations follow it), and with fixed_input_size cuDNN times its algorithms for the first batches
     and keeps the fastest (with sizes that change it would time them again for each new size).
-    RuntimeError when CUDA is asked for and absent."""
+    DeviceError when CUDA is asked for and absent."""
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device}, but CUDA is not available here: pass --device cpu")
+            raise DeviceError(f"--device {device}, but CUDA is not available here: pass --device cpu")
         if device.index is not None:
             torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = fixed_input_size
@@ -181,35 +185,34 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _os_error(error):
+    """The OSError in an error's chain (torch.save reports a full disk as a RuntimeError of its zip writer), or
+    None."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
-def _cause(error):
-    """The reason of an error in one phrase: the operating system's (e.g. 'No space left on device') when an
-    OSError is in its chain (torch.save reports a full disk as a RuntimeError of its zip writer), else its own."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def write_error(path, error):
+    """WriteError naming the file and the operating system's reason (e.g. 'No space left on device')."""
+    cause = _os_error(error)
+    reason = cause.strerror if cause is not None and cause.strerror else str(error)
+    return WriteError(getattr(cause, "errno", None), f"cannot write {path}: {reason}")
 
 
 def atomic_write(path, write):
     """Call write(file) on a temporary file in path's folder, fsync it, then rename it onto path: a crash leaves
     either the old file or the new one, never half of one. Temporary names start with '.' and end with '.tmp'; the
-    temporary file is removed on any failure, which is reported as a WriteError naming path and the cause."""
+    temporary file is removed on any failure, and a failure of the operating system's (a full disk, a lost mount)
+    is reported as a WriteError naming path and the cause."""
     directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the usual permissions, after the umask
     except OSError as e:
-        raise WriteError(e.errno, f"cannot write {path}: {_cause(e)}") from e
+        raise write_error(path, e) from e
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's files are private (0600); give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -220,8 +223,8 @@ def atomic_write(path, write):
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, Exception) and not isinstance(e, WriteError):
-            raise WriteError(getattr(e, "errno", None), f"cannot write {path}: {_cause(e)}") from e
+        if isinstance(e, Exception) and not isinstance(e, WriteError) and _os_error(e) is not None:
+            raise write_error(path, e) from e
         raise
     _fsync_dir(directory)
 
@@ -244,6 +247,29 @@ def save_checkpoint(state, path):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def training_checkpoint(model, model_cfg, optimizer, scheduler, scaler, epoch, history, args, iters_per_epoch,
+                        world_size):
+    """The checkpoint of a training run after `epoch`: CHECKPOINT_KEYS, plus iters_per_epoch and world_size (the
+    lr schedule's epoch length). model is the unwrapped module; args a namespace of plain values."""
+    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_cfg": vars(model_cfg).copy(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "epoch": epoch,
+            "iteration": scheduler.last_epoch, "history": history, "rng": get_rng_state(), "args": vars(args).copy(),
+            "iters_per_epoch": iters_per_epoch, "world_size": world_size}
+
+
+def restore_training(checkpoint, source, model, optimizer, scheduler, scaler):
+    """training_checkpoint's state back into the model, optimizer, scheduler, scaler and the RNGs (CheckpointError
+    naming `source` when the model does not fit). Returns (history, the next epoch)."""
+    load_model_state(model, checkpoint["model"], source)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler.is_enabled() and checkpoint["scaler"]:
+        scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["history"], checkpoint["epoch"] + 1
+
+
 def link_checkpoint(src, dst):
     """dst becomes the same file as src: a hard link (no second copy on disk), or a copy where the file system
     has no hard links (some network and FUSE mounts); atomically either way."""
@@ -261,7 +287,7 @@ def link_checkpoint(src, dst):
         os.replace(tmp, dst)
     except OSError as e:
         os.unlink(tmp)
-        raise WriteError(e.errno, f"cannot write {dst}: {_cause(e)}") from e
+        raise write_error(dst, e) from e
     _fsync_dir(directory)
 
 
@@ -302,13 +328,17 @@ def model_config(checkpoint, source):
         raise CheckpointError(f"checkpoint {source}: its model settings are not valid ({e})") from None
 
 
-def stored_settings(checkpoint, source, defaults):
+def stored_settings(checkpoint, source, defaults, required=()):
     """The run's arguments a checkpoint stores ("args"), checked against `defaults` (name -> default value): each
     stored setting that has a default must have its type (an int counts as a float; a list's items as the default
-    list's). CheckpointError naming `source` and the setting otherwise (a hand-edited file)."""
+    list's), and the `required` ones must be there. CheckpointError naming `source` and the setting otherwise (a
+    hand-edited file)."""
     stored = checkpoint["args"]
     if not isinstance(stored, dict):
         raise CheckpointError(f"checkpoint {source}: 'args' is a {type(stored).__name__}, not a dict")
+    missing = [name for name in required if name not in stored]
+    if missing:
+        raise CheckpointError(f"checkpoint {source}: its stored settings lack {missing}")
 
     def fits(value, default):
         if default is None or value is None:
@@ -365,6 +395,19 @@ def is_checkpoint_name(name):
     return name == "checkpoint.pth" or (name.startswith("epoch_") and name.endswith(".pth") and name[6:-4].isdigit())
 
 
+def checkpoint_progress(path):
+    """(epoch, iteration) a complete checkpoint file stores (its tensors are not read), or None for a file that
+    cannot be read as one (a truncated file has no zip central directory)."""
+    if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
+        return None
+    try:
+        checkpoint = load_checkpoint(path, keys=("epoch", "iteration"), mmap=True)
+    except CheckpointError:
+        return None
+    progress = (checkpoint["epoch"], checkpoint["iteration"])
+    return progress if all(type(v) is int for v in progress) else None
+
+
 def latest_checkpoint(directory):
     """The newest complete checkpoint.pth or epoch_NNN.pth in directory, by the epoch and iteration it stores
     (modification times are equal or wrong in copied folders and on some network drives), or None. Temporary
@@ -374,16 +417,9 @@ def latest_checkpoint(directory):
         return None
     candidates = []
     for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if not (is_checkpoint_name(name) and os.path.isfile(path) and zipfile.is_zipfile(path)):
-            continue  # a truncated file has no zip central directory
-        try:
-            checkpoint = load_checkpoint(path, keys=("epoch", "iteration"), mmap=True)  # tensors are not read
-        except CheckpointError:
-            continue
-        progress = (checkpoint["epoch"], checkpoint["iteration"])
-        if all(isinstance(v, int) for v in progress):
-            candidates.append((progress, name == "checkpoint.pth", name, path))
+        progress = checkpoint_progress(os.path.join(directory, name)) if is_checkpoint_name(name) else None
+        if progress is not None:
+            candidates.append((progress, name == "checkpoint.pth", name, os.path.join(directory, name)))
     return max(candidates)[-1] if candidates else None
 
 
@@ -404,21 +440,30 @@ def run_folder(directory, resumed_from=None, overwrite=False):
     """Hold the run folder `directory` for one training process (the main one) while the block runs.
     - A lock: an advisory lock (flock) on directory/.lock, which the operating system drops when the process
       ends in any way (a crash or kill -9 leaves nothing stuck); a second process is refused while it is held.
-    - A folder holding another run's checkpoints (not the one resumed_from, a checkpoint path) is refused: resume
-      that run or choose another folder; overwrite=True deletes its checkpoints and logs and starts over.
+    - A folder holding another run's checkpoints (not the one resumed_from, a checkpoint path), or checkpoints
+      of this run newer than resumed_from, is refused: resume the newest or choose another folder; overwrite=True
+      deletes them (and another run's logs) and starts over.
     - Temporary files of writes a crash interrupted ('.*.tmp') are removed.
     RunFolderError with what to do otherwise."""
     os.makedirs(directory, exist_ok=True)
     with _lock(os.path.join(directory, ".lock")):
-        ours = resumed_from and os.path.samefile(os.path.dirname(os.path.abspath(resumed_from)), directory)
         found = sorted(n for n in os.listdir(directory) if is_checkpoint_name(n))
-        if found and not ours:
+        ours = resumed_from and os.path.samefile(os.path.dirname(os.path.abspath(resumed_from)), directory)
+        if ours:  # the checkpoints after the one resumed from belong to a future this run will not have
+            start = checkpoint_progress(resumed_from)
+            found = [n for n in found if (checkpoint_progress(os.path.join(directory, n)) or start) > start]
+        if found:
             if not overwrite:
-                raise RunFolderError(
-                    f"{directory} holds the checkpoints of another run ({', '.join(found[:3])}"
-                    f"{', ...' if len(found) > 3 else ''}): continue it with `python main_train.py --resume "
-                    f"{directory}`, choose another --output-dir, or pass --overwrite to delete them and start over")
-            for name in found + [n for n in LOG_NAMES if os.path.exists(os.path.join(directory, n))]:
+                names = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+                if ours:
+                    raise RunFolderError(f"{directory} holds checkpoints newer than {resumed_from} ({names}): continue "
+                                         f"from the newest with `python main_train.py --resume {directory}`, or "
+                                         f"pass --overwrite to delete them and go on from {resumed_from}")
+                raise RunFolderError(f"{directory} holds the checkpoints of another run ({names}): continue it with "
+                                     f"`python main_train.py --resume {directory}`, choose another --output-dir, or "
+                                     f"pass --overwrite to delete them and start over")
+            logs = [] if ours else [n for n in LOG_NAMES if os.path.exists(os.path.join(directory, n))]
+            for name in found + logs:  # a resumed run rewrites its logs from the checkpoint's history
                 os.remove(os.path.join(directory, name))
         for name in os.listdir(directory):
             if name.startswith(".") and name.endswith(".tmp"):
@@ -450,6 +495,16 @@ def _lock(path):
         f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         yield
+
+
+def error_message(error):
+    """An error's message in one line. A DataLoader worker's error comes back with the worker's traceback in its
+    message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); its last line is the
+    original message."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in lines[1]:
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in lines)
 
 
 def stop_on_sigterm():
@@ -490,7 +545,7 @@ class LossLog:
                 with open(path, "a") as f:
                     f.write(_csv_line(row))
             except OSError as e:
-                raise WriteError(e.errno, f"cannot write {path}: {_cause(e)}") from e
+                raise write_error(path, e) from e
 
     def train(self, iteration, losses):
         self._append("train", [iteration, *losses])

@@ -18,6 +18,16 @@ def synthetic_paths(tmp_path_factory):
 
 
 
+@pytest.fixture(scope="session")
+def three_images(tmp_path_factory):
+    """The folder of a 3-image synthetic dataset (seed 0): 2 train images and 1 test image, for tiny runs."""
+    from synthetic import write_synthetic_dataset
+
+    directory = tmp_path_factory.mktemp("three_images")
+    write_synthetic_dataset(str(directory), num_images=3, seed=0, workers=1)
+    return str(directory)
+
+
 class ReportsCuda(torch.Tensor):
     """A CPU tensor whose .device says cuda:0, so that code branching on the device type takes its GPU branch;
     the arithmetic still runs on the CPU."""

@@ -157,8 +157,8 @@ def test_float16_step_with_a_grad_scaler_is_the_float32_step(raw_batch, cuda_lik
     step32 = step(after32)
     assert step32.norm() > 0
     # clipped to the same norm (a clip before unscale_ would leave a 65536 times shorter step), in the same
-    # direction: float16 rounding moves the head's step by about 2 %, and that of the random backbone's
-    # BatchNorm parameters by up to 20 % (bfloat16: 30 %)
+    # direction: float16 rounding moves the head's step a little, and that of the random backbone's BatchNorm
+    # parameters more (their statistics of tiny batches are sensitive to it)
     assert abs(step(after16).norm() / step32.norm() - 1) < 0.01
     assert (step(after16, "head.") - step(after32, "head.")).norm() < 0.05 * step(after32, "head.").norm()
     assert (step(after16) - step32).norm() < 0.2 * step32.norm()

@@ -19,6 +19,7 @@ from PIL import Image
 
 import main_infer
 import main_train
+import utils
 from dataset import BuildDataLoader, BuildDataset
 from datafiles import DataError, write_dataset
 from engine import NonFiniteLossError
@@ -34,10 +35,8 @@ TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--stacked-convs
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(str(directory), num_images=3, seed=0, workers=1)  # 2 train, 1 test image
-    return str(directory)
+def data_dir(three_images):
+    return three_images
 
 
 def train(data_dir, run_dir, *extra):
@@ -130,6 +129,17 @@ class TestRunFolder:
         assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
         assert load_checkpoint(run / "checkpoint.pth")["epoch"] == 2
 
+    def test_resuming_an_older_checkpoint_of_the_folder_is_refused_or_its_future_deleted(self, finished_run,
+                                                                                        tmp_path):
+        run = copy_run(finished_run, tmp_path / "run")
+        with pytest.raises(RunFolderError, match=f"{run} holds checkpoints newer than {run / 'epoch_000.pth'} "
+                                                 f"\\(checkpoint.pth, epoch_001.pth\\).*--overwrite"):
+            main_train.main(main_train.parse_args(["--resume", str(run / "epoch_000.pth"), "--epochs", "2"]))
+        main_train.main(main_train.parse_args(["--resume", str(run / "epoch_000.pth"), "--epochs", "2",
+                                               "--overwrite"]))
+        resumed, straight = load_checkpoint(run / "checkpoint.pth"), load_checkpoint(finished_run / "checkpoint.pth")
+        assert resumed["epoch"] == 1 and resumed["history"] == straight["history"]  # epoch 1 trained again
+
     def test_the_newest_checkpoint_is_chosen_by_the_epoch_it_holds_not_by_time(self, finished_run, tmp_path):
         run = copy_run(finished_run, tmp_path / "run")
         (run / "checkpoint.pth").write_bytes((run / "epoch_000.pth").read_bytes())  # a stale rolling copy
@@ -187,6 +197,13 @@ class TestInterruptions:
             f"{latest_checkpoint(str(run))}: continue with python main_train.py --resume "
             f"{latest_checkpoint(str(run))}")
 
+    def test_a_programming_error_inside_a_write_is_not_disguised_as_a_disk_error(self, tmp_path):
+        def broken(f):
+            raise TypeError("a bug in the writer")
+        with pytest.raises(TypeError, match="a bug in the writer"):
+            utils.atomic_write(str(tmp_path / "file.csv"), broken)
+        assert os.listdir(tmp_path) == []
+
     def test_a_log_line_that_cannot_be_written_names_the_file(self, data_dir, tmp_path, monkeypatch):
         real_open = open
 
@@ -229,7 +246,7 @@ class TestInterruptions:
         assert straight["history"] == resumed["history"]
 
 
-class TestBadCheckpoints:
+class TestBadCheckpointsInInference:
     def test_nan_weights_are_refused_naming_the_file(self, finished_run, tmp_path):
         checkpoint = load_checkpoint(finished_run / "checkpoint.pth")
         checkpoint["model"]["head.cate_out.bias"][0] = float("nan")
@@ -240,6 +257,19 @@ class TestBadCheckpoints:
             load_model(str(path))
         code, _, stderr = script("main_infer.py", "--checkpoint", str(path), "--device", "cpu")
         assert code == 1 and error_line(stderr).startswith(f"error: checkpoint {path} holds NaN")
+
+    @pytest.mark.parametrize("edit, message", [
+        (dict(input_height="sixty-four"), r"its stored setting input_height='sixty-four' is not a int"),
+        (dict(input_height=None), r"its stored settings lack \['input_height'\]"),
+    ], ids=["wrong type", "missing"])
+    def test_main_infer_refuses_hand_edited_settings_naming_the_file(self, finished_run, tmp_path, edit, message):
+        checkpoint = load_checkpoint(finished_run / "checkpoint.pth")
+        checkpoint["args"].update(edit)
+        checkpoint["args"] = {k: v for k, v in checkpoint["args"].items() if v is not None}
+        path = tmp_path / "edited.pth"
+        torch.save(checkpoint, path)
+        with pytest.raises(CheckpointError, match=f"checkpoint {path}: " + message):
+            main_infer.main(main_infer.get_args_parser().parse_args(["--checkpoint", str(path), "--device", "cpu"]))
 
     def test_a_hand_edited_setting_is_refused_naming_the_file(self, finished_run, tmp_path):
         checkpoint = load_checkpoint(finished_run / "checkpoint.pth")
@@ -329,6 +359,16 @@ class TestDataFiles:
         with pytest.raises(DataError, match=f"bboxes file {paths[3]}: " + message):
             BuildDataset(paths)
 
+    def test_a_corrupt_first_mask_names_the_file(self, tmp_path):
+        paths = write_synthetic_dataset(str(tmp_path), num_images=4, seed=0, workers=1)
+        with h5py.File(paths[1], "r") as f:
+            info = f["data"].id.get_chunk_info(0)
+        with open(paths[1], "r+b") as f:
+            f.seek(info.byte_offset + info.size // 2)
+            f.write(bytes(range(256)))
+        with pytest.raises(DataError, match=f"masks file {paths[1]}: its first .* masks cannot be read"):
+            BuildDataset(paths)
+
     def test_a_dataset_whose_masks_are_all_empty_is_refused(self, tmp_path):
         empty = np.zeros((1, 30, 40), np.uint8)
         paths = write_dataset(str(tmp_path), tiny_items(masks=[empty, empty]), 2, 30, 40)
@@ -346,6 +386,31 @@ class TestDataFiles:
         assert code == 1 and error_line(stderr).startswith(f"error: labels file {paths[2]} is not a readable")
         code, _, stderr = script("main_train.py", "--input-height", "100")
         assert code == 2 and "input_height 100 is not a multiple of 32" in stderr and "Traceback" not in stderr
+        code, _, stderr = script("main_train.py", "--seg-feat-channels", "48")
+        assert code == 2 and "seg_feat_channels 48 must be a multiple of 32" in stderr and "Traceback" not in stderr
+        if not torch.cuda.is_available():
+            code, _, stderr = script("main_infer.py", "--device", "cuda", "--checkpoint-dir", str(tmp_path))
+            assert code == 1 and error_line(stderr) == ("error: --device cuda, but CUDA is not available here: pass "
+                                                        "--device cpu")
+
+    @pytest.mark.slow  # a training subprocess
+    def test_an_error_inside_a_loader_worker_is_one_line_too(self, tmp_path):
+        paths = write_synthetic_dataset(str(tmp_path / "data"), num_images=5, seed=0, workers=1)
+        with h5py.File(paths[0], "r") as f:
+            info = f["data"].id.get_chunk_info(2)
+        with open(paths[0], "r+b") as f:  # image 2, in the train or the test split: read by a worker either way
+            f.seek(info.byte_offset + info.size // 2)
+            f.write(bytes(range(256)) * 4)
+        code, _, stderr = script("main_train.py", *TINY[:-2], "--workers", "1", "--data-dir", str(tmp_path / "data"),
+                                 "--output-dir", str(tmp_path / "run"), "--epochs", "1")
+        assert code == 1 and error_line(stderr).startswith(f"error: images file {paths[0]}: image 2 cannot be read")
+
+    def test_error_message_keeps_a_workers_original_message(self):
+        wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                            "last):\n  File \"x.py\", line 1, in f\n    g()\ndatafiles.DataError: images file a.h5: "
+                            "image 5 cannot be read (OSError: broken)\n")
+        assert utils.error_message(wrapped) == "images file a.h5: image 5 cannot be read (OSError: broken)"
+        assert utils.error_message(DataError("one line")) == "one line"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import resume_train
 import utils
 from engine import NonFiniteLossError
 from solo_head import SOLOHead, build_model
-from synthetic import write_synthetic_dataset
 from utils import CHECKPOINT_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,10 +34,8 @@ TINY = TINY_MODEL + ["--input-height", "64", "--batch-size", "1", "--log-every",
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(str(directory), num_images=3, seed=0, workers=1)  # 2 train, 1 test image
-    return str(directory)
+def data_dir(three_images):
+    return three_images
 
 
 def train_args(data_dir, run_dir, *extra):
