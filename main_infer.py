@@ -5,7 +5,7 @@ on your own photos.
   GPU:  python main_infer.py --checkpoint checkpoints/epoch_035.pth --device cuda --batch-size 8 --amp
   data: python main_infer.py --synthetic 400                    # override the checkpoint's data (--data-dir DIR)
   own photos (JPEG/PNG, any size):
-        python main_infer.py --images my_photos/ --figures-dir figures/photos
+        python main_infer.py --images my_photos/ --figures-dir figures/photos [--recursive]
 Inference is a single process (no torchrun): it is fast next to training.
 
 The data is rebuilt as in training from the checkpoint's args (data_dir, synthetic, input_height) and split with

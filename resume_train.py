@@ -2,15 +2,15 @@
 
   python resume_train.py                                    # newest complete checkpoint in checkpoints/
   python resume_train.py --output-dir checkpoints/demo      # ... of the demo run
-  python resume_train.py --checkpoint checkpoints/epoch_010.pth
+  python resume_train.py --checkpoint checkpoints/epoch_010.pth --overwrite   # back to epoch 10, newer ones deleted
   python resume_train.py --output-dir runs/r50 --epochs 40   # train longer
   python resume_train.py --data-dir /content/data            # the data moved
   torchrun --nproc_per_node=N resume_train.py               # as many processes as the run had (keeps its lr steps)
 
 This is `python main_train.py --resume <folder or checkpoint> [flags]`: this script runs exactly that command in
 its own process. Every setting comes from the checkpoint; the flags main_train.py accepts on resume (--epochs,
---device, --workers, --data-dir, --keep-epochs, --test-only) are passed on, any other one that differs from the
-run's is refused. The loss history, losses.csv, test_losses.csv and loss_curve.png continue where the checkpoint
+--device, --workers, --data-dir, --keep-epochs, --overwrite, --test-only) are passed on, any other one that
+differs from the run's is refused. The loss history, losses.csv, test_losses.csv and loss_curve.png continue where the checkpoint
 left them (rows logged after it, by a run that then crashed, are dropped), and training goes on at the
 checkpoint's epoch + 1 with the same model, optimizer, lr schedule, gradient scaler and RNG states, so the result
 equals an uninterrupted run.
