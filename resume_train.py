@@ -2,7 +2,7 @@
 
   python resume_train.py                                    # newest complete checkpoint in checkpoints/
   python resume_train.py --output-dir checkpoints/demo      # ... of the demo run
-  python resume_train.py --checkpoint checkpoints/epoch_010.pth --overwrite   # back to epoch 10, newer ones deleted
+  python resume_train.py --checkpoint checkpoints/epoch_010.pth --overwrite  # back to epoch 10: newer ones deleted
   python resume_train.py --output-dir runs/r50 --epochs 40   # train longer
   python resume_train.py --data-dir /content/data            # the data moved
   torchrun --nproc_per_node=N resume_train.py               # as many processes as the run had (keeps its lr steps)
