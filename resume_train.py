@@ -10,10 +10,10 @@
 This is `python main_train.py --resume <folder or checkpoint> [flags]`: this script runs exactly that command in
 its own process. Every setting comes from the checkpoint; the flags main_train.py accepts on resume (--epochs,
 --device, --workers, --data-dir, --keep-epochs, --overwrite, --test-only) are passed on, any other one that
-differs from the run's is refused. The loss history, losses.csv, test_losses.csv and loss_curve.png continue where the checkpoint
-left them (rows logged after it, by a run that then crashed, are dropped), and training goes on at the
-checkpoint's epoch + 1 with the same model, optimizer, lr schedule, gradient scaler and RNG states, so the result
-equals an uninterrupted run.
+differs from the run's is refused. The loss history, losses.csv, test_losses.csv and loss_curve.png continue
+where the checkpoint left them (rows logged after it, by a run that then crashed, are dropped), and training goes
+on at the checkpoint's epoch + 1 with the same model, optimizer, lr schedule, gradient scaler and RNG states, so
+the result equals an uninterrupted run.
 """
 import argparse
 import os
