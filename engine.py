@@ -12,6 +12,10 @@ from solo_head import POSTPROCESS_MAP
 from utils import autocast_settings, is_distributed, is_main_process
 
 
+def no_lap(name):
+    """The default of train_step's lap: no clock between the phases."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Training met a NaN or infinite loss; the last good checkpoint is left as it was."""
 
@@ -28,11 +32,10 @@ def batch_to_device(batch, device, input_height):
             [to_device(mask, device) for mask in mask_list], [to_device(bbox, device) for bbox in bbox_list])
 
 
-def forward_losses(model, batch, device, args, lap=None):
+def forward_losses(model, batch, device, args, lap=no_lap):
     """(cate_loss, mask_loss, total_loss) of one batch (handout 6.9); `model` may be DDP-wrapped.
-    No host-device synchronisation: the targets come in SOLOHead.target's compact form. lap(name), when given,
-    is called after each phase (bench.py's clock)."""
-    lap = lap or (lambda name: None)
+    No host-device synchronisation: the targets come in SOLOHead.target's compact form. lap(name) is called
+    after each phase (bench.py's clock)."""
     head = getattr(model, "module", model).head
     amp_dtype, _ = autocast_settings(device, args.amp)
     img, label_list, mask_list, bbox_list = batch_to_device(batch, device, args.input_height)
@@ -47,10 +50,9 @@ def forward_losses(model, batch, device, args, lap=None):
     return losses
 
 
-def train_step(model, batch, optimizer, scaler, device, args, lap=None):
+def train_step(model, batch, optimizer, scaler, device, args, lap=no_lap):
     """One SGD step: forward_losses, backward, gradient-norm clipping at args.clip_grad (0: off), the step.
     Returns the detached [total, focal, dice] losses on the device (read them after the step is queued)."""
-    lap = lap or (lambda name: None)
     cate_loss, mask_loss, total_loss = forward_losses(model, batch, device, args, lap)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total_loss).backward()

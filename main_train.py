@@ -32,10 +32,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from backbone import ARCHITECTURES
+from datafiles import DataError
 from dataset import BuildDataLoader, build_datasets, check_input_height
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from solo_head import ModelConfig, build_model
-from datafiles import DataError
 from utils import (DEMO, CheckpointError, DeviceError, LossLog, RunFolderError, WriteError, autocast_settings,
                    build_scheduler, error_message, init_distributed, is_main_process, latest_checkpoint,
                    link_checkpoint, load_checkpoint, model_config, prepare_device, remove_old_epochs, restore_training,
@@ -67,7 +68,7 @@ def get_args_parser(add_help=True):
     data.add_argument("--workers", default=2, type=int, help="data loading worker processes per training process")
 
     model = parser.add_argument_group("model (solo_head.ModelConfig)")
-    model.add_argument("--backbone", default=defaults.backbone, choices=("resnet50", "resnet18"), help="FPN backbone")
+    model.add_argument("--backbone", default=defaults.backbone, choices=ARCHITECTURES, help="FPN backbone")
     model.add_argument("--backbone-weights", default=defaults.backbone_weights, type=str,
                        help="'coco' (torchvision's COCO Mask R-CNN weights), 'none' (random) or a weights file")
     model.add_argument("--trainable-backbone", action="store_true",
