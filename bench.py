@@ -3,6 +3,8 @@ A benchmark, not a test.
 
   CPU:  python bench.py --device cpu [--quick]     (several minutes on 2 cores; --quick about a minute)
   GPU:  python bench.py --device cuda [--amp] [--channels-last] [--compile]
+  the heads side by side:  python bench.py --heads  (SOLO, Decoupled SOLO, SOLOv2; a few minutes on 2 cores)
+  another head, or a run's model:  --arch decoupled|solov2, or --checkpoint checkpoints/solov2/checkpoint.pth
 
 Every figure is the median of --repeats runs after --warmup runs (--quick: 1 run, 1 warm-up), timed with
 torch.cuda.synchronize() around each phase on CUDA. On the CPU the 800x1088 rows run less often (the top line
@@ -30,26 +32,37 @@ Rows:
                   images/s once the workers are running: preprocessed items (CPU training) and raw uint8 items
                   (GPU training).
   peak memory     torch.cuda.max_memory_allocated on CUDA, else the process's max RSS (every row included).
+The training and inference rows use the head of --arch (or of --checkpoint, whose model settings the 800x1088 rows
+take). --heads prints instead, for each head, measured in a fresh process each so that the peak memory is its
+own: parameters; the demo training step (images/s, peak memory); inference at the demo size and at 800x1088 as
+forward(eval=True) plus the masks of 100 candidate cells (cell_masks, the one head-specific step of PostProcess);
+forward GFLOPs at 800x1088 of the training outputs and of eval (torch.utils.flop_counter, multiply-adds x 2).
 --amp, --channels-last and --compile are the knobs to measure before using: --amp as main_train.py --amp;
 --channels-last puts the model in the NHWC layout; --compile compiles the backbone and the head (nn.Module.compile).
 """
 import argparse
+import dataclasses
+import multiprocessing
 import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import BuildDataLoader, BuildDataset, dataset_paths
 from engine import train_step
-from solo_head import POSTPROCESS_MAP, ModelConfig, SOLOHead, build_model
+from solo_head import ARCHS, POSTPROCESS_MAP, ModelConfig, SOLOHead, SOLOv2Head, build_model, image_of
 from synthetic import write_synthetic_dataset
-from utils import DEMO, autocast_settings, prepare_device, scaled_lr
+from utils import (DEMO, CheckpointError, DeviceError, autocast_settings, load_checkpoint, model_config, prepare_device,
+                   scaled_lr)
 
 PHASES = ("data to device", "forward", "target", "loss", "backward", "optimizer step")
 CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -71,6 +84,14 @@ def get_args_parser():
     parser.add_argument("--batch-800", default=2, type=int, help="batch size of the 800x1088 training step")
     parser.add_argument("--infer-batch", default=8, type=int, help="batch size of the batched SOLO.infer row")
     parser.add_argument("--data-images", default=40, type=int, help="images read in the data loading row")
+    parser.add_argument("--arch", default=None, choices=ARCHS,
+                        help="the head of the training and inference rows (default: --checkpoint's, else solo)")
+    parser.add_argument("--checkpoint", default=None, type=str,
+                        help="a run's checkpoint: its model settings (head, towers, grids, classes; random weights) "
+                             "for the 800x1088 rows and its head for the demo rows")
+    parser.add_argument("--heads", action="store_true",
+                        help="instead of the table: the heads side by side (parameters, GFLOPs, inference ms, "
+                             "training step, peak memory), each measured in a fresh process")
     return parser
 
 
@@ -180,6 +201,16 @@ def blobs(n, size, device):
     return (torch.sigmoid((4 + 36 * radius - dist) / 2)).clamp(min=0.02)
 
 
+def shape_only_preds(head, bz, height, width, device):
+    """Mask predictions in head's training layout for a (bz, 3, height, width) input, holding no memory: target
+    reads only their sizes."""
+    empty = torch.empty((), device=device)
+    if isinstance(head, SOLOv2Head):
+        mask_feat = empty.expand(bz, head.mask_feat_channels, height // 4, width // 4)
+        return [(empty.expand(bz, head.mask_feat_channels, s, s), mask_feat) for s in head.seg_num_grids]
+    return [empty.expand(bz, 1, 2 * height // stride, 2 * width // stride) for stride in head.strides]
+
+
 class BlobHead(SOLOHead):
     """A head whose cell masks are made-up blobs (`self.blobs` (sum S^2, H/4, W/4)): PostProcess on the masks a
     trained model gives, without a trained model."""
@@ -193,7 +224,22 @@ def row(name, value, unit="", digits=1):
     print(f"  {name:<62} {value:>10} {unit}", flush=True)
 
 
+def model_settings(args):
+    """The 800x1088 rows' ModelConfig (random weights): --checkpoint's settings, else the handout's with --arch;
+    args.arch set to its head. CheckpointError for a bad checkpoint or one of another head than --arch."""
+    cfg = ModelConfig(arch=args.arch or "solo", backbone_weights="none")
+    if args.checkpoint:
+        stored = model_config(load_checkpoint(args.checkpoint, mmap=True), args.checkpoint)
+        if args.arch and args.arch != stored.arch:
+            raise CheckpointError(f"--arch {args.arch}: the checkpoint {args.checkpoint} is a {stored.arch} model")
+        cfg = dataclasses.replace(stored, backbone_weights="none")
+    args.arch = cfg.arch
+    return cfg
+
+
 def main(args):
+    handout_cfg = model_settings(args)
+    big_model = f"{args.checkpoint}'s model settings" if args.checkpoint else f"handout model, --arch {args.arch}"
     device = prepare_device(args.device, fixed_input_size=True)
     gpu = device.type == "cuda"
     light = (1, 1) if args.quick else (args.repeats, args.warmup)  # (repeats, warm-up runs)
@@ -211,29 +257,34 @@ def main(args):
     tmp = tempfile.TemporaryDirectory(prefix="solo_bench_")
     num_images = 20 if args.quick else args.data_images
     write_synthetic_dataset(tmp.name, num_images=max(num_images, 16, args.batch_800, args.infer_batch), seed=0)
+    if args.heads:
+        compare_heads(args, tmp.name)
+        tmp.cleanup()
+        print(f"total time {time.perf_counter() - start:.0f} s")
+        return
     paths = dataset_paths(tmp.name)
     data_800 = BuildDataset(paths, input_height=800)  # for its sizes
 
     # 1. training steps, from the loader's host batch (raw on CUDA, as main_train.py loads it)
-    demo_cfg = ModelConfig.from_args(SimpleNamespace(**DEMO))
+    demo_cfg = ModelConfig.from_args(SimpleNamespace(**DEMO, arch=args.arch))
     demo_run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0, lr=DEMO["lr"])
     demo = bench_train(demo_cfg, demo_run, host_batch(paths, DEMO["input_height"], DEMO["batch_size"], gpu),
                        device, args, *light)
-    print(f"train demo: --demo model, {DEMO['input_height']}x192, batch {DEMO['batch_size']}, "
+    print(f"train demo: --demo --arch {args.arch} model, {DEMO['input_height']}x192, batch {DEMO['batch_size']}, "
           f"{'raw batch preprocessed on the device' if gpu else 'preprocessed batch copied'}")
     for phase in PHASES:
         row(phase, demo[phase], "ms")
     row("whole step", DEMO["batch_size"] * 1000 / demo["step"], "images/s", 2)
     row("target + loss share of the step", 100 * (demo["target"] + demo["loss"]) / demo["step"], "%")
 
-    handout_cfg = ModelConfig(backbone_weights="none")
     if args.quick:
         print("train 800: skipped (--quick)")
     else:
         run_800 = SimpleNamespace(amp=args.amp, input_height=800, clip_grad=35.0, lr=scaled_lr(args.batch_800))
         big = bench_train(handout_cfg, run_800, host_batch(paths, 800, args.batch_800, gpu), device, args,
                           *train_800)
-        print(f"train 800: handout model, RANDOM backbone weights (trained too), 800x1088, batch {args.batch_800}")
+        print(f"train 800: {big_model}, RANDOM backbone weights (trained too), 800x1088, "
+              f"batch {args.batch_800}")
         for phase in PHASES:
             row(phase, big[phase], "ms")
         row("whole step", args.batch_800 * 1000 / big["step"], "images/s", 3)
@@ -242,8 +293,7 @@ def main(args):
     model = bench_model(handout_cfg, device, args).eval()
     head = model.head
     height, width = data_800.input_size
-    ins_shapes = [torch.empty((), device=device).expand(16, s * s, 2 * height // st, 2 * width // st)
-                  for s, st in zip(head.seg_num_grids, head.strides)]  # target reads only the sizes: no memory
+    ins_shapes = shape_only_preds(head, 16, height, width, device)
     _, label_list, mask_list, bbox_list = host_batch(paths, 800, 16, False)
     label_list, mask_list, bbox_list = ([t.to(device) for t in ts] for ts in (label_list, mask_list, bbox_list))
 
@@ -251,7 +301,7 @@ def main(args):
         return head.target(ins_shapes, bbox_list, label_list, mask_list, compact=True)
 
     def image_by_image():
-        return [head.target([s[:1] for s in ins_shapes], [b], [lab], [m], compact=True)
+        return [head.target(shape_only_preds(head, 1, height, width, device), [b], [lab], [m], compact=True)
                 for b, lab, m in zip(bbox_list, label_list, mask_list)]
 
     print(f"target 800: batch 16 ({sum(len(lab) for lab in label_list)} objects), 800x1088, compact (training)")
@@ -272,7 +322,8 @@ def main(args):
     head_ms, (cate_pred_list, ins_pred_list) = timed(lambda: head(fpn_feat_list, eval=True), heavy)
     post_ms, (scores_list, _, _) = timed(
         lambda: head.PostProcess(ins_pred_list, cate_pred_list, ori_size, POSTPROCESS_MAP), light)
-    print(f"infer 800: handout model (random weights: {len(scores_list[0])} detections), batch 1, 800x1088")
+    print(f"infer 800: {big_model} (random weights: {len(scores_list[0])} detections), batch 1, "
+          f"800x1088")
     row("backbone", backbone_ms, "ms")
     row("head (forward eval=True)", head_ms, "ms")
     row("PostProcess (MAP cfg)", post_ms, "ms")
@@ -334,9 +385,95 @@ def main(args):
     print(f"total time {time.perf_counter() - start:.0f} s")
 
 
+# ----------------------------------------------------------------------------------------------------
+# --heads: the heads side by side
+# ----------------------------------------------------------------------------------------------------
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # KiB on Linux
+
+
+def head_train_costs(arch, data_dir, args):
+    """In a fresh process: the --demo training step of head `arch` (ms, peak memory of the process)."""
+    device = prepare_device(args.device, fixed_input_size=True)
+    cfg = ModelConfig.from_args(SimpleNamespace(**DEMO, arch=arch))
+    run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0, lr=DEMO["lr"])
+    batch = host_batch(dataset_paths(data_dir), DEMO["input_height"], DEMO["batch_size"], device.type == "cuda")
+    step = bench_train(cfg, run, batch, device, args, args.repeats, args.warmup)["step"]
+    return dict(step=step, memory=peak_memory_mib(device))
+
+
+def head_infer_costs(arch, data_dir, input_height, model_settings, args, candidates=100):
+    """In a fresh process: parameters, forward GFLOPs (training outputs / eval) and inference ms of head `arch`
+    at input_height, batch 1: forward(eval=True) and the masks of `candidates` cells (cell_masks, the one
+    head-specific step of PostProcess), peak memory of the process."""
+    device = prepare_device(args.device, fixed_input_size=True)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**model_settings, arch=arch)).to(device).eval()
+    img = host_batch(dataset_paths(data_dir), input_height, 1, False)[0].to(device)  # (1, 3, H, W)
+    amp_dtype, _ = autocast_settings(device, args.amp)
+    repeats = (args.repeats, args.warmup) if device.type == "cuda" or input_height < 800 else (2, 1)
+    cells = torch.randperm(sum(s * s for s in model.head.seg_num_grids), device=device)[:candidates].sort().values
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        forward_ms, (_, ins_pred_list) = median_ms(lambda: model(img, eval=True), device, *repeats)
+        ins_img = [image_of(level, 0) for level in ins_pred_list]
+        masks_ms = median_ms(lambda: model.head.cell_masks(ins_img, cells), device, *repeats)[0]
+        memory = peak_memory_mib(device)  # before the training-mode forward below, which holds every mask
+        flops = []
+        for eval_mode in (False, True):
+            with FlopCounterMode(display=False) as counter:
+                model(img, eval=eval_mode)
+            flops.append(counter.get_total_flops() / 1e9)
+    return dict(params=sum(p.numel() for p in model.parameters()) / 1e6,
+                head_params=sum(p.numel() for p in model.head.parameters()) / 1e6, gflops=flops,
+                forward=forward_ms, masks=masks_ms, memory=memory)
+
+
+def in_fresh_process(fn, *fn_args):
+    """fn(*fn_args) in a new process, so that its peak memory is its own."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *fn_args).result()
+
+
+def compare_heads(args, data_dir):
+    """The --heads table: each head at the demo configuration (training step and inference at 128x192) and at
+    the handout's (inference at 800x1088), every figure from a fresh process."""
+    demo_model = {k: v for k, v in DEMO.items() if k in ModelConfig.__dataclass_fields__}
+    handout_model = dict(backbone_weights="none")
+    memory = "max_memory_allocated" if args.device.startswith("cuda") else "max RSS of the process"
+    print(f"heads: random weights; inference = forward(eval=True) + the masks of 100 candidate cells (cell_masks); "
+          f"the rest of PostProcess is the same code for every head (see the full table); memory: {memory}")
+    print(f"  {'':<44}" + "".join(f"{arch:>14}" for arch in ARCHS))
+    results = {arch: dict(train=in_fresh_process(head_train_costs, arch, data_dir, args),
+                          demo=in_fresh_process(head_infer_costs, arch, data_dir, DEMO["input_height"], demo_model,
+                                                args),
+                          big=in_fresh_process(head_infer_costs, arch, data_dir, 800, handout_model, args))
+               for arch in ARCHS}
+
+    def line(name, fn):
+        print(f"  {name:<44}" + "".join(f"{fn(results[arch]):>14}" for arch in ARCHS), flush=True)
+    line("demo: parameters (M), of which head", lambda r: "{params:.2f}, {head_params:.2f}".format(**r["demo"]))
+    line("demo: train step, batch 8 (images/s)", lambda r: f"{DEMO['batch_size'] * 1000 / r['train']['step']:.2f}")
+    line("demo: peak memory of the train step (MiB)", lambda r: f"{r['train']['memory']:.0f}")
+    line("demo: inference forward + masks (ms/image)", lambda r: f"{r['demo']['forward'] + r['demo']['masks']:.1f}")
+    line("800x1088: parameters (M), of which head", lambda r: "{params:.1f}, {head_params:.1f}".format(**r["big"]))
+    line("800x1088: forward GFLOPs, training / eval", lambda r: "{:.0f} / {:.0f}".format(*r["big"]["gflops"]))
+    line("800x1088: forward(eval=True) (ms)", lambda r: f"{r['big']['forward']:.0f}")
+    line("800x1088: masks of 100 candidates (ms)", lambda r: f"{r['big']['masks']:.1f}")
+    line("800x1088: peak memory of inference (MiB)", lambda r: f"{r['big']['memory']:.0f}")
+
+
 def model_format(args):
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    parser = get_args_parser()
+    args = parser.parse_args()
+    if args.heads and (args.arch or args.checkpoint):
+        parser.error("--heads compares every head on its own settings: it takes no --arch or --checkpoint")
+    try:
+        main(args)
+    except (CheckpointError, DeviceError) as e:
+        sys.exit(f"error: {e}")

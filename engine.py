@@ -41,7 +41,7 @@ def forward_losses(model, batch, device, args, lap=no_lap):
     img, label_list, mask_list, bbox_list = batch_to_device(batch, device, args.input_height)
     lap("data to device")
     with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-        cate_pred_list, ins_pred_list = model(img)  # [(bz, C-1, S, S)], [(bz, S^2, 2H_f, 2W_f)]
+        cate_pred_list, ins_pred_list = model(img)  # [(bz, C-1, S, S)], SOLO: [(bz, S^2, 2H_f, 2W_f)]
     lap("forward")
     targets = head.target(ins_pred_list, bbox_list, label_list, mask_list, compact=True)
     lap("target")

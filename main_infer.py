@@ -36,7 +36,7 @@ from datafiles import DataError
 from engine import evaluate_map
 from solo_head import POSTPROCESS_HANDOUT
 from utils import (CheckpointError, DeviceError, autocast_settings, error_message, latest_checkpoint, load_checkpoint,
-                   load_model, prepare_device, stored_settings)
+                   load_model, model_config, prepare_device, stored_settings)
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 PHOTO_MAX_SIDE = 1600  # photos are shrunk to this longer side first: the overlays' size, and memory bounded
@@ -216,7 +216,9 @@ def main(args):
     checkpoint = load_checkpoint(checkpoint_path)
     model = load_model(checkpoint, device, source=checkpoint_path)  # eval mode
     train_args = stored_settings(checkpoint, checkpoint_path, STORED_SETTINGS, required=("input_height",))
-    print(f"checkpoint {checkpoint_path} (epoch {checkpoint['epoch']}), input height {train_args['input_height']}")
+    arch = model_config(checkpoint, checkpoint_path).arch
+    print(f"checkpoint {checkpoint_path} (epoch {checkpoint['epoch']}, head {arch}), input height "
+          f"{train_args['input_height']}")
     amp_dtype, _ = autocast_settings(device, args.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 

@@ -4,6 +4,8 @@
       python main_train.py --demo && python main_infer.py --checkpoint-dir checkpoints/demo --figures-dir figures/demo
   one GPU (the handout's setting: frozen COCO ResNet-50 FPN, 800x1088, batch 2 per GPU as the authors):
       python main_train.py --data-dir data --amp
+  the successors, with the same commands and data: --arch decoupled (Decoupled SOLO) or --arch solov2 (SOLOv2)
+      python main_train.py --data-dir data --amp --arch solov2 --output-dir checkpoints/solov2
   several GPUs on one machine (N processes, one per GPU; batch size is per GPU):
       torchrun --nproc_per_node=N main_train.py --data-dir data --amp
   continue an interrupted run with its stored settings (newest checkpoint of the folder, or a file):
@@ -36,12 +38,12 @@ from backbone import ARCHITECTURES
 from datafiles import DataError
 from dataset import BuildDataLoader, build_datasets, check_input_height
 from engine import NonFiniteLossError, evaluate, train_one_epoch
-from solo_head import ModelConfig, build_model
-from utils import (DEMO, CheckpointError, DeviceError, LossLog, RunFolderError, WriteError, autocast_settings,
-                   build_scheduler, error_message, init_distributed, is_main_process, latest_checkpoint,
-                   link_checkpoint, load_checkpoint, model_config, prepare_device, remove_old_epochs, restore_training,
-                   run_folder, save_checkpoint, scaled_lr, seed_everything, stop_on_sigterm, stored_settings,
-                   training_checkpoint)
+from solo_head import ARCHS, ModelConfig, build_model
+from utils import (DEMO, DEMO_ARCH_LR, CheckpointError, DeviceError, LossLog, RunFolderError, WriteError,
+                   autocast_settings, build_scheduler, error_message, init_distributed, is_main_process,
+                   latest_checkpoint, link_checkpoint, load_checkpoint, model_config, prepare_device, remove_old_epochs,
+                   restore_training, run_folder, save_checkpoint, scaled_lr, seed_everything, stop_on_sigterm,
+                   stored_settings, training_checkpoint)
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
 # flags a resumed run may change; every other setting comes from the checkpoint (an explicit other value is an
@@ -53,7 +55,9 @@ RESUME_OVERRIDES = ("data_dir", "output_dir", "device", "workers", "epochs", "ke
 def get_args_parser(add_help=True):
     defaults = ModelConfig()
     parser = argparse.ArgumentParser(description="SOLO training (CIS680 handout section 7)", add_help=add_help,
-                                     epilog="--demo is the same as: python main_train.py " + demo_command_line(),
+                                     epilog="".join(f"--demo --arch {arch} takes --lr {lr} (see the README). "
+                                                    for arch, lr in DEMO_ARCH_LR.items())
+                                     + "--demo is the same as: python main_train.py " + demo_command_line(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog unwrapped
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="data", type=str, help="folder holding the four data files")
@@ -68,6 +72,8 @@ def get_args_parser(add_help=True):
     data.add_argument("--workers", default=2, type=int, help="data loading worker processes per training process")
 
     model = parser.add_argument_group("model (solo_head.ModelConfig)")
+    model.add_argument("--arch", default=defaults.arch, choices=ARCHS,
+                       help="the head: 'solo' (the handout's), 'decoupled' (Decoupled SOLO) or 'solov2' (SOLOv2)")
     model.add_argument("--backbone", default=defaults.backbone, choices=ARCHITECTURES, help="FPN backbone")
     model.add_argument("--backbone-weights", default=defaults.backbone_weights, type=str,
                        help="'coco' (torchvision's COCO Mask R-CNN weights), 'none' (random) or a weights file")
@@ -78,6 +84,9 @@ def get_args_parser(add_help=True):
     model.add_argument("--stacked-convs", default=defaults.stacked_convs, type=int, help="3x3 convs per head tower")
     model.add_argument("--num-grids", default=list(defaults.num_grids), type=int, nargs=5, metavar="S",
                        help="grid size S of each of the 5 FPN levels")
+    model.add_argument("--mask-feat-channels", default=defaults.mask_feat_channels, type=int,
+                       help="--arch solov2: channels E of the mask features and of each cell's dynamic kernel "
+                            "(a multiple of 32)")
     model.add_argument("--init", default=defaults.init, choices=("solo", "xavier"),
                        help="head initialisation: 'solo' (authors', category prior 0.01) or 'xavier' (handout)")
     model.add_argument("--cate-norm", default=defaults.cate_norm, choices=("positives", "mean"),
@@ -137,6 +146,9 @@ def parse_args(argv=None):
     if args.demo:
         parser.set_defaults(**DEMO)
         args = parser.parse_args(argv)
+        if args.arch in DEMO_ARCH_LR:
+            parser.set_defaults(lr=DEMO_ARCH_LR[args.arch])
+            args = parser.parse_args(argv)
     if args.resume:
         args = resume_args(args, given_flags(argv))
     try:

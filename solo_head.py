@@ -37,6 +37,8 @@ from dataset import (CLASS_COLORS, CLASS_NAMES, BuildDataLoader, BuildDataset, D
                      add_visual_check_args, choose_images, denormalize, resolve_paths)
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
+PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # the bias of a sigmoid output that starts at probability 0.01
+MASK_FEAT_HIDDEN = 128  # SOLOv2: the width of the mask feature branch before its last conv (the authors')
 # mask_intersections on the CPU goes tile by tile while the tiles' products need at most this share of one
 # product's multiply-adds (gathering the tiles costs about the rest)
 TILED_SHARE = 0.5
@@ -54,6 +56,7 @@ POSTPROCESS_MAP = dict(cate_thresh=0.1, ins_thresh=0.5, pre_NMS_num=500, keep_in
 class ModelConfig:
     """Every setting of a SOLO model: main_train.py's model flags are these fields, checkpoints store them
     (dataclasses.asdict) and build_model builds from them. The defaults are the handout's model."""
+    arch: str = "solo"  # the head: 'solo' (the handout's), 'decoupled' (Decoupled SOLO) or 'solov2' (SOLOv2)
     backbone: str = "resnet50"  # 'resnet50' (the course's COCO Mask R-CNN backbone) or 'resnet18' (CPU demos)
     backbone_weights: str = "coco"  # 'coco', 'none' (random, always trained) or a weights file
     trainable_backbone: bool = False  # fine-tune a pretrained backbone (default frozen, the handout's)
@@ -61,18 +64,23 @@ class ModelConfig:
     seg_feat_channels: int = 256  # channels of both towers, a multiple of 32 (GroupNorm(32))
     stacked_convs: int = 7  # 3x3 convs per tower
     num_grids: tuple = (40, 36, 24, 16, 12)  # S of each FPN level
+    mask_feat_channels: int = 256  # SOLOv2 only: E, the channels of the mask features and of each dynamic kernel
     init: str = "solo"  # head init: 'solo' (authors', category prior 0.01) or 'xavier' (handout 6.1.3)
     cate_norm: str = "positives"  # focal loss normalisation: 'positives' (authors') or 'mean' (handout 6.9.1)
 
     def __post_init__(self):
         self.num_grids = tuple(int(s) for s in self.num_grids)
         problems = []
+        if self.arch not in ARCHS:
+            problems.append(f"arch {self.arch!r} is not one of {ARCHS}")
         if self.backbone not in ARCHITECTURES:
             problems.append(f"backbone {self.backbone!r} is not one of {ARCHITECTURES}")
         if len(self.num_grids) != 5 or min(self.num_grids) < 1:
             problems.append(f"num_grids {list(self.num_grids)} must be 5 grid sizes >= 1, one per FPN level")
         if self.seg_feat_channels < 32 or self.seg_feat_channels % 32:
             problems.append(f"seg_feat_channels {self.seg_feat_channels} must be a multiple of 32 (GroupNorm(32))")
+        if self.mask_feat_channels < 32 or self.mask_feat_channels % 32:
+            problems.append(f"mask_feat_channels {self.mask_feat_channels} must be a multiple of 32 (GroupNorm(32))")
         if self.stacked_convs < 1:
             problems.append(f"stacked_convs {self.stacked_convs} must be >= 1")
         if self.num_classes < 2:
@@ -202,10 +210,26 @@ def coord_feat(feat):
     return torch.stack([x, y]).expand(bz, 2, h, w)
 
 
-def conv_gn_relu(in_channels, out_channels):
-    """3x3 conv without bias, GroupNorm(32), ReLU: one layer of either branch's tower (handout 6.1.2)."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+def conv_gn_relu(in_channels, out_channels, kernel_size=3):
+    """A conv (3x3 unless told) without bias, GroupNorm(32), ReLU: one layer of a tower (handout 6.1.2)."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
                          nn.GroupNorm(32, out_channels), nn.ReLU(inplace=True))
+
+
+def tower(in_channels, channels, num_convs):
+    """num_convs conv_gn_relu layers, the first taking in_channels: a branch's tower."""
+    return nn.ModuleList([conv_gn_relu(in_channels if i == 0 else channels, channels) for i in range(num_convs)])
+
+
+def level_tensors(pred):
+    """A level's mask prediction as a list of tensors: SOLO's and Decoupled SOLO's are one tensor, SOLOv2's a
+    (kernels, mask features) pair."""
+    return [pred] if torch.is_tensor(pred) else list(pred)
+
+
+def image_of(pred, b):
+    """Image b of a level's mask prediction (a tensor, or a tuple of tensors with the batch first)."""
+    return pred[b] if torch.is_tensor(pred) else tuple(t[b] for t in pred)
 
 
 def upsample_sigmoid(logits, size):
@@ -258,17 +282,22 @@ class SOLOHead(nn.Module):
     # ---------------------------------------------------------------- model (6.1, 6.2, 6.3, 6.4)
     def _init_layers(self):
         c = self.seg_feat_channels
-        self.cate_convs = nn.ModuleList(
-            [conv_gn_relu(self.in_channels if i == 0 else c, c) for i in range(self.stacked_convs)])
+        self.cate_convs = tower(self.in_channels, c, self.stacked_convs)
         self.cate_out = nn.Conv2d(c, self.cate_out_channels, 3, padding=1)
-        self.ins_convs = nn.ModuleList(
-            [conv_gn_relu(self.in_channels + 2 if i == 0 else c, c) for i in range(self.stacked_convs)])
+        self._init_mask_branch()
+
+    def _init_mask_branch(self):
+        """SOLO's mask branch: a CoordConv tower, then per level a 1x1 conv to its S^2 mask channels."""
+        c = self.seg_feat_channels
+        self.ins_convs = tower(self.in_channels + 2, c, self.stacked_convs)
         self.ins_out_list = nn.ModuleList([nn.Conv2d(c, s * s, 1) for s in self.seg_num_grids])
 
     def _init_weights(self, init="solo"):
         """'solo' (default, the authors'): normal(std 0.01) weights, zero bias, category output bias -log(99) so
-        every cell starts at probability 0.01 and the summed focal loss starts small. 'xavier': the handout's
-        6.1.3, xavier_uniform_ weights and zero bias (every cell starts at 0.5)."""
+        every cell starts at probability 0.01 and the summed focal loss starts small. The mask outputs keep a zero
+        bias (probability 0.5), where the authors start them at 0.01 too: Decoupled SOLO's product of two such
+        maps starts at 1e-4, whose gradient is too small to learn from (README, departures). 'xavier': the
+        handout's 6.1.3, xavier_uniform_ weights and zero bias (every cell starts at 0.5)."""
         if init not in ("solo", "xavier"):
             raise ValueError(f"init must be 'solo' or 'xavier', got {init!r}")
         for m in self.modules():
@@ -280,7 +309,7 @@ class SOLOHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         if init == "solo":
-            nn.init.constant_(self.cate_out.bias, -math.log((1 - 0.01) / 0.01))
+            nn.init.constant_(self.cate_out.bias, PRIOR_BIAS)
 
     def NewFPN(self, fpn_feat_list):
         """Strides [4, 8, 16, 32, 64] -> [8, 8, 16, 32, 32]: level 0 halved, the last level resized to exactly
@@ -300,25 +329,31 @@ class SOLOHead(nn.Module):
         Training: cate_pred_list [(bz, C-1, S, S)] and ins_pred_list [(bz, S^2, 2H_feat, 2W_feat)], probabilities.
         eval=True: cate_pred_list [(bz, S, S, C-1)] after points_nms, and ins_pred_list [(bz, c, H_feat, W_feat)]
         the mask features of each level, from which PostProcess computes the masks of the candidate cells only
-        (the handout's S^2 masks at H/4 would be a (bz, sum S^2, H/4, W/4) tensor, 840 MB per 800x1088 image)."""
+        (the handout's S^2 masks at H/4 would be a (bz, sum S^2, H/4, W/4) tensor, 840 MB per 800x1088 image).
+        The successors below keep the category branch and return their own mask predictions (mask_single_level)."""
         new_fpn_list = self.NewFPN(fpn_feat_list)
         cate_pred_list, ins_pred_list = self.MultiApply(self.forward_single_level, new_fpn_list,
                                                         list(range(len(new_fpn_list))), eval=eval)
         return cate_pred_list, ins_pred_list
 
     def forward_single_level(self, fpn_feat, idx, eval=False):
-        # mask branch: CoordConv, the tower, then the level's 1x1 conv to S^2 channels. The authors upsample the
-        # features x2 before the 1x1 conv; both are linear (the interpolation weights sum to 1, so the bias
-        # passes unchanged), so the conv runs first, at the feature resolution, on 4x fewer pixels.
+        return self.cate_single_level(fpn_feat, idx, eval), self.mask_single_level(fpn_feat, idx, eval)
+
+    def mask_single_level(self, fpn_feat, idx, eval=False):
+        """SOLO's mask branch on one level: CoordConv, the tower, then the level's 1x1 conv to S^2 channels. The
+        authors upsample the features x2 before the 1x1 conv; both are linear (the interpolation weights sum to 1,
+        so the bias passes unchanged), so the conv runs first, at the feature resolution, on 4x fewer pixels.
+        Training: (bz, S^2, 2H_f, 2W_f) probabilities; eval: the tower's features (bz, c, H_f, W_f)."""
         ins_feat = torch.cat([fpn_feat, coord_feat(fpn_feat)], 1)  # (bz, 256 + 2, H_f, W_f)
         for conv in self.ins_convs:
             ins_feat = conv(ins_feat)  # (bz, c, H_f, W_f)
         if eval:
-            ins_pred = ins_feat
-        else:
-            ins_pred = upsample_sigmoid(self.ins_out_list[idx](ins_feat), tuple(2 * s for s in fpn_feat.shape[-2:]))
+            return ins_feat
+        return upsample_sigmoid(self.ins_out_list[idx](ins_feat), tuple(2 * s for s in fpn_feat.shape[-2:]))
 
-        # category branch: the features resized to S x S at position cate_down_pos of the tower (0: first)
+    def cate_single_level(self, fpn_feat, idx, eval=False):
+        """The category branch on one level: the features resized to S x S at position cate_down_pos of the tower
+        (0: first). Training: (bz, C-1, S, S) probabilities; eval: (bz, S, S, C-1) after points_nms."""
         num_grid = self.seg_num_grids[idx]
         cate_feat = fpn_feat
         for i, conv in enumerate(self.cate_convs):
@@ -331,12 +366,13 @@ class SOLOHead(nn.Module):
         with torch.autocast(cate_feat.device.type, enabled=False):
             cate_pred = self.cate_out(cate_feat.float()).sigmoid()  # (bz, C-1, S, S)
         if eval:
-            cate_pred = self.points_nms(cate_pred).permute(0, 2, 3, 1)  # (bz, S, S, C-1)
-        return cate_pred, ins_pred
+            return self.points_nms(cate_pred).permute(0, 2, 3, 1)  # (bz, S, S, C-1)
+        return cate_pred
 
     # ---------------------------------------------------------------- targets (6.5)
     def target(self, ins_pred_list, bbox_list, label_list, mask_list, compact=False):
-        """ins_pred_list: [(bz, S^2, 2H_f, 2W_f)], only its sizes and device are used. bbox_list [(n, 4)],
+        """ins_pred_list: [(bz, S^2, 2H_f, 2W_f)] (or a successor's mask predictions), only the mask sizes
+        (mask_sizes) and the device are used. bbox_list [(n, 4)],
         label_list [(n,)], mask_list [(n, H, W)] per image, at the padded input size (the same for every image).
         Returns, each a list over images of a list over levels (the handout's layout):
           ins_gts_list (S^2, 2H_f, 2W_f) uint8, ins_ind_gts_list (S^2,) bool, cate_gts_list (S, S) int64.
@@ -346,8 +382,8 @@ class SOLOHead(nn.Module):
         All the batch's objects go through target_single_img at once (cells are contested within an image
         only): one set of operations for the batch, not one per image, which on a GPU is what the step's
         kernel launches cost."""
-        featmap_sizes = [tuple(p.shape[-2:]) for p in ins_pred_list]
-        device = ins_pred_list[0].device
+        featmap_sizes = self.mask_sizes(ins_pred_list)
+        device = level_tensors(ins_pred_list[0])[0].device
         counts = [len(labels) for labels in label_list]  # host integers: splitting back needs no device read
         shapes = {tuple(m.shape[1:]) for m, n in zip(mask_list, counts) if n}
         if len(shapes) > 1:
@@ -370,6 +406,10 @@ class SOLOHead(nn.Module):
                 ins_ind_gts_list[b].append(cells)
                 cate_gts_list[b].append(cate[level][b])
         return ins_gts_list, ins_ind_gts_list, cate_gts_list
+
+    def mask_sizes(self, ins_pred_list):
+        """The size of each level's masks in training, (2H_f, 2W_f): the resolution of its mask targets."""
+        return [tuple(pred.shape[-2:]) for pred in ins_pred_list]
 
     def target_single_img(self, gt_bboxes_raw, gt_labels_raw, gt_masks_raw, featmap_sizes, image=None,
                           num_images=1):
@@ -474,16 +514,16 @@ class SOLOHead(nn.Module):
         Returns (cate_loss, mask_loss, total_loss); the first two unweighted."""
         # mask loss: dice averaged over the positive channels of every level and image
         dice_sum, num_pos, num_slots = [], [], 0
-        for level, ins_pred_level in enumerate(ins_pred_list):  # (bz, S^2, 2H_f, 2W_f)
-            image, cell, gts = self._positive_slots(level, ins_gts_list, ins_ind_gts_list)  # (m,) (m,) (m, ...)
+        for level, ins_pred_level in enumerate(ins_pred_list):  # SOLO: (bz, S^2, 2H_f, 2W_f)
+            image, cell, gts, counts = self._positive_slots(level, ins_gts_list, ins_ind_gts_list)  # (m,) (m,) ...
             positive = cell >= 0
-            preds = ins_pred_level[image, cell.clamp(min=0)]  # (m, 2H_f, 2W_f)
+            preds = self.cell_masks_train(ins_pred_level, level, image, cell.clamp(min=0), counts)  # (m, h, w)
             dice_sum.append((self.DiceLoss(preds.float(), gts.float()) * positive).sum())
             num_pos.append(positive.sum())
             num_slots += len(cell)
         mask_loss = torch.stack(dice_sum).sum() / torch.stack(num_pos).sum().clamp(min=1)
         if not num_slots:  # no object in the batch: zero, with every level in the graph so that backward works
-            mask_loss = mask_loss + sum(p.flatten()[0] for p in ins_pred_list).float() * 0
+            mask_loss = mask_loss + sum(t.flatten()[0] for p in ins_pred_list for t in level_tensors(p)).float() * 0
 
         # category loss: level, image, cell order on both sides
         cate_gts = torch.cat([torch.stack([gts_img[level] for gts_img in cate_gts_list]).flatten()
@@ -498,7 +538,8 @@ class SOLOHead(nn.Module):
     def _positive_slots(level, ins_gts_list, ins_ind_gts_list):
         """One level's targets over the batch as slots: image (m,) and cell (m,) of each (cell -1: the slot is no
         positive cell), and their masks (m, 2H_f, 2W_f). The handout form (S^2,) bool is turned into slots of its
-        positive cells (a host-device synchronisation)."""
+        positive cells (a host-device synchronisation). counts: the number of slots of each image (host integers,
+        from the shapes), in image order."""
         images, cells, gts = [], [], []
         for b, (gts_img, ind_img) in enumerate(zip(ins_gts_list, ins_ind_gts_list)):
             cell, masks = ind_img[level], gts_img[level]
@@ -508,7 +549,13 @@ class SOLOHead(nn.Module):
             images.append(torch.full_like(cell, b))
             cells.append(cell)
             gts.append(masks)
-        return torch.cat(images), torch.cat(cells), torch.cat(gts)
+        return torch.cat(images), torch.cat(cells), torch.cat(gts), [len(cell) for cell in cells]
+
+    def cell_masks_train(self, ins_pred_level, level, image, cell, counts):
+        """Training: the mask probabilities (m, 2H_f, 2W_f) of the cells `cell` (m,) (channel indices i * S + j of
+        the level) of the images `image` (m,); counts, the number of them in each image, in image order (the
+        successors need it). SOLO's are channels of its S^2 outputs."""
+        return ins_pred_level[image, cell]
 
     @staticmethod
     def DiceLoss(mask_pred, mask_gt, eps=1e-3):
@@ -534,18 +581,20 @@ class SOLOHead(nn.Module):
 
     # ---------------------------------------------------------------- post-processing (6.10)
     def PostProcess(self, ins_pred_list, cate_pred_list, ori_size, cfg=None):
-        """ins_pred_list [(bz, c, H_f, W_f)] and cate_pred_list [(bz, S, S, C-1)] as forward(eval=True) returns
-        them, ori_size (ori_H, ori_W) of the images before resizing. cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP
-        style dict (default self.postprocess_cfg). Returns per image: scores (k,), labels (k,) in 1..C-1 and
-        masks (k, ori_H, ori_W) in {0, 1}, sorted by score; k = 0 gives empty tensors."""
+        """ins_pred_list (SOLO: [(bz, c, H_f, W_f)]; the successors' mask predictions) and cate_pred_list
+        [(bz, S, S, C-1)] as forward(eval=True) returns them, ori_size (ori_H, ori_W) of the images before
+        resizing. cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP style dict (default self.postprocess_cfg). Returns
+        per image: scores (k,), labels (k,) in 1..C-1 and masks (k, ori_H, ori_W) in {0, 1}, sorted by score;
+        k = 0 gives empty tensors."""
         bz = cate_pred_list[0].shape[0]
         cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
-        ins_imgs = [[level[b] for level in ins_pred_list] for b in range(bz)]  # per image, per level
+        ins_imgs = [[image_of(level, b) for level in ins_pred_list] for b in range(bz)]  # per image, per level
         return self.MultiApply(self.PostProcessImg, ins_imgs, cate_pred_all, ori_size=tuple(ori_size),
                                cfg=cfg or self.postprocess_cfg)
 
     def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg):
-        """One image: ins_pred_img [(c, H_f, W_f)] per level, cate_pred_img (sum S^2, C-1)."""
+        """One image: ins_pred_img the head's mask predictions per level (SOLO: (c, H_f, W_f)), cate_pred_img
+        (sum S^2, C-1)."""
         # filter: every (cell, class) above the category threshold is a candidate; cells come out ascending
         cell, cls = (cate_pred_img > cfg["cate_thresh"]).nonzero(as_tuple=True)  # (k,), (k,)
         masks = self.cell_masks(ins_pred_img, cell)  # (k, H/4, W/4) probabilities
@@ -579,12 +628,9 @@ class SOLOHead(nn.Module):
         channels of each level's 1x1 output conv are computed; then, in the authors' order, upsampled x2 (the
         training resolution), passed through the sigmoid and resized to H/4 (a no-op on the stride-8 levels)."""
         mask_size = tuple(2 * s for s in ins_pred_img[0].shape[-2:])  # stride 4, as level 0 is stride 8
-        masks, start = [], 0
-        for level, (feat, num_grid) in enumerate(zip(ins_pred_img, self.seg_num_grids)):
-            local = cell[(cell >= start) & (cell < start + num_grid ** 2)] - start  # (k_l,) cells of this level
-            start += num_grid ** 2
-            if len(local) == 0:  # conv2d rejects zero output channels
-                continue
+        masks = []
+        for level, local in self._cells_by_level(cell):  # conv2d rejects zero output channels: no empty level
+            feat = ins_pred_img[level]  # (c, H_f, W_f)
             out_conv = self.ins_out_list[level]
             logits = F.conv2d(feat[None], out_conv.weight[local], out_conv.bias[local])  # (1, k_l, H_f, W_f)
             probs = upsample_sigmoid(logits, tuple(2 * s for s in feat.shape[-2:]))  # (1, k_l, 2H_f, 2W_f)
@@ -592,6 +638,17 @@ class SOLOHead(nn.Module):
                 probs = F.interpolate(probs, size=mask_size, mode="bilinear", align_corners=False)
             masks.append(probs[0].float())  # (k_l, H/4, W/4)
         return torch.cat(masks) if masks else ins_pred_img[0].new_zeros(0, *mask_size, dtype=torch.float)
+
+    def _cells_by_level(self, cell):
+        """Ascending cell indices into the levels' concatenated S^2 cells -> (level, its cells (k_l,) as channel
+        indices i * S + j of that level) for each level holding any, in level order."""
+        out, start = [], 0
+        for level, num_grid in enumerate(self.seg_num_grids):
+            local = cell[(cell >= start) & (cell < start + num_grid ** 2)] - start  # (k_l,)
+            start += num_grid ** 2
+            if len(local):
+                out.append((level, local))
+        return out
 
     @staticmethod
     @full_precision
@@ -720,6 +777,131 @@ class SOLOHead(nn.Module):
         return path
 
 
+# ----------------------------------------------------------------------------------------------------
+# The successors: the same targets, losses, Matrix NMS and post-processing, another mask branch
+# ----------------------------------------------------------------------------------------------------
+class DecoupledSOLOHead(SOLOHead):
+    """Decoupled SOLO (Wang et al., "SOLO: Segmenting Objects by Locations", ECCV 2020, section 3.4; the authors'
+    decoupled_solo_head.py). Per level the mask branch outputs S maps X_j, one per grid column, and S maps Y_i, one
+    per row, instead of S^2 masks: the mask of cell (i, j) is sigmoid(X_j) * sigmoid(Y_i). Two towers, X's with
+    the x coordinate channel and Y's with the y one; their 3x3 output convs run after the x2 upsampling, as the
+    authors' do. Mask predictions per level, training and eval: (bz, 2S, 2H_f, 2W_f), the S sigmoid(X_j) maps
+    then the S sigmoid(Y_i) maps."""
+
+    def _init_mask_branch(self):
+        c = self.seg_feat_channels
+        self.ins_convs_x = tower(self.in_channels + 1, c, self.stacked_convs)
+        self.ins_convs_y = tower(self.in_channels + 1, c, self.stacked_convs)
+        self.ins_out_x = nn.ModuleList([nn.Conv2d(c, s, 3, padding=1) for s in self.seg_num_grids])
+        self.ins_out_y = nn.ModuleList([nn.Conv2d(c, s, 3, padding=1) for s in self.seg_num_grids])
+
+    def mask_single_level(self, fpn_feat, idx, eval=False):
+        coords = coord_feat(fpn_feat)  # (bz, 2, H_f, W_f): x, y
+        size = tuple(2 * s for s in fpn_feat.shape[-2:])
+        maps = []
+        for convs, out_convs, coord in ((self.ins_convs_x, self.ins_out_x, coords[:, :1]),
+                                        (self.ins_convs_y, self.ins_out_y, coords[:, 1:])):
+            feat = torch.cat([fpn_feat, coord], 1)  # (bz, 256 + 1, H_f, W_f)
+            for conv in convs:
+                feat = conv(feat)  # (bz, c, H_f, W_f)
+            feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=False)  # (bz, c, 2H_f, 2W_f)
+            maps.append(out_convs[idx](feat).sigmoid())  # (bz, S, 2H_f, 2W_f)
+        return torch.cat(maps, 1)  # (bz, 2S, 2H_f, 2W_f)
+
+    def cell_masks_train(self, ins_pred_level, level, image, cell, counts):
+        num_grid = self.seg_num_grids[level]
+        x, y = ins_pred_level[image, cell % num_grid], ins_pred_level[image, num_grid + cell // num_grid]  # X_j, Y_i
+        return x.float() * y.float()  # one rounding under autocast, as SOLO's masks
+
+    def cell_masks(self, ins_pred_img, cell):
+        """Eval, in the authors' order: each level's X and Y probabilities resized to H/4, then the candidates'
+        products sigmoid(X_j) * sigmoid(Y_i)."""
+        mask_size = ins_pred_img[0].shape[-2:]  # level 0's maps are at stride 4 already
+        masks = []
+        for level, local in self._cells_by_level(cell):
+            maps, num_grid = ins_pred_img[level].float(), self.seg_num_grids[level]  # (2S, 2H_f, 2W_f)
+            if maps.shape[-2:] != mask_size:
+                maps = F.interpolate(maps[None], size=mask_size, mode="bilinear", align_corners=False)[0]
+            masks.append(maps[local % num_grid] * maps[num_grid + local // num_grid])  # (k_l, H/4, W/4)
+        return torch.cat(masks) if masks else ins_pred_img[0].new_zeros(0, *mask_size, dtype=torch.float)
+
+
+class MaskFeatBranch(nn.Module):
+    """SOLOv2's unified mask features (the authors' MaskFeatHead). FPN level P_(2+i) (stride 4 * 2^i) goes
+    through max(i, 1) 3x3 conv-GN-ReLU layers, each of P3-P5's followed by a x2 bilinear upsampling, so that every
+    level reaches stride 4; the deepest level gets the two coordinate channels first (CoordConv, as the authors
+    do); the levels are summed and a 1x1 conv-GN-ReLU gives the out_channels (E) mask features."""
+
+    def __init__(self, in_channels, channels, out_channels, num_levels=4):
+        super().__init__()
+        self.levels = nn.ModuleList()
+        for i in range(num_levels):
+            layers = []
+            first = in_channels + 2 * (i == num_levels - 1)  # the deepest level takes the coordinates
+            for j in range(max(i, 1)):
+                layers.append(conv_gn_relu(first if j == 0 else channels, channels))
+                if i > 0:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.levels.append(nn.Sequential(*layers))
+        self.out = conv_gn_relu(channels, out_channels, kernel_size=1)
+
+    def forward(self, feats):
+        """feats: P2-P5, 4 x (bz, 256, H/s, W/s) with s = 4, 8, 16, 32 -> (bz, E, H/4, W/4)."""
+        deepest = torch.cat([feats[-1], coord_feat(feats[-1])], 1)  # (bz, 256 + 2, H/32, W/32)
+        fused = sum(level(feat) for level, feat in zip(self.levels, [*feats[:-1], deepest]))  # (bz, c, H/4, W/4)
+        return self.out(fused)
+
+
+class SOLOv2Head(SOLOHead):
+    """SOLOv2 (Wang et al., "SOLOv2: Dynamic and Fast Instance Segmentation", NeurIPS 2020; the authors'
+    solov2_head.py and mask_feat_head.py). The mask of a cell is its dynamic 1x1 kernel of E weights convolved
+    with one map of E mask features shared by every level. Kernel branch, per level: the features with the
+    coordinate channels, resized to S x S (the category branch's input is the same resize without them), a tower
+    and a 3x3 conv to E channels. Mask features: MaskFeatBranch over the backbone's P2-P5, at stride 4, so every
+    level's masks and mask targets are at (H/4, W/4). Mask predictions per level, training and eval: (kernels
+    (bz, E, S, S), mask features (bz, E, H/4, W/4)), the mask features one tensor shared by the levels."""
+
+    def __init__(self, *args, mask_feat_channels=256, **kwargs):
+        self.mask_feat_channels = mask_feat_channels
+        super().__init__(*args, **kwargs)
+
+    def _init_mask_branch(self):
+        c, e = self.seg_feat_channels, self.mask_feat_channels
+        self.kernel_convs = tower(self.in_channels + 2, c, self.stacked_convs)
+        self.kernel_out = nn.Conv2d(c, e, 3, padding=1)
+        # the authors' 128 channels before the last conv, fewer where E itself is smaller (the demo's 64)
+        self.mask_feat_branch = MaskFeatBranch(self.in_channels, min(MASK_FEAT_HIDDEN, e), e)
+
+    def forward(self, fpn_feat_list, eval=False):
+        feats = list(fpn_feat_list.values()) if isinstance(fpn_feat_list, dict) else list(fpn_feat_list)
+        mask_feat = self.mask_feat_branch(feats[:4])  # (bz, E, H/4, W/4) from strides 4-32, before NewFPN
+        cate_pred_list, kernel_pred_list = super().forward(feats, eval=eval)
+        return cate_pred_list, [(kernel_pred, mask_feat) for kernel_pred in kernel_pred_list]
+
+    def mask_single_level(self, fpn_feat, idx, eval=False):
+        num_grid = self.seg_num_grids[idx]
+        kernel_feat = F.interpolate(torch.cat([fpn_feat, coord_feat(fpn_feat)], 1), size=(num_grid, num_grid),
+                                    mode="bilinear", align_corners=False)  # (bz, 256 + 2, S, S)
+        for conv in self.kernel_convs:
+            kernel_feat = conv(kernel_feat)  # (bz, c, S, S)
+        return self.kernel_out(kernel_feat)  # (bz, E, S, S): cell (i, j)'s kernel at [:, :, i, j]
+
+    def mask_sizes(self, ins_pred_list):
+        return [tuple(mask_feat.shape[-2:]) for _, mask_feat in ins_pred_list]
+
+    def cell_masks_train(self, ins_pred_level, level, image, cell, counts):
+        kernel_pred, mask_feat = ins_pred_level  # (bz, E, S, S), (bz, E, H/4, W/4)
+        kernels = kernel_pred.flatten(2)[image, :, cell]  # (m, E)
+        # the dynamic 1x1 convolution as a product, each image's kernels on its own mask features
+        logits = [k @ feat.flatten(1) for k, feat in zip(kernels.split(counts), mask_feat)]  # [(m_b, H/4 * W/4)]
+        return torch.cat(logits).view(-1, *mask_feat.shape[-2:]).sigmoid()  # (m, H/4, W/4)
+
+    def cell_masks(self, ins_pred_img, cell):
+        mask_feat = ins_pred_img[0][1]  # (E, H/4, W/4)
+        kernels = torch.cat([kernel_pred.flatten(1) for kernel_pred, _ in ins_pred_img], 1)[:, cell]  # (E, k)
+        return (kernels.T @ mask_feat.flatten(1)).view(-1, *mask_feat.shape[-2:]).sigmoid().float()  # (k, ...)
+
+
 class SOLO(nn.Module):
     """Backbone + SOLOHead. A backbone with no trainable parameter (pretrained and frozen, the course's setting)
     runs under no_grad and stays in eval mode, so its BatchNorm statistics never move."""
@@ -749,6 +931,10 @@ class SOLO(nn.Module):
         return self
 
 
+HEADS = dict(solo=SOLOHead, decoupled=DecoupledSOLOHead, solov2=SOLOv2Head)  # ModelConfig.arch -> head
+ARCHS = tuple(HEADS)  # the values of ModelConfig.arch and main_train.py --arch
+
+
 def build_model(cfg=None, load_backbone_weights=True):
     """SOLO from a ModelConfig (or a dict of its fields; None: the defaults). backbone_weights: 'coco'
     (torchvision's COCO Mask R-CNN weights, frozen unless trainable_backbone), 'none' (random weights, always
@@ -760,9 +946,10 @@ def build_model(cfg=None, load_backbone_weights=True):
     backbone = build_backbone(cfg.backbone, pretrained=pretrained,
                               checkpoint_file=weights if weights not in ("coco", "none") else None,
                               trainable=cfg.trainable_backbone or not pretrained, load_weights=load_backbone_weights)
-    head = SOLOHead(cfg.num_classes, seg_feat_channels=cfg.seg_feat_channels, stacked_convs=cfg.stacked_convs,
-                    num_grids=cfg.num_grids, init=cfg.init,
-                    cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg.cate_norm))
+    extra = dict(mask_feat_channels=cfg.mask_feat_channels) if cfg.arch == "solov2" else {}
+    head = HEADS[cfg.arch](cfg.num_classes, seg_feat_channels=cfg.seg_feat_channels, stacked_convs=cfg.stacked_convs,
+                           num_grids=cfg.num_grids, init=cfg.init,
+                           cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg.cate_norm), **extra)
     return SOLO(backbone, head)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import train_step
-from solo_head import build_model
+from solo_head import ARCHS, build_model
 
 aten = torch.ops.aten
 DATA_DEPENDENT = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
@@ -59,11 +59,12 @@ def batch(seed, bz=2, height=128, width=192):
     return img, labels, masks, boxes
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    """Every head: SOLO, Decoupled SOLO and SOLOv2."""
     torch.manual_seed(0)
-    return build_model(dict(backbone="resnet18", backbone_weights="none", seg_feat_channels=32, stacked_convs=2,
-                            num_grids=(12, 10, 8, 6, 4))).train()
+    return build_model(dict(arch=request.param, backbone="resnet18", backbone_weights="none", seg_feat_channels=32,
+                            stacked_convs=2, mask_feat_channels=32, num_grids=(12, 10, 8, 6, 4))).train()
 
 
 def optimizer(model):
