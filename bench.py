@@ -376,11 +376,8 @@ def main(args):
         del loader
 
     # 6. peak memory
-    if gpu:
-        row("peak memory (max_memory_allocated)", torch.cuda.max_memory_allocated(device) / 2 ** 20, "MiB")
-    else:  # ru_maxrss is in KiB on Linux
-        row("peak memory (max RSS of this process)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10,
-            "MiB")
+    row(f"peak memory ({'max_memory_allocated' if gpu else 'max RSS of this process'})", peak_memory_mib(device),
+        "MiB")
     tmp.cleanup()
     print(f"total time {time.perf_counter() - start:.0f} s")
 

@@ -221,6 +221,11 @@ def tower(in_channels, channels, num_convs):
     return nn.ModuleList([conv_gn_relu(in_channels if i == 0 else channels, channels) for i in range(num_convs)])
 
 
+def fpn_levels(fpn_feat_list):
+    """The backbone's 5 maps as a list, from its OrderedDict or a list."""
+    return list(fpn_feat_list.values()) if isinstance(fpn_feat_list, dict) else list(fpn_feat_list)
+
+
 def level_tensors(pred):
     """A level's mask prediction as a list of tensors: SOLO's and Decoupled SOLO's are one tensor, SOLOv2's a
     (kernels, mask features) pair."""
@@ -314,7 +319,7 @@ class SOLOHead(nn.Module):
     def NewFPN(self, fpn_feat_list):
         """Strides [4, 8, 16, 32, 64] -> [8, 8, 16, 32, 32]: level 0 halved, the last level resized to exactly
         level 3's size (x2 would give 26x34 against 25x34 at 800x1088)."""
-        feats = list(fpn_feat_list.values()) if isinstance(fpn_feat_list, dict) else list(fpn_feat_list)
+        feats = fpn_levels(fpn_feat_list)
         return [F.interpolate(feats[0], size=feats[1].shape[-2:], mode="bilinear", align_corners=False),
                 *feats[1:-1],
                 F.interpolate(feats[-1], size=feats[-2].shape[-2:], mode="bilinear", align_corners=False)]
@@ -873,7 +878,7 @@ class SOLOv2Head(SOLOHead):
         self.mask_feat_branch = MaskFeatBranch(self.in_channels, min(MASK_FEAT_HIDDEN, e), e)
 
     def forward(self, fpn_feat_list, eval=False):
-        feats = list(fpn_feat_list.values()) if isinstance(fpn_feat_list, dict) else list(fpn_feat_list)
+        feats = fpn_levels(fpn_feat_list)
         mask_feat = self.mask_feat_branch(feats[:4])  # (bz, E, H/4, W/4) from strides 4-32, before NewFPN
         cate_pred_list, kernel_pred_list = super().forward(feats, eval=eval)
         return cate_pred_list, [(kernel_pred, mask_feat) for kernel_pred in kernel_pred_list]
