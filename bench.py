@@ -30,7 +30,8 @@ Rows:
                   the same run.
   data loading    BuildDataset at 800 through BuildDataLoader (2 workers, batch 2) over --data-images images,
                   images/s once the workers are running: preprocessed items (CPU training) and raw uint8 items
-                  (GPU training).
+                  (GPU training); then the same images written as a COCO-format set (JPEG quality 95, RLE masks)
+                  through COCODataset (decoded and preprocessed in the workers, on every device).
   peak memory     torch.cuda.max_memory_allocated on CUDA, else the process's max RSS (every row included).
 The training and inference rows use the head of --arch (or of --checkpoint, whose model settings the 800x1088 rows
 take). --heads prints instead, for each head, measured in a fresh process each so that the peak memory is its
@@ -57,7 +58,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import BuildDataLoader, BuildDataset, dataset_paths
+from dataset import BuildDataLoader, BuildDataset, COCODataset, course_to_coco, dataset_paths
 from engine import train_step
 from solo_head import ARCHS, POSTPROCESS_MAP, ModelConfig, SOLOHead, SOLOv2Head, build_model, image_of
 from synthetic import write_synthetic_dataset
@@ -374,6 +375,13 @@ def main(args):
                             1)[0]
         row(what, num_images * 1000 / pass_ms, "images/s")
         del loader
+    coco_json, _ = course_to_coco(paths, os.path.join(tmp.name, "coco"), image_format="jpg")  # the same images
+    coco = COCODataset(coco_json, os.path.join(tmp.name, "coco", "images"), input_height=800)
+    loader = BuildDataLoader(torch.utils.data.Subset(coco, range(min(num_images, len(coco)))), 2, False, 2).loader()
+    pass_ms = median_ms(lambda: [None for _ in loader], torch.device("cpu"), 1 if args.quick else 2, 1)[0]
+    row("COCO-format JPEG items (json + image folder, any device)", min(num_images, len(coco)) * 1000 / pass_ms,
+        "images/s")
+    del loader
 
     # 6. peak memory
     row(f"peak memory ({'max_memory_allocated' if gpu else 'max RSS of this process'})", peak_memory_mib(device),

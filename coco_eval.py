@@ -1,5 +1,6 @@
-"""Mask mAP with pycocotools (COCO's segm evaluation): annotations from per-image arrays, COCOeval, the summary
-table (AP over IoU 0.50:0.95, AP50, AP75, per class), precision-recall curves, map.json."""
+"""Mask mAP with pycocotools (COCO's segm evaluation): detections against a dataset's COCO ground truth (with
+the json's own image and category ids for COCO-format data), the summary table (AP over IoU 0.50:0.95, AP50,
+AP75, APs/APm/APl, per class), precision-recall curves, map.json and the standard COCO results json."""
 import contextlib
 import io
 import json
@@ -11,60 +12,38 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from pycocotools import mask as mask_util  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
-from dataset import CLASS_COLORS, CLASS_NAMES  # noqa: E402
+from cocofiles import coco_object, det_annotations, gt_annotations  # noqa: E402, F401 (the evaluation's builders)
+from datafiles import CLASS_NAMES  # noqa: E402
+from dataset import class_colors  # noqa: E402
 
 
-def encode_masks(masks):
-    """(n, H, W) binary masks (numpy or tensor, any dtype) -> n COCO RLE dicts and their areas (n,)."""
-    masks = masks.detach().cpu().numpy() if torch.is_tensor(masks) else np.asarray(masks)
-    masks = (masks > 0.5).astype(np.uint8)  # (n, H, W)
-    if len(masks) == 0:
-        return [], np.zeros(0)
-    rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))  # pycocotools wants (H, W, n) Fortran
-    return rles, mask_util.area(rles)
-
-
-def gt_annotations(image_id, labels, masks, first_id=1):
-    """COCO ground-truth annotations of one image; labels (n,) in 1..C-1, masks (n, H, W). Annotation ids start
-    at first_id, which must be >= 1: COCOeval marks a detection as matched by storing the gt id, so id 0 would
-    count as unmatched."""
-    rles, areas = encode_masks(masks)
-    return [dict(id=first_id + j, image_id=image_id, category_id=int(label), segmentation=rle, area=float(area),
-                 iscrowd=0) for j, (label, rle, area) in enumerate(zip(labels, rles, areas))]
-
-
-def det_annotations(image_id, scores, labels, masks, first_id=1):
-    """COCO detection results of one image; scores (k,), labels (k,) in 1..C-1, masks (k, H, W)."""
-    rles, areas = encode_masks(masks)
-    return [dict(id=first_id + j, image_id=image_id, category_id=int(label), segmentation=rle, area=float(area),
-                 score=float(score)) for j, (score, label, rle, area) in enumerate(zip(scores, labels, rles, areas))]
-
-
-def _coco(images, annotations, class_names):
-    """A COCO object built in memory (no json file); pycocotools' chatter is swallowed."""
-    coco = COCO()
-    coco.dataset = dict(images=images, annotations=annotations,
-                        categories=[dict(id=k + 1, name=name) for k, name in enumerate(class_names)])
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def evaluate_masks(image_sizes, gt_anns, det_anns, class_names=CLASS_NAMES):
-    """Run COCOeval (segm) on annotations from gt_annotations / det_annotations (ids unique over the set).
-    image_sizes: {image_id: (H, W)}. Returns the accumulated COCOeval. The detections are made into a COCO object
-    directly rather than with loadRes, which fails on an empty list (a model that detects nothing)."""
+def ground_truth(image_sizes, gt_anns, class_names=CLASS_NAMES):
+    """The COCO ground truth of annotations from gt_annotations (ids unique over the set) on images
+    {image_id: (H, W)}, with categories 1..K named class_names."""
     images = [dict(id=i, height=int(h), width=int(w)) for i, (h, w) in image_sizes.items()]
-    coco_eval = COCOeval(_coco(images, gt_anns, class_names), _coco(images, det_anns, class_names), "segm")
+    return coco_object(images, gt_anns, [dict(id=k + 1, name=name) for k, name in enumerate(class_names)])
+
+
+def evaluate_masks(coco_gt, det_anns, image_ids=None):
+    """Run COCOeval (segm) of detections (det_annotations, or a results json's entries) against a COCO ground
+    truth (a dataset's coco_gt, or ground_truth) on image_ids (default all of coco_gt's). Returns the accumulated
+    COCOeval. The detections are made into a COCO object directly rather than with loadRes, which fails on an
+    empty list (a model that detects nothing)."""
+    coco_dt = coco_object(coco_gt.dataset["images"], det_anns, coco_gt.dataset["categories"])
+    coco_eval = COCOeval(coco_gt, coco_dt, "segm")
+    if image_ids is not None:
+        coco_eval.params.imgIds = sorted(image_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.evaluate()
         coco_eval.accumulate()
     return coco_eval
+
+
+def class_names_of(coco_eval):
+    """The ground truth's category names, in COCOeval's order (by id)."""
+    return [coco_eval.cocoGt.cats[cat_id]["name"] for cat_id in coco_eval.params.catIds]
 
 
 def _mean_precision(precision):
@@ -73,57 +52,77 @@ def _mean_precision(precision):
     return float(valid.mean()) if valid.size else math.nan
 
 
-def map_summary(coco_eval, class_names=CLASS_NAMES):
-    """AP (IoU 0.50:0.95), AP50, AP75 and per-class AP / AP50 / number of ground-truth objects from an accumulated
-    COCOeval: all areas, 100 detections per image. nan where there is no ground truth."""
-    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # (IoU thresholds, recall thresholds, classes)
+def map_summary(coco_eval):
+    """AP (IoU 0.50:0.95), AP50, AP75, AP of small / medium / large objects (COCO's area ranges, in the original
+    image's pixels) and per-class AP / AP50 / number of ground-truth objects (crowd regions not counted) from an
+    accumulated COCOeval: 100 detections per image. nan where there is no ground truth."""
+    precision = coco_eval.eval["precision"][..., -1]  # (IoU thresholds, recall thresholds, classes, areas)
     iou_thrs = coco_eval.params.iouThrs
     i50, i75 = int(np.argmin(abs(iou_thrs - 0.5))), int(np.argmin(abs(iou_thrs - 0.75)))
-    num_gt = np.bincount([a["category_id"] for a in coco_eval.cocoGt.dataset["annotations"]],
-                         minlength=len(class_names) + 1)
-    per_class = {name: dict(AP=_mean_precision(precision[:, :, k]), AP50=_mean_precision(precision[i50, :, k]),
-                            num_gt=int(num_gt[k + 1]))
-                 for k, name in enumerate(class_names)}
-    return dict(AP=_mean_precision(precision), AP50=_mean_precision(precision[i50]),
-                AP75=_mean_precision(precision[i75]), per_class=per_class,
-                num_images=len(coco_eval.params.imgIds), num_gt=int(num_gt.sum()),
-                num_detections=len(coco_eval.cocoDt.dataset["annotations"]))
+    areas = dict(zip(coco_eval.params.areaRngLbl, range(len(coco_eval.params.areaRngLbl))))  # all small medium large
+    image_ids = set(coco_eval.params.imgIds)
+    gt = [a for a in coco_eval.cocoGt.dataset["annotations"] if a["image_id"] in image_ids and not a.get("iscrowd")]
+    cat_ids = list(coco_eval.params.catIds)
+    num_gt = [sum(a["category_id"] == cat_id for a in gt) for cat_id in cat_ids]
+    everything = precision[..., areas["all"]]  # (T, R, K)
+    per_class = {name: dict(AP=_mean_precision(everything[:, :, k]), AP50=_mean_precision(everything[i50, :, k]),
+                            num_gt=int(num_gt[k]))
+                 for k, name in enumerate(class_names_of(coco_eval))}
+    return dict(AP=_mean_precision(everything), AP50=_mean_precision(everything[i50]),
+                AP75=_mean_precision(everything[i75]),
+                **{f"AP{size[0]}": _mean_precision(precision[..., areas[size]])
+                   for size in ("small", "medium", "large")},
+                per_class=per_class, num_images=len(image_ids), num_gt=len(gt),
+                num_detections=sum(a["image_id"] in image_ids for a in coco_eval.cocoDt.dataset["annotations"]))
 
 
-def pr_curves(coco_eval, class_names=CLASS_NAMES, iou=0.5):
+def pr_curves(coco_eval, iou=0.5):
     """{class name: (recall (R,), interpolated precision (R,))} at the given IoU threshold, R = 101 recall
     points; classes without ground truth are left out."""
     t = int(np.argmin(abs(coco_eval.params.iouThrs - iou)))
     precision = coco_eval.eval["precision"][t, :, :, 0, -1]  # (R, classes)
-    return {name: (coco_eval.params.recThrs, precision[:, k]) for k, name in enumerate(class_names)
+    return {name: (coco_eval.params.recThrs, precision[:, k]) for k, name in enumerate(class_names_of(coco_eval))
             if (precision[:, k] > -1).any()}
 
 
 def coco_mask_map(gt, dets, class_names=CLASS_NAMES):
     """Mask mAP of a set of images. gt: per image (labels (n,), masks (n, H, W)); dets: per image (scores (k,),
     labels (k,), masks (k, H, W)); labels in 1..len(class_names). Returns map_summary's dict."""
-    return map_summary(evaluate_masks(*_annotate(gt, dets), class_names), class_names)
-
-
-def _annotate(gt, dets):
-    """Per-image arrays -> (image_sizes, gt annotations, detection annotations) with unique ids."""
     image_sizes, gt_anns, det_anns = {}, [], []
     for image_id, ((labels, masks), (d_scores, d_labels, d_masks)) in enumerate(zip(gt, dets)):
         image_sizes[image_id] = tuple(masks.shape[-2:])
         gt_anns += gt_annotations(image_id, labels, masks, first_id=len(gt_anns) + 1)
         det_anns += det_annotations(image_id, d_scores, d_labels, d_masks, first_id=len(det_anns) + 1)
-    return image_sizes, gt_anns, det_anns
+    return map_summary(evaluate_masks(ground_truth(image_sizes, gt_anns, class_names), det_anns))
 
 
 def format_map_table(metrics):
     """The metrics as a small text table (nan where a class has no ground truth)."""
-    lines = [f"{'class':<10} {'AP':>6} {'AP50':>6} {'#gt':>6}"]
+    width = max([10] + [len(name) for name in metrics["per_class"]])
+    lines = [f"{'class':<{width}} {'AP':>6} {'AP50':>6} {'#gt':>6}"]
     for name, m in metrics["per_class"].items():
-        lines.append(f"{name:<10} {m['AP']:6.3f} {m['AP50']:6.3f} {m['num_gt']:6d}")
-    lines.append(f"{'all':<10} {metrics['AP']:6.3f} {metrics['AP50']:6.3f} {metrics['num_gt']:6d}"
+        lines.append(f"{name:<{width}} {m['AP']:6.3f} {m['AP50']:6.3f} {m['num_gt']:6d}")
+    lines.append(f"{'all':<{width}} {metrics['AP']:6.3f} {metrics['AP50']:6.3f} {metrics['num_gt']:6d}"
                  f"   AP75 {metrics['AP75']:.3f}, {metrics['num_detections']} detections"
                  f" on {metrics['num_images']} images")
+    lines.append(f"{'':<{width}} APs {metrics['APs']:.3f}, APm {metrics['APm']:.3f}, APl {metrics['APl']:.3f} "
+                 f"(objects under 32x32, up to 96x96 and larger, original pixels)")
     return "\n".join(lines)
+
+
+def save_results_json(det_anns, path):
+    """The detections as a standard COCO results json ([{image_id, category_id, segmentation (compressed RLE),
+    score}]), which COCO.loadRes and any COCO tool read. Returns path."""
+    results = [dict(image_id=a["image_id"], category_id=a["category_id"], score=a["score"],
+                    segmentation=dict(size=[int(s) for s in a["segmentation"]["size"]],
+                                      counts=a["segmentation"]["counts"].decode("ascii")
+                                      if isinstance(a["segmentation"]["counts"], bytes)
+                                      else a["segmentation"]["counts"]))
+               for a in det_anns]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f)
+    return path
 
 
 def _json_ready(obj):
@@ -142,24 +141,26 @@ def save_map_json(metrics, path):
     return path
 
 
-def pr_figure(curves, iou=0.5, class_names=CLASS_NAMES):
+def pr_figure(curves, iou=0.5, class_names=None):
     """One precision-recall curve per class (COCO's interpolated precision at the 101 recall points), in the
-    class's colour, labelled with the class and its AP at that IoU: a matplotlib Figure."""
+    class's colour (its position in class_names, default the curves' classes), labelled with the class and its AP
+    at that IoU: a matplotlib Figure."""
+    class_names = list(class_names or curves)
+    colours = class_colors(len(class_names))
     fig, ax = plt.subplots(figsize=(5, 4))
     for k, name in enumerate(class_names):
         if name in curves:
             recall, precision = curves[name]
-            ax.plot(recall, precision, color=CLASS_COLORS[k % len(CLASS_COLORS)],
-                    label=f"{name} (AP{round(iou * 100)} {precision.mean():.3f})")
+            ax.plot(recall, precision, color=colours[k], label=f"{name} (AP{round(iou * 100)} {precision.mean():.3f})")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"mask PR curves, IoU {iou}")
     ax.grid(alpha=0.3)
     if curves:
-        ax.legend(loc="lower left")
+        ax.legend(loc="lower left", fontsize="small" if len(curves) > 5 else None)
     fig.tight_layout()
     return fig
 
 
-def plot_pr_curves(curves, path, iou=0.5, class_names=CLASS_NAMES):
+def plot_pr_curves(curves, path, iou=0.5, class_names=None):
     """pr_figure saved as a PNG at path."""
     fig = pr_figure(curves, iou, class_names)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -14,6 +14,7 @@ import pickle
 
 import h5py
 import numpy as np
+import torch
 
 CLASS_NAMES = ("vehicle", "person", "animal")  # label k is CLASS_NAMES[k - 1]; 0 = background
 FILE_NAMES = (
@@ -39,6 +40,16 @@ class DataError(ValueError):
 def dataset_paths(data_dir):
     """[images_h5, masks_h5, labels_npy, bboxes_npy] inside `data_dir`."""
     return [os.path.join(data_dir, name) for name in FILE_NAMES]
+
+
+def split_indices(num, train_frac=0.8, seed=0):
+    """The reproducible 80/20 split every script uses: (train indices, test indices), each sorted, together
+    covering range(num): the first round(train_frac * num) of torch.randperm(num) (seeded generator) train."""
+    if not 0 <= train_frac <= 1:
+        raise ValueError(f"train_frac must be in [0, 1], got {train_frac}")
+    num_train = round(train_frac * num)
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))  # (num,)
+    return order[:num_train].sort().values.tolist(), order[num_train:].sort().values.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------

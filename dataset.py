@@ -19,10 +19,15 @@ Two data paths give the same batch (the same tensors, bit for bit on the CPU):
                                  training on a GPU uses, so that the loader's workers only decode.
 Both use the helpers resize_images, resize_masks, scale_boxes, flip_boxes, normalize_ and pad_to.
 
+Your own data: COCODataset(json, image_folder) reads a COCO-format instance-segmentation set (cocofiles.py) into
+the same items as BuildDataset's float items, images of any size each resized to input_height keeping its
+aspect; collect_fn pads a batch to its largest image.
+
 Visual check (saves `--num` PNGs into `--out`; uses data/synthetic when the real files are missing):
-  python dataset.py [--data-dir data] [--out figures] [--num 5]
+  python dataset.py [--data-dir data | --coco JSON IMAGES] [--out figures] [--num 5]
 """
 import argparse
+import copy
 import itertools
 import math
 import operator
@@ -35,8 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from cocofiles import (coco_object, gt_annotations, object_masks, pack, read_coco, segmentation_area, unpack,
+                       write_coco)
 from datafiles import (CLASS_NAMES, FILE_NAMES, H5_KEY, ROLES, DataError, check_counts, check_files_exist,  # noqa: F401
-                       check_masks_not_all_empty, dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels)
+                       check_masks_not_all_empty, dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels,
+                       split_indices)
+from imagefiles import PhotoError, load_photo
 from synthetic import write_synthetic_dataset
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean
@@ -128,7 +137,42 @@ def pad_to(x, size):
     return F.pad(x, (0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2]))
 
 
-class BuildDataset(Dataset):
+def preprocess_item(img, label, mask, bbox, flip, input_height):
+    """One item of get_raw's form (img uint8 (3, H, W), label, mask uint8 (n, H, W), bbox (n, 4) original pixels)
+    and its flip decision -> the network's (img float32 (3, Hp, Wp) normalised, label, mask float32 (n, Hp, Wp),
+    bbox (n, 4) input pixels), handout 4.3."""
+    ori_size = tuple(img.shape[-2:])
+    scaled_size, input_size = resized_sizes(*ori_size, input_height)
+    img = resize_images(img[None], scaled_size)[0]  # (3, Hs, Ws)
+    mask = resize_masks(mask, scaled_size)  # (n, Hs, Ws)
+    bbox = scale_boxes(bbox, ori_size, scaled_size)  # (n, 4)
+    if flip:  # in the scaled frame, before padding
+        img, mask, bbox = img.flip(-1), mask.flip(-1), flip_boxes(bbox, scaled_size[1])
+    return pad_to(normalize_(img), input_size), label, pad_to(mask, input_size), bbox
+
+
+class ItemsDataset(Dataset):
+    """What BuildDataset and COCODataset share: get_raw(i) preprocessed (preprocess_item), with one flip draw per
+    item, and what evaluation asks of a dataset (class_names, category_ids, image_id, image_size, coco_gt)."""
+    raw = False
+    hflip = False
+
+    def _index(self, index):
+        index = operator.index(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"image index {index} out of range for {len(self)} images")
+        return index % len(self)
+
+    def __getitem__(self, index):
+        img, label, mask, bbox = self.get_raw(index)
+        # the one RNG draw per item, in both modes, so raw and float datasets flip the same items
+        flip = torch.rand(()) < 0.5 if self.hflip else torch.tensor(False)  # bool ()
+        if self.raw:
+            return img, label, mask, bbox, flip
+        return preprocess_item(img, label, mask, bbox, flip, self.input_height)
+
+
+class BuildDataset(ItemsDataset):
     """Images, labels, masks and boxes of the CIS680 data, preprocessed as in handout 4.3.
 
     Args:
@@ -182,8 +226,10 @@ class BuildDataset(Dataset):
         self.mask_offsets = np.concatenate([[0], np.cumsum(self.num_objects)[:-1]])  # (N,) first mask row
         self.hflip = hflip
         self.raw = raw
+        self.input_height = input_height
         self.ori_size = (height, width)
         self.scaled_size, self.input_size = resized_sizes(height, width, input_height)
+        self.class_names, self.category_ids = CLASS_NAMES, tuple(range(1, len(CLASS_NAMES) + 1))
         self._h5 = None  # {"images": h5py.File, "masks": h5py.File}, opened by the process that reads them
         self._h5_pid = None
 
@@ -201,11 +247,22 @@ class BuildDataset(Dataset):
             self._h5_pid = os.getpid()
         return self._h5[role][H5_KEY]
 
-    def _index(self, index):
-        index = operator.index(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"image index {index} out of range for {len(self)} images")
-        return index % len(self)
+    def image_id(self, index):
+        """The image's id in evaluation and results jsons: its index in the files."""
+        return self._index(index)
+
+    def image_size(self, index):
+        return self.ori_size
+
+    def coco_gt(self, indices):
+        """The ground truth of the images `indices` as a pycocotools COCO (ids: image index, category = label)."""
+        images, annotations = [], []
+        for i in indices:
+            _, labels, masks, _ = self.get_raw(i)
+            images.append(dict(id=self.image_id(i), height=self.ori_size[0], width=self.ori_size[1]))
+            annotations += gt_annotations(self.image_id(i), labels, masks, first_id=len(annotations) + 1)
+        return coco_object(images, annotations, [dict(id=k, name=name) for k, name in
+                                                 zip(self.category_ids, self.class_names)])
 
     def get_raw(self, index):
         """Ground truth in the original frame: img uint8 (3, H, W), label int64 (n,),
@@ -226,18 +283,87 @@ class BuildDataset(Dataset):
             raise DataError(f"{role} file {path}: image {image} cannot be read ({type(err).__name__}: "
                             f"{str(err).strip() or 'no details'})") from None
 
-    def __getitem__(self, index):
-        img, label, mask, bbox = self.get_raw(index)
-        # the one RNG draw per item, in both modes, so raw and float datasets flip the same items
-        flip = torch.rand(()) < 0.5 if self.hflip else torch.tensor(False)  # bool ()
-        if self.raw:
-            return img, label, mask, bbox, flip
-        img = resize_images(img[None], self.scaled_size)[0]  # (3, Hs, Ws)
-        mask = resize_masks(mask, self.scaled_size)  # (n, Hs, Ws)
-        bbox = scale_boxes(bbox, self.ori_size, self.scaled_size)  # (n, 4)
-        if flip:  # in the scaled frame, before padding
-            img, mask, bbox = img.flip(-1), mask.flip(-1), flip_boxes(bbox, self.scaled_size[1])
-        return pad_to(normalize_(img), self.input_size), label, pad_to(mask, self.input_size), bbox
+
+
+class COCODataset(ItemsDataset):
+    """A COCO-format dataset: a json and its image folder (cocofiles.py), items as BuildDataset's float items.
+
+    Args:
+        json_path, images_dir: the json and the folder its file_names are relative to.
+        input_height: as BuildDataset's; each image is resized to this height keeping its aspect and padded to
+            multiples of 32, so items differ in width (collect_fn pads a batch to its largest).
+        hflip: as BuildDataset's.
+
+    dataset[i] -> (img float32 (3, Hp_i, Wp_i), label int64 (n,) in 1..K, mask float32 (n, Hp_i, Wp_i),
+                   bbox float32 (n, 4) input pixels): the image's objects; crowd regions (iscrowd 1) are left out
+                   of training (no positive cell) and kept in coco_gt for evaluation.
+    Labels: category ids of any values map to 1..K in id order; class_names and category_ids hold the names and
+    the json's ids. Images are decoded per item (in the workers), as photos: RGB, upright by EXIF when that gives
+    the annotated size. Attributes: image_ids (N,), sizes (N, 2) as annotated, num_objects (N,), num_crowd (N,).
+    """
+
+    def __init__(self, json_path, images_dir, input_height=800, hflip=False):
+        check_input_height(input_height)
+        data = read_coco(json_path, images_dir)
+        for warning in data.warnings:
+            print(f"warning: COCO json {data.path}: {warning}")
+        self.json_path = data.path
+        self.class_names, self.category_ids = data.class_names, data.category_ids
+        self.image_ids = np.array([image.id for image in data.images], dtype=np.int64)  # (N,)
+        self.sizes = np.array([image.size for image in data.images], dtype=np.int64)  # (N, 2)
+        crowd = [[bool(a.get("iscrowd", 0)) for a in image.annotations] for image in data.images]
+        self.num_crowd = np.array([sum(c) for c in crowd], dtype=np.int64)  # (N,)
+        self.num_objects = np.array([len(c) for c in crowd], dtype=np.int64) - self.num_crowd  # (N,)
+        self._label_of = {cat_id: k + 1 for k, cat_id in enumerate(self.category_ids)}
+        self._records = pack(data.images)  # one buffer: workers share it (cocofiles.pack)
+        self.input_height, self.hflip = input_height, hflip
+        print(f"COCO json {data.path}: {len(self)} images ({len(data.warnings)} warnings), "
+              f"{self.num_objects.sum()} objects, {self.num_crowd.sum()} crowd regions, {len(self.class_names)} "
+              f"classes")
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def image_id(self, index):
+        return int(self.image_ids[self._index(index)])
+
+    def image_size(self, index):
+        return tuple(int(s) for s in self.sizes[self._index(index)])
+
+    def _record(self, index):
+        return unpack(*self._records, self._index(index))
+
+    def get_raw(self, index):
+        """img uint8 (3, H, W), label int64 (n,), mask uint8 (n, H, W), bbox float32 (n, 4) original pixels."""
+        image = self._record(index)
+        try:
+            img = load_photo(image.path, max_side=None, upright=image.upright)  # (3, H, W)
+        except PhotoError as err:
+            raise DataError(f"COCO json {self.json_path}: image {image.id} ({image.path}): {err}") from None
+        if tuple(img.shape[1:]) != image.size:
+            raise DataError(f"COCO json {self.json_path}: image {image.id} ({image.path}) decodes to "
+                            f"{img.shape[1]}x{img.shape[2]}, the json says {image.size[0]}x{image.size[1]}")
+        labels, masks, boxes = object_masks(image, self._label_of, self.json_path)
+        return img, torch.from_numpy(labels), torch.from_numpy(masks), torch.from_numpy(boxes)
+
+    def coco_gt(self, indices):
+        """The json's ground truth of the images `indices` (crowd regions included, skipped annotations not) as a
+        pycocotools COCO with the json's image and category ids."""
+        images, annotations = [], []
+        for i in indices:
+            image = self._record(i)
+            images.append(dict(id=image.id, height=image.size[0], width=image.size[1]))
+            for ann in image.annotations:
+                seg = ann["segmentation"]
+                if isinstance(seg, list):  # pycocotools cannot read an empty polygon beside others
+                    seg = [poly for poly in seg if len(poly)]
+                area = ann.get("area")
+                if not (isinstance(area, (int, float)) and math.isfinite(area) and area >= 0):  # COCOeval needs it
+                    area = segmentation_area(seg, image.size)
+                annotations.append(dict(id=ann["id"], image_id=image.id, category_id=ann["category_id"],
+                                        segmentation=seg, area=float(area), iscrowd=int(ann.get("iscrowd", 0))))
+        return coco_object(images, annotations, [dict(id=k, name=name) for k, name in
+                                                 zip(self.category_ids, self.class_names)])
 
 
 def _check_raw_batch(batch):
@@ -347,6 +473,9 @@ class BuildDataLoader:
             imgs, labels, masks, bboxes, flips = zip(*batch)
             return torch.stack(imgs, dim=0), list(labels), list(masks), list(bboxes), torch.stack(flips, dim=0)
         imgs, labels, masks, bboxes = zip(*batch)
+        size = tuple(max(s) for s in zip(*(img.shape[-2:] for img in imgs)))  # images of a COCO set differ in size
+        if any(img.shape[-2:] != size for img in imgs):
+            imgs, masks = [pad_to(img, size) for img in imgs], [pad_to(mask, size) for mask in masks]
         return torch.stack(imgs, dim=0), list(labels), list(masks), list(bboxes)
 
     def loader(self):
@@ -361,22 +490,62 @@ def split_dataset(dataset, train_frac=0.8, seed=0):
     The first round(train_frac * N) indices of torch.randperm(N) (seeded generator) go to train, the rest
     to test; each subset's indices are sorted. 3265 images -> 2612 train, 653 test.
     """
-    if not 0 <= train_frac <= 1:
-        raise ValueError(f"train_frac must be in [0, 1], got {train_frac}")
-    num_train = round(train_frac * len(dataset))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # (N,)
-    train, test = order[:num_train].sort().values, order[num_train:].sort().values
-    return Subset(dataset, train.tolist()), Subset(dataset, test.tolist())
+    train, test = split_indices(len(dataset), train_frac, seed)
+    return Subset(dataset, train), Subset(dataset, test)
 
 
-def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, synthetic_options=None, raw=False):
-    """(train Subset, test Subset) as every script builds them: split_dataset's 80/20 split, the flips (if any)
-    only on the train split. synthetic > 0: a synthetic set of that many images under data_dir (resolve_data_dir)
-    with the scene settings synthetic_options. raw: BuildDataset(raw=True) items, for preprocess_batch."""
-    paths = dataset_paths(resolve_data_dir(data_dir, synthetic, **(synthetic_options or {})))
-    train_set, _ = split_dataset(BuildDataset(paths, input_height=input_height, hflip=hflip, raw=raw))
-    _, test_set = split_dataset(BuildDataset(paths, input_height=input_height, hflip=False, raw=raw))
-    return train_set, test_set
+def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, synthetic_options=None, raw=False,
+                   train_data=None, val_data=None, empty_images="skip"):
+    """(train Subset, test Subset) as every script builds them, the flips (if any) only on the train split.
+
+    The course's files: split_dataset's 80/20 split of the four files in data_dir, or with synthetic > 0 of a
+    synthetic set of that many images under data_dir (resolve_data_dir) with the scene settings
+    synthetic_options; raw: BuildDataset(raw=True) items, for preprocess_batch.
+    COCO format: train_data = (json, image folder) trains; val_data (the same form) is the test split, or without
+    it the 80/20 split of train_data's images. empty_images 'skip' leaves the training images without an object
+    out (the SOLO authors' loader does), 'keep' trains on them as background; the test split keeps every image.
+    COCO items are always preprocessed in the workers (raw does not apply: the images differ in size)."""
+    if train_data is None:
+        paths = dataset_paths(resolve_data_dir(data_dir, synthetic, **(synthetic_options or {})))
+        train_set, _ = split_dataset(BuildDataset(paths, input_height=input_height, hflip=hflip, raw=raw))
+        _, test_set = split_dataset(BuildDataset(paths, input_height=input_height, hflip=False, raw=raw))
+        return train_set, test_set
+    if empty_images not in ("skip", "keep"):
+        raise ValueError(f"empty_images must be 'skip' or 'keep', got {empty_images!r}")
+    train_base = COCODataset(*train_data, input_height=input_height, hflip=hflip)
+    if val_data is None:
+        test_base = copy.copy(train_base)  # the same images and json, read once; no flips
+        test_base.hflip = False
+        train_indices, test_indices = split_indices(len(train_base))
+    else:
+        test_base = COCODataset(*val_data, input_height=input_height)
+        if test_base.class_names != train_base.class_names:
+            raise DataError(f"COCO json {val_data[0]} has the classes {list(test_base.class_names)}, but the training "
+                            f"json {train_data[0]} has {list(train_base.class_names)} (by category id): they must "
+                            f"list the same categories")
+        train_indices, test_indices = list(range(len(train_base))), list(range(len(test_base)))
+    if empty_images == "skip":
+        empty = [i for i in train_indices if train_base.num_objects[i] == 0]
+        train_indices = [i for i in train_indices if train_base.num_objects[i] > 0]
+        if empty:
+            print(f"{len(empty)} training images without objects left out (--empty-images keep trains on them)")
+    if not train_indices:
+        raise DataError(f"COCO json {train_data[0]}: no training image has an object to learn")
+    return Subset(train_base, train_indices), Subset(test_base, test_indices)
+
+
+def course_to_coco(paths, out_dir, image_format="png"):
+    """The course files `paths` written as a COCO-format dataset in out_dir (cocofiles.write_coco): images,
+    train.json and val.json of split_dataset's split (image id = index in the files). PNG is lossless: the
+    COCODataset items equal BuildDataset's. Returns the paths of train.json and val.json."""
+    dataset = BuildDataset(paths)
+
+    def items():
+        for i in range(len(dataset)):
+            img, label, mask, bbox = dataset.get_raw(i)
+            yield img.numpy(), mask.numpy(), label.numpy(), bbox.numpy()
+    train, val = split_indices(len(dataset))
+    return write_coco(out_dir, items(), dataset.class_names, {"train.json": train, "val.json": val}, image_format)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,12 +554,22 @@ def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, 
 CLASS_COLORS = ((1.0, 0.85, 0.0), (0.0, 0.9, 0.9), (1.0, 0.2, 1.0))  # overlay colours: vehicle, person, animal
 
 
+def class_colors(num_classes):
+    """One overlay colour (r, g, b) per class: the course's three, then matplotlib's tab20, cycling."""
+    import matplotlib
+
+    extra = [tuple(c[:3]) for c in matplotlib.colormaps["tab20"].colors]
+    return [(CLASS_COLORS + tuple(extra))[k % (len(CLASS_COLORS) + len(extra))] for k in range(num_classes)]
+
+
 def add_visual_check_args(parser):
     """The flags of the visual-check mains (this one and solo_head.py's): which images, where the PNGs go."""
     parser.add_argument("--data-dir", default="data", type=str, help="folder with the four real data files")
     parser.add_argument("--synthetic-dir", default="data/synthetic", type=str,
                         help="synthetic dataset used (and written if missing) when --data-dir lacks the files")
     parser.add_argument("--synthetic-images", default=400, type=int, help="images in a newly written synthetic set")
+    parser.add_argument("--coco", default=None, type=str, nargs=2, metavar=("JSON", "IMAGES"),
+                        help="a COCO-format dataset (json and image folder) instead of --data-dir")
     parser.add_argument("--out", default="figures", type=str, help="output folder for the PNGs")
     parser.add_argument("--num", default=5, type=int, help="number of images to save")
     parser.add_argument("--input-height", default=800, type=int, help="network input height (a multiple of 32)")
@@ -425,6 +604,14 @@ def resolve_data_dir(data_dir, synthetic=0, **options):
     return folder
 
 
+def visual_check_dataset(args):
+    """The dataset the visual-check mains show: --coco's, else the course files (or the synthetic stand-in)."""
+    if args.coco:
+        return COCODataset(*args.coco, input_height=args.input_height)
+    return BuildDataset(resolve_paths(args.data_dir, args.synthetic_dir, args.synthetic_images),
+                        input_height=args.input_height)
+
+
 def resolve_paths(data_dir, synthetic_dir, num_images=400):
     """The real files in data_dir if all four exist, else the synthetic ones (written if missing)."""
     paths = dataset_paths(data_dir)
@@ -441,7 +628,7 @@ def choose_images(num_objects, num, seed=0):
     return crowded + others[:num - len(crowded)]
 
 
-def item_figure(img, label, mask, bbox, title):
+def item_figure(img, label, mask, bbox, title, class_names=CLASS_NAMES):
     """The denormalised input with masks (class colour, alpha 0.5), boxes and class names: a matplotlib Figure."""
     import matplotlib
 
@@ -449,43 +636,41 @@ def item_figure(img, label, mask, bbox, title):
     import matplotlib.pyplot as plt
 
     rgb = denormalize(img).permute(1, 2, 0).numpy()  # (Hp, Wp, 3)
-    label = label.tolist()
+    label, colours = label.tolist(), class_colors(len(class_names))
     for k in range(len(label)):
-        colour = np.array(CLASS_COLORS[label[k] - 1])
         on = mask[k].numpy() > 0  # (Hp, Wp)
-        rgb[on] = 0.5 * rgb[on] + 0.5 * colour
+        rgb[on] = 0.5 * rgb[on] + 0.5 * np.array(colours[label[k] - 1])
     height, width = rgb.shape[:2]
     fig, ax = plt.subplots(figsize=(width / 100, height / 100), dpi=100)
     ax.imshow(rgb)
     for k in range(len(label)):
         x1, y1, x2, y2 = bbox[k].tolist()
-        colour = CLASS_COLORS[label[k] - 1]
+        colour = colours[label[k] - 1]
         ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2))
-        ax.text(x1, y1, CLASS_NAMES[label[k] - 1], color="black", fontsize=10, va="bottom",
+        ax.text(x1, y1, class_names[label[k] - 1], color="black", fontsize=10, va="bottom",
                 bbox=dict(facecolor=colour, alpha=0.8, pad=1, edgecolor="none"))
     ax.set_title(title)
     ax.axis("off")
     return fig
 
 
-def plot_item(img, label, mask, bbox, title, path):
+def plot_item(img, label, mask, bbox, title, path, class_names=CLASS_NAMES):
     """item_figure saved as a PNG at path."""
     import matplotlib.pyplot as plt
 
-    fig = item_figure(img, label, mask, bbox, title)
+    fig = item_figure(img, label, mask, bbox, title, class_names)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
 def main(args):
-    paths = resolve_paths(args.data_dir, args.synthetic_dir, args.synthetic_images)
-    dataset = BuildDataset(paths, input_height=args.input_height)
+    dataset = visual_check_dataset(args)
     os.makedirs(args.out, exist_ok=True)
     for k, index in enumerate(choose_images(dataset.num_objects, args.num, args.seed)):
         img, label, mask, bbox = dataset[index]
         path = os.path.join(args.out, f"dataset_{k}.png")
         title = f"image {index}: {len(label)} objects, input {tuple(img.shape[1:])} (padding right/bottom)"
-        plot_item(img, label, mask, bbox, title, path)
+        plot_item(img, label, mask, bbox, title, path, dataset.class_names)
         print(f"saved {path}")
 
 

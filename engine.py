@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from coco_eval import det_annotations, evaluate_masks, gt_annotations
+from coco_eval import det_annotations, evaluate_masks
 from dataset import BuildDataLoader, preprocess_batch, to_device
 from solo_head import POSTPROCESS_MAP
 from utils import autocast_settings, is_distributed, is_main_process
@@ -125,24 +125,23 @@ def evaluate(model, loader, device, args):
 
 @torch.inference_mode()
 def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cfg=POSTPROCESS_MAP):
-    """Run model.infer (post-processing cfg) over the test split (a Subset of BuildDataset) and compare with the
-    ground truth in the original frame (dataset.get_raw) by COCOeval. Returns the accumulated COCOeval."""
+    """Run model.infer (post-processing cfg) over the test split (a Subset of a BuildDataset or COCODataset) and
+    compare with its ground truth in each image's original frame (the dataset's coco_gt: the json's own image and
+    category ids for COCO-format data) by COCOeval. Returns the accumulated COCOeval; its cocoDt holds the
+    detections."""
     model.eval()
-    raw_set, indices = test_set.dataset, list(test_set.indices)
-    ori_size = tuple(raw_set.ori_size)
+    dataset, indices = test_set.dataset, list(test_set.indices)
+    category_ids = torch.tensor(dataset.category_ids)  # label k -> category_ids[k - 1]
     amp_dtype, _ = autocast_settings(device, amp)
     loader = BuildDataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=workers).loader()
-    image_sizes, gt_anns, det_anns = {}, [], []
-    position = 0  # index of the batch's first image in the test split
+    det_anns, position = [], 0  # position: index of the batch's first image in the test split
     for img, *_ in tqdm(loader, desc="inference", unit="batch", disable=not is_main_process()):
+        batch = indices[position:position + img.shape[0]]
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            results = model.infer(to_device(img, device), ori_size, cfg)
-        for b in range(img.shape[0]):
-            image_id = indices[position + b]
-            _, labels, masks, _ = raw_set.get_raw(image_id)  # ground truth in the original frame
-            image_sizes[image_id] = ori_size
-            gt_anns += gt_annotations(image_id, labels, masks, first_id=len(gt_anns) + 1)
-            scores, det_labels, det_masks = (r[b].cpu() for r in results)  # one copy each, not one per detection
-            det_anns += det_annotations(image_id, scores, det_labels, det_masks, first_id=len(det_anns) + 1)
+            results = model.infer(to_device(img, device), [dataset.image_size(i) for i in batch], cfg)
+        for b, i in enumerate(batch):
+            scores, labels, masks = (r[b].cpu() for r in results)  # one copy each, not one per detection
+            det_anns += det_annotations(dataset.image_id(i), scores, category_ids[labels - 1], masks,
+                                        first_id=len(det_anns) + 1)
         position += img.shape[0]
-    return evaluate_masks(image_sizes, gt_anns, det_anns)
+    return evaluate_masks(dataset.coco_gt(indices), det_anns, [dataset.image_id(i) for i in indices])

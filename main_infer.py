@@ -4,17 +4,22 @@ on your own photos.
   CPU:  python main_infer.py --device cpu                       # newest checkpoint in checkpoints/, test split
   GPU:  python main_infer.py --checkpoint checkpoints/epoch_035.pth --device cuda --batch-size 8 --amp
   data: python main_infer.py --synthetic 400                    # override the checkpoint's data (--data-dir DIR)
+  COCO: python main_infer.py --val-data val.json val_images/     # a COCO-format json (default: the checkpoint's)
   own photos (JPEG/PNG, any size):
         python main_infer.py --images my_photos/ --figures-dir figures/photos [--recursive]
 Inference is a single process (no torchrun): it is fast next to training.
 
-The data is rebuilt as in training from the checkpoint's args (data_dir, synthetic, input_height) and split with
-dataset.split_dataset, so the test split is the one training never saw. Outputs in --figures-dir (figures/):
+The data is rebuilt as in training from the checkpoint's args (data_dir, synthetic, input_height, train_data,
+val_data), so the test split is the one training never saw: the course files' 80/20 split (dataset.split_dataset),
+a COCO-format run's validation json, or the 20 % of its training json it held out. Outputs in --figures-dir:
   infer_<i>.png     test image i (i < --num-figures) with the handout's post-processing (category score > 0.2,
                     top 50 before Matrix NMS, keep 5), masks coloured by class, with class name and score
-  map.json          mask AP over IoU 0.50:0.95, AP50, AP75 and per-class AP / AP50 (pycocotools, COCO's 101-point
-                    interpolated precision) with the SOLO authors' post-processing (up to 100 detections per image),
-                    against the ground truth in the original 300x400 frame; null where a class has no ground truth
+  map.json          mask AP over IoU 0.50:0.95, AP50, AP75, APs/APm/APl and per-class AP / AP50 (pycocotools, COCO's
+                    101-point interpolated precision) with the SOLO authors' post-processing (up to 100 detections
+                    per image), against the ground truth in each image's original frame (a COCO json's crowd
+                    regions are ignored, as COCO does); null where a class has no ground truth
+  segm_results.json the detections as a standard COCO results json (the json's own image and category ids; for the
+                    course files, image id = index in the files, category = label), for COCO.loadRes and any COCO tool
   pr_curve.png      precision-recall curve per class at IoU 0.5
   <name>_<extension>_infer.png  with --images: one overlay per photo (handout post-processing)
 """
@@ -24,25 +29,24 @@ import os
 import sys
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from torch.utils.data import Subset
 from tqdm import tqdm
 
-from coco_eval import format_map_table, map_summary, plot_pr_curves, pr_curves, save_map_json
-from dataset import CLASS_COLORS, build_datasets, normalize_, pad_to, resized_sizes, to_device
+from coco_eval import format_map_table, map_summary, plot_pr_curves, pr_curves, save_map_json, save_results_json
+from dataset import COCODataset, build_datasets, class_colors, normalize_, pad_to, resized_sizes, to_device
 from datafiles import DataError
 from engine import evaluate_map
+from imagefiles import PhotoError, list_photos, load_photo
 from solo_head import POSTPROCESS_HANDOUT
 from utils import (CheckpointError, DeviceError, autocast_settings, error_message, latest_checkpoint, load_checkpoint,
                    load_model, model_config, prepare_device, stored_settings)
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
-PHOTO_MAX_SIDE = 1600  # photos are shrunk to this longer side first: the overlays' size, and memory bounded
 MAX_ASPECT = 4  # photos more elongated than 4:1 are padded to it
 # the training run's settings inference reads from a checkpoint, with their types (main_train.py's defaults)
-STORED_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_min_size=14)
+STORED_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_min_size=14, train_data=None,
+                       val_data=None)
 
 
 def resolve_checkpoint(path, checkpoint_dir):
@@ -56,27 +60,36 @@ def resolve_checkpoint(path, checkpoint_dir):
     return latest
 
 
-def build_test_split(train_args, data_dir=None, synthetic=None):
+def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):
     """The test Subset of the data the checkpoint was trained on, built as training builds it (its args data_dir,
-    synthetic, input_height). data_dir alone means the real files in that folder; synthetic N the synthetic set."""
-    if data_dir is not None and synthetic is None:
-        synthetic = 0
+    synthetic, input_height, train_data, val_data). data_dir alone means the real files in that folder; synthetic
+    N the synthetic set; val_data (json, image folder) a COCO-format set, wholly the test split."""
     stored = {**STORED_SETTINGS, **train_args}
-    _, test_set = build_datasets(data_dir if data_dir is not None else stored["data_dir"],
-                                 synthetic if synthetic is not None else stored["synthetic"], stored["input_height"],
-                                 synthetic_options=dict(min_size=stored["synthetic_min_size"]))
+    if val_data is not None:
+        stored.update(train_data=val_data, val_data=val_data)  # the json itself, not a split of it
+    elif data_dir is not None or synthetic is not None:
+        stored.update(data_dir=data_dir if data_dir is not None else stored["data_dir"],
+                      synthetic=synthetic or 0, train_data=None, val_data=None)
+    train_data, val = stored["train_data"], stored["val_data"]
+    if val is not None:  # the validation json: build only it
+        test = COCODataset(*val, input_height=stored["input_height"])
+        return Subset(test, list(range(len(test))))
+    _, test_set = build_datasets(stored["data_dir"], stored["synthetic"], stored["input_height"],
+                                 synthetic_options=dict(min_size=stored["synthetic_min_size"]), train_data=train_data)
     return test_set
 
 
 @torch.inference_mode()
 def plot_test_overlays(model, test_set, device, figures_dir, num_figures, score_thresh):
     """infer_<i>.png of the first num_figures test images: the handout's post-processing, on the original image."""
-    raw_set, paths = test_set.dataset, []
+    dataset, paths = test_set.dataset, []
+    colours = class_colors(len(model.head.class_names))
     for i in range(min(num_figures, len(test_set))):
         img = test_set[i][0][None]  # (1, 3, Hp, Wp)
-        results = model.infer(to_device(img, device), raw_set.ori_size, POSTPROCESS_HANDOUT)
-        original = raw_set.get_raw(test_set.indices[i])[0][None]  # (1, 3, ori_H, ori_W) uint8
-        paths += model.head.PlotInfer(*results, list(CLASS_COLORS), original, score_thresh=score_thresh,
+        index = test_set.indices[i]
+        results = model.infer(to_device(img, device), dataset.image_size(index), POSTPROCESS_HANDOUT)
+        original = dataset.get_raw(index)[0][None]  # (1, 3, ori_H, ori_W) uint8
+        paths += model.head.PlotInfer(*results, colours, original, score_thresh=score_thresh,
                                       save_prefix=os.path.join(figures_dir, "infer"), start_index=i)
     return paths
 
@@ -84,51 +97,6 @@ def plot_test_overlays(model, test_set, device, figures_dir, num_figures, score_
 # ----------------------------------------------------------------------------------------------------
 # Your own photos
 # ----------------------------------------------------------------------------------------------------
-class PhotoError(ValueError):
-    """A photo that cannot be used (not an image, truncated, empty): it is skipped with its reason."""
-
-
-def list_photos(folder, recursive=False):
-    """Sorted paths of the JPEG/PNG files in folder (and its subfolders with recursive), relative to it, and the
-    number of subfolders left out. A clear error if there is no photo."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--images: {folder!r} is not a directory")
-    photos, subfolders = [], 0
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        if not recursive:
-            subfolders += sum(not d.lower().endswith(PHOTO_SUFFIXES) for d in dirs)
-            # a folder named like a photo is listed, to be skipped with a warning rather than silently
-            photos += [d for d in dirs if d.lower().endswith(PHOTO_SUFFIXES)]
-            dirs.clear()
-        relative = os.path.relpath(root, folder)
-        photos += [os.path.normpath(os.path.join(relative, f)) for f in files if f.lower().endswith(PHOTO_SUFFIXES)]
-    if not photos:
-        raise FileNotFoundError(f"--images: no JPEG/PNG images ({', '.join(PHOTO_SUFFIXES)}) in {folder!r}"
-                                + (" (its subfolders are searched with --recursive)" if subfolders else ""))
-    return sorted(photos), subfolders
-
-
-def load_photo(path, max_side=PHOTO_MAX_SIDE):
-    """uint8 (3, h, w) RGB, EXIF orientation applied (phone photos), shrunk so that its longer side is at most
-    max_side (JPEGs are decoded at a reduced size where the format allows): a huge photo costs what a moderate
-    one does. Pillow (a matplotlib dependency) rather than torchvision.io, whose decoding is deprecated.
-    PhotoError with the reason when the file is not a readable image."""
-    if os.path.isdir(path):
-        raise PhotoError("it is a folder")
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if still larger
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            if max(image.size) > max_side:
-                scale = max_side / max(image.size)
-                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                     Image.BILINEAR, reducing_gap=2.0)
-            return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (3, h, w)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL's errors of bad files
-        raise PhotoError(f"not a readable image ({type(err).__name__}: {err})") from None
-
-
 def letterbox(photo, max_aspect=MAX_ASPECT):
     """photo (3, h, w) padded with black at the bottom or right to an aspect of at most max_aspect:1 (the model
     knows 4:3 images; a 3000x10 strip would be resized to a width of 0)."""
@@ -170,7 +138,7 @@ def infer_photos(model, folder, photos, input_height, device, figures_dir, score
         scores, labels, masks = model.infer(preprocess_photo(padded, input_height).to(device), padded.shape[-2:],
                                             POSTPROCESS_HANDOUT)
         masks = [m[:, :photo.shape[1], :photo.shape[2]] for m in masks]  # the padding cut off again
-        out_paths += model.head.PlotInfer(scores, labels, masks, list(CLASS_COLORS), photo[None],
+        out_paths += model.head.PlotInfer(scores, labels, masks, class_colors(len(model.head.class_names)), photo[None],
                                           score_thresh=score_thresh,
                                           save_paths=[os.path.join(figures_dir, overlay_name(name))])
     return out_paths, skipped
@@ -188,6 +156,8 @@ def get_args_parser():
                         help="data directory with the four dataset files (default: the checkpoint's)")
     parser.add_argument("--synthetic", default=None, type=int,
                         help="use the synthetic dataset of N images (default: the checkpoint's setting)")
+    parser.add_argument("--val-data", default=None, type=str, nargs=2, metavar=("JSON", "IMAGES"),
+                        help="evaluate on this COCO-format json and image folder (default: the checkpoint's data)")
     parser.add_argument("--images", default=None, type=str,
                         help="folder of your own JPEG/PNG photos: overlays only, no test split and no mAP")
     parser.add_argument("--recursive", action="store_true",
@@ -230,8 +200,11 @@ def main(args):
               + (f"; {subfolders} subfolders not searched (--recursive)" if subfolders else ""))
         return dict(checkpoint=checkpoint_path, overlays=paths, skipped=skipped)
 
-    test_set = build_test_split(train_args, args.data_dir, args.synthetic)
-    print(f"test split: {len(test_set)} images, input {test_set.dataset.input_size}, device {device}")
+    test_set = build_test_split(train_args, args.data_dir, args.synthetic, args.val_data)
+    if tuple(test_set.dataset.class_names) != model.head.class_names:
+        raise DataError(f"the test data has the classes {list(test_set.dataset.class_names)}, but checkpoint "
+                        f"{checkpoint_path} was trained on {list(model.head.class_names)}")
+    print(f"test split: {len(test_set)} images, input height {train_args['input_height']}, device {device}")
     with autocast:
         overlays = plot_test_overlays(model, test_set, device, args.figures_dir, args.num_figures,
                                       args.plot_score_thresh)
@@ -240,9 +213,13 @@ def main(args):
     print(format_map_table(metrics))
     metrics.update(checkpoint=checkpoint_path, overlays=overlays,
                    map_json=os.path.join(args.figures_dir, "map.json"),
-                   pr_curve=plot_pr_curves(pr_curves(coco_eval), os.path.join(args.figures_dir, "pr_curve.png")))
+                   results_json=save_results_json(coco_eval.cocoDt.dataset["annotations"],
+                                                  os.path.join(args.figures_dir, "segm_results.json")),
+                   pr_curve=plot_pr_curves(pr_curves(coco_eval), os.path.join(args.figures_dir, "pr_curve.png"),
+                                           class_names=model.head.class_names))
     save_map_json(metrics, metrics["map_json"])
-    print(f"wrote {len(overlays)} overlays, {metrics['map_json']} and {metrics['pr_curve']}")
+    print(f"wrote {len(overlays)} overlays, {metrics['map_json']}, {metrics['results_json']} and "
+          f"{metrics['pr_curve']}")
     return metrics
 
 

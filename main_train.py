@@ -6,6 +6,8 @@
       python main_train.py --data-dir data --amp
   the successors, with the same commands and data: --arch decoupled (Decoupled SOLO) or --arch solov2 (SOLOv2)
       python main_train.py --data-dir data --amp --arch solov2 --output-dir checkpoints/solov2
+  your own COCO-format data (a json and an image folder per split; without --val-data 20% of the training images):
+      python main_train.py --train-data train.json train_images/ --val-data val.json val_images/ --amp
   several GPUs on one machine (N processes, one per GPU; batch size is per GPU):
       torchrun --nproc_per_node=N main_train.py --data-dir data --amp
   continue an interrupted run with its stored settings (newest checkpoint of the folder, or a file):
@@ -25,6 +27,7 @@ epoch), loss_curve.png.
 """
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -48,8 +51,8 @@ from utils import (DEMO, DEMO_ARCH_LR, CheckpointError, DeviceError, LossLog, Ru
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
 # flags a resumed run may change; every other setting comes from the checkpoint (an explicit other value is an
 # error): they change where and how fast it runs, not what it computes
-RESUME_OVERRIDES = ("data_dir", "output_dir", "device", "workers", "epochs", "keep_epochs", "overwrite", "resume",
-                    "test_only")
+RESUME_OVERRIDES = ("data_dir", "train_data", "val_data", "output_dir", "device", "workers", "epochs", "keep_epochs",
+                    "overwrite", "resume", "test_only")
 
 
 def get_args_parser(add_help=True):
@@ -61,6 +64,13 @@ def get_args_parser(add_help=True):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog unwrapped
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="data", type=str, help="folder holding the four data files")
+    data.add_argument("--train-data", default=None, type=str, nargs=2, metavar=("JSON", "IMAGES"),
+                      help="your own COCO-format data instead: the training json and the folder of its images")
+    data.add_argument("--val-data", default=None, type=str, nargs=2, metavar=("JSON", "IMAGES"),
+                      help="with --train-data: the validation json and images (default: 20%% of --train-data's)")
+    data.add_argument("--empty-images", default="skip", choices=("skip", "keep"),
+                      help="with --train-data: training images without objects are left out (the SOLO authors') "
+                           "or trained on as background")
     data.add_argument("--synthetic", default=0, type=int,
                       help="N > 0: train on a synthetic dataset of N images (written under --data-dir if missing)")
     data.add_argument("--synthetic-min-size", default=14, type=int,
@@ -149,6 +159,12 @@ def parse_args(argv=None):
         if args.arch in DEMO_ARCH_LR:
             parser.set_defaults(lr=DEMO_ARCH_LR[args.arch])
             args = parser.parse_args(argv)
+    if args.train_data and not args.resume:
+        if "synthetic" in given_flags(argv) and args.synthetic:
+            parser.error("--synthetic and --train-data choose the data twice: give one of them")
+        args.synthetic = 0  # --demo's synthetic set gives way to your own data
+    if args.val_data and not args.train_data:
+        parser.error("--val-data needs --train-data (the course files have their own split)")
     if args.resume:
         args = resume_args(args, given_flags(argv))
     try:
@@ -216,7 +232,9 @@ def train(args, rank, world_size, device):
     if rank > 0:
         dist.barrier()
     train_set, test_set = build_datasets(args.data_dir, args.synthetic, args.input_height, args.hflip,
-                                         dict(min_size=args.synthetic_min_size), raw=device.type == "cuda")
+                                         dict(min_size=args.synthetic_min_size), raw=device.type == "cuda",
+                                         train_data=args.train_data, val_data=args.val_data,
+                                         empty_images=args.empty_images)
     if rank == 0 and world_size > 1:
         dist.barrier()
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
@@ -225,7 +243,12 @@ def train(args, rank, world_size, device):
     test_loader = BuildDataLoader(test_set, args.batch_size, False, args.workers, sampler=test_sampler).loader()
 
     # model, optimizer, schedule; on resume the model's settings are the checkpoint's
-    model_cfg = model_config(checkpoint, args.resume) if checkpoint else ModelConfig.from_args(args)
+    class_names = train_set.dataset.class_names  # the classes come from the data
+    model_cfg = model_config(checkpoint, args.resume) if checkpoint else dataclasses.replace(
+        ModelConfig.from_args(args), num_classes=len(class_names) + 1, class_names=class_names)
+    if model_cfg.class_names != class_names:
+        raise CheckpointError(f"--resume {args.resume}: the run trained on the classes {list(model_cfg.class_names)}, "
+                              f"the data now has {list(class_names)}")
     model = build_model(model_cfg, load_backbone_weights=checkpoint is None).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

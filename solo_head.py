@@ -14,7 +14,8 @@ The pieces, in the handout's order and names: layers and init (6.1), NewFPN (6.2
 PostProcessImg / MatrixNMS / points_nms (6.10), PlotInfer (6.11). SOLO puts a backbone in front; ModelConfig
 holds every setting build_model needs.
 
-python solo_head.py [--data-dir DIR] [--input-height 800] saves the ground-truth plots of handout figures 8-9.
+python solo_head.py [--data-dir DIR | --coco JSON IMAGES] [--input-height 800] saves the ground-truth plots of
+handout figures 8-9.
 """
 import argparse
 import bisect
@@ -33,8 +34,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from backbone import ARCHITECTURES, WeightsUnavailableError, build_backbone  # noqa: E402
-from dataset import (CLASS_COLORS, CLASS_NAMES, BuildDataLoader, BuildDataset, DataError,  # noqa: E402
-                     add_visual_check_args, choose_images, denormalize, resolve_paths)
+from dataset import (CLASS_NAMES, BuildDataLoader, DataError, add_visual_check_args, choose_images,  # noqa: E402
+                     class_colors, denormalize, visual_check_dataset)
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # the bias of a sigmoid output that starts at probability 0.01
@@ -60,7 +61,8 @@ class ModelConfig:
     backbone: str = "resnet50"  # 'resnet50' (the course's COCO Mask R-CNN backbone) or 'resnet18' (CPU demos)
     backbone_weights: str = "coco"  # 'coco', 'none' (random, always trained) or a weights file
     trainable_backbone: bool = False  # fine-tune a pretrained backbone (default frozen, the handout's)
-    num_classes: int = 4  # C: the object classes and the background
+    num_classes: int = 4  # C: the object classes and the background (from the data)
+    class_names: tuple = None  # the C - 1 classes' names, label k is class_names[k - 1] (default: the course's)
     seg_feat_channels: int = 256  # channels of both towers, a multiple of 32 (GroupNorm(32))
     stacked_convs: int = 7  # 3x3 convs per tower
     num_grids: tuple = (40, 36, 24, 16, 12)  # S of each FPN level
@@ -70,6 +72,8 @@ class ModelConfig:
 
     def __post_init__(self):
         self.num_grids = tuple(int(s) for s in self.num_grids)
+        self.class_names = default_class_names(self.num_classes) if self.class_names is None else \
+            tuple(self.class_names)
         problems = []
         if self.arch not in ARCHS:
             problems.append(f"arch {self.arch!r} is not one of {ARCHS}")
@@ -85,6 +89,10 @@ class ModelConfig:
             problems.append(f"stacked_convs {self.stacked_convs} must be >= 1")
         if self.num_classes < 2:
             problems.append(f"num_classes {self.num_classes} must be >= 2 (the background and one class)")
+        if len(self.class_names) != self.num_classes - 1 or len(set(self.class_names)) != len(self.class_names) \
+                or not all(isinstance(name, str) for name in self.class_names):
+            problems.append(f"class_names {list(self.class_names)} must be {self.num_classes - 1} distinct names "
+                            f"(num_classes {self.num_classes} counts the background)")
         if self.init not in ("solo", "xavier"):
             problems.append(f"init {self.init!r} must be 'solo' or 'xavier'")
         if self.cate_norm not in ("positives", "mean"):
@@ -97,6 +105,13 @@ class ModelConfig:
         """The settings among a namespace's attributes (main_train.py's flags); absent fields keep defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{name: value for name, value in vars(args).items() if name in names})
+
+
+def default_class_names(num_classes):
+    """The course's names for its 3 classes (num_classes 4), else 'class 1' ... 'class C-1'."""
+    if num_classes == len(CLASS_NAMES) + 1:
+        return CLASS_NAMES
+    return tuple(f"class {k}" for k in range(1, num_classes))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,7 +272,8 @@ class SOLOHead(nn.Module):
                  mask_loss_cfg=dict(weight=3),
                  cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize="positives"),
                  postprocess_cfg=POSTPROCESS_HANDOUT,
-                 init="solo"):
+                 init="solo",
+                 class_names=None):
         super().__init__()
         if with_deform:
             raise ValueError("with_deform=True: deformable convolutions are not implemented (the handout "
@@ -269,6 +285,7 @@ class SOLOHead(nn.Module):
             raise ValueError(f"cate_loss_cfg normalize must be 'positives' (authors) or 'mean' (handout 6.9.1), "
                              f"got {cate_loss_cfg['normalize']!r}")
         self.num_classes = num_classes
+        self.class_names = tuple(class_names or default_class_names(num_classes))  # label k: class_names[k - 1]
         self.cate_out_channels = num_classes - 1
         self.in_channels = in_channels
         self.seg_feat_channels = seg_feat_channels
@@ -588,14 +605,17 @@ class SOLOHead(nn.Module):
     def PostProcess(self, ins_pred_list, cate_pred_list, ori_size, cfg=None):
         """ins_pred_list (SOLO: [(bz, c, H_f, W_f)]; the successors' mask predictions) and cate_pred_list
         [(bz, S, S, C-1)] as forward(eval=True) returns them, ori_size (ori_H, ori_W) of the images before
-        resizing. cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP style dict (default self.postprocess_cfg). Returns
-        per image: scores (k,), labels (k,) in 1..C-1 and masks (k, ori_H, ori_W) in {0, 1}, sorted by score;
-        k = 0 gives empty tensors."""
+        resizing, or a list of one such size per image (a batch of images of different sizes, each resized to the
+        input height and padded on the right). cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP style dict (default
+        self.postprocess_cfg). Returns per image: scores (k,), labels (k,) in 1..C-1 and masks (k, ori_H, ori_W)
+        in {0, 1}, sorted by score; k = 0 gives empty tensors."""
         bz = cate_pred_list[0].shape[0]
         cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
         ins_imgs = [[image_of(level, b) for level in ins_pred_list] for b in range(bz)]  # per image, per level
-        return self.MultiApply(self.PostProcessImg, ins_imgs, cate_pred_all, ori_size=tuple(ori_size),
-                               cfg=cfg or self.postprocess_cfg)
+        sizes = [tuple(s) for s in ori_size] if isinstance(ori_size[0], (tuple, list)) else [tuple(ori_size)] * bz
+        if len(sizes) != bz:
+            raise ValueError(f"PostProcess: {len(sizes)} image sizes for a batch of {bz} images")
+        return self.MultiApply(self.PostProcessImg, ins_imgs, cate_pred_all, sizes, cfg=cfg or self.postprocess_cfg)
 
     def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg):
         """One image: ins_pred_img the head's mask predictions per level (SOLO: (c, H_f, W_f)), cate_pred_img
@@ -757,7 +777,7 @@ class SOLOHead(nn.Module):
                 ys, xs = mask.nonzero(as_tuple=True)
                 if len(xs) == 0:  # nothing left in the original frame (e.g. a mask inside the padding)
                     continue
-                ax.text(xs.min().item(), ys.min().item(), f"{CLASS_NAMES[label - 1]} {score:.2f}", fontsize=8,
+                ax.text(xs.min().item(), ys.min().item(), f"{self.class_names[label - 1]} {score:.2f}", fontsize=8,
                         color="white", bbox=dict(facecolor=_rgb(color_list[label - 1]), alpha=0.8, pad=1, lw=0))
             ax.axis("off")
             paths.append(self._save(fig, save_paths[b] if save_paths else f"{save_prefix}_{start_index + b}.png"))
@@ -954,7 +974,8 @@ def build_model(cfg=None, load_backbone_weights=True):
     extra = dict(mask_feat_channels=cfg.mask_feat_channels) if cfg.arch == "solov2" else {}
     head = HEADS[cfg.arch](cfg.num_classes, seg_feat_channels=cfg.seg_feat_channels, stacked_convs=cfg.stacked_convs,
                            num_grids=cfg.num_grids, init=cfg.init,
-                           cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg.cate_norm), **extra)
+                           cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg.cate_norm),
+                           class_names=cfg.class_names, **extra)
     return SOLO(backbone, head)
 
 
@@ -966,20 +987,21 @@ def get_args_parser():
 
 
 def main(args):
-    dataset = BuildDataset(resolve_paths(args.data_dir, args.synthetic_dir, args.synthetic_images),
-                           input_height=args.input_height)
+    dataset = visual_check_dataset(args)
     images = [dataset[i] for i in choose_images(dataset.num_objects, args.num, args.seed)]
     img, label_list, mask_list, bbox_list = BuildDataLoader.collect_fn(images)
+    classes = dict(num_classes=len(dataset.class_names) + 1, class_names=dataset.class_names)
     try:
-        model = build_model(dict(backbone_weights=args.backbone_weights)).eval()
+        model = build_model(dict(backbone_weights=args.backbone_weights, **classes)).eval()
     except WeightsUnavailableError as e:
         print(f"{e}\n-> using a random backbone: the targets depend only on the feature map sizes")
-        model = build_model(dict(backbone_weights="none")).eval()
+        model = build_model(dict(backbone_weights="none", **classes)).eval()
     with torch.no_grad():
         _, ins_pred_list = model(img)  # [(bz, S^2, 2H_feat, 2W_feat)]
     ins_gts_list, ins_ind_gts_list, cate_gts_list = model.head.target(ins_pred_list, bbox_list, label_list,
                                                                       mask_list)
-    for path in model.head.PlotGT(ins_gts_list, ins_ind_gts_list, cate_gts_list, CLASS_COLORS, img,
+    colours = class_colors(len(dataset.class_names))
+    for path in model.head.PlotGT(ins_gts_list, ins_ind_gts_list, cate_gts_list, colours, img,
                                   save_prefix=os.path.join(args.out, "gt")):
         print(f"saved {path}")
 

@@ -18,10 +18,15 @@ Objects are painted in order, a later one occluding earlier ones; each mask is t
 with less than 40% of its area or fewer than 30 pixels visible is removed from the scene altogether (never
 left unlabelled); if that removes every object, the last one painted (never occluded) is kept.
 
+With --classes 5 (COCO format only: the course's labels are 1..3) two more classes join:
+  house    square walls with a door and a window under a dark triangular roof, pale yellow walls
+  balloon  tall ellipse with a light highlight on a thin string, purple/magenta hue
+
 Deterministic for a seed (numpy Generator); vectorised numpy drawing.
 
 Usage (CPU only, a few seconds):
   python synthetic.py --out data/synthetic --num-images 400 --seed 0
+  python synthetic.py --format coco --classes 5 --out data/synthetic_coco   # images/*.jpg, train.json, val.json
 """
 import argparse
 import colorsys
@@ -31,9 +36,11 @@ import time
 
 import numpy as np
 
-from datafiles import CLASS_NAMES, write_dataset
+from cocofiles import write_coco
+from datafiles import CLASS_NAMES, split_indices, write_dataset
 
-ASPECT_RANGE = {1: (1.5, 2.3), 2: (0.35, 0.5), 3: (1.2, 1.7)}  # w / h per class
+CLASS_NAMES_5 = CLASS_NAMES + ("house", "balloon")  # --classes 5 (COCO format)
+ASPECT_RANGE = {1: (1.5, 2.3), 2: (0.35, 0.5), 3: (1.2, 1.7), 4: (0.8, 1.2), 5: (0.55, 0.75)}  # w / h per class
 MIN_VISIBLE_FRAC = 0.4  # drop an object with less of its area visible ...
 MIN_VISIBLE_PIXELS = 30  # ... or fewer visible pixels than this
 NOISE_LEVELS = 4  # pixel noise: uniform integer in [-4, 4] grey levels (of 255)
@@ -127,7 +134,31 @@ def _draw_animal(x, y, w, h, rng):
     return mask, _layer(np.zeros((3,) + mask.shape, np.float32), mask, fur)
 
 
-DRAWERS = {1: _draw_vehicle, 2: _draw_person, 3: _draw_animal}
+def _draw_house(x, y, w, h, rng):
+    walls = _round_rect(x, y, 0.1 * w, 0.4 * h, 0.9 * w, h, 0.01 * w)
+    apex = rng.uniform(0.4, 0.6) * w
+    roof = (y >= 0) & (y <= 0.45 * h) & (np.abs(x - apex) <= 0.5 * w * np.clip(y / (0.45 * h), 0, 1))
+    door = _round_rect(x, y, 0.42 * w, 0.7 * h, 0.58 * w, h, 0.02 * w)
+    window = _round_rect(x, y, 0.18 * w, 0.55 * h, 0.34 * w, 0.72 * h, 0.01 * w)
+    rgb = np.zeros((3,) + walls.shape, np.float32)
+    rgb = _layer(rgb, walls, _hsv(rng, (0.1, 0.16), (0.2, 0.45), (0.75, 0.95)))
+    rgb = _layer(rgb, roof, _hsv(rng, (-0.02, 0.04), (0.6, 0.85), (0.25, 0.45)))
+    rgb = _layer(rgb, door | window, _hsv(rng, (0.05, 0.1), (0.4, 0.7), (0.15, 0.3)))
+    return walls | roof, rgb
+
+
+def _draw_balloon(x, y, w, h, rng):
+    body = _ellipse(x, y, 0.5 * w, 0.36 * h, 0.5 * w, 0.36 * h)
+    string = (np.abs(x - 0.5 * w - 0.05 * w * np.sin(y / h * 12)) <= max(0.04 * w, 0.6)) & (y >= 0.7 * h)
+    highlight = _ellipse(x, y, 0.35 * w, 0.22 * h, 0.1 * w, 0.08 * h)
+    rgb = np.zeros((3,) + body.shape, np.float32)
+    rgb = _layer(rgb, string, _hsv(rng, (0, 1), (0, 0.1), (0.2, 0.35)))
+    rgb = _layer(rgb, body, _shading(y, h, _hsv(rng, (0.75, 0.9), (0.55, 0.9), (0.6, 0.95))))
+    rgb = _layer(rgb, highlight & body, _hsv(rng, (0.75, 0.9), (0.1, 0.25), (0.9, 1.0)))
+    return body | string, rgb
+
+
+DRAWERS = {1: _draw_vehicle, 2: _draw_person, 3: _draw_animal, 4: _draw_house, 5: _draw_balloon}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,9 +184,9 @@ def _background(rng, height, width):
     return _upsample(medium, height, width)  # one full-size interpolation: cheap
 
 
-def _sample_object(rng, height, width, min_size, max_size):
+def _sample_object(rng, height, width, min_size, max_size, num_classes):
     """One object: (label, (row slice, col slice), full mask crop (ch, cw), rgb crop (3, ch, cw))."""
-    label = int(rng.integers(1, 4))
+    label = int(rng.integers(1, num_classes + 1))
     size = np.exp(rng.uniform(np.log(min_size), np.log(max_size)))  # sqrt(w * h) in pixels
     aspect = rng.uniform(*ASPECT_RANGE[label])
     w, h = size * np.sqrt(aspect), size / np.sqrt(aspect)
@@ -188,13 +219,13 @@ def _tight_boxes(masks):
     return boxes
 
 
-def render_image(rng, height=300, width=400, max_objects=5, min_size=14, max_size=240):
+def render_image(rng, height=300, width=400, max_objects=5, min_size=14, max_size=240, num_classes=3):
     """One synthetic scene.
 
-    Returns: image uint8 (3, H, W), masks uint8 (n, H, W) visible parts in {0, 1}, labels int64 (n,) in 1..3,
-    boxes float32 (n, 4) tight x1 y1 x2 y2 (pixel-edge) with 1 <= n <= max_objects.
+    Returns: image uint8 (3, H, W), masks uint8 (n, H, W) visible parts in {0, 1}, labels int64 (n,) in
+    1..num_classes, boxes float32 (n, 4) tight x1 y1 x2 y2 (pixel-edge) with 1 <= n <= max_objects.
     """
-    objects = [_sample_object(rng, height, width, min_size, max_size)
+    objects = [_sample_object(rng, height, width, min_size, max_size, num_classes)
                for _ in range(int(rng.integers(1, max_objects + 1)))]
     full_area = np.array([obj[2].sum() for obj in objects])  # (n0,)
     owner = _visible_owner(objects, np.ones(len(objects), bool), height, width)
@@ -248,6 +279,22 @@ def write_synthetic_dataset(out_dir, num_images=200, seed=0, max_objects=5, min_
     return write_dataset(out_dir, _rendered_images(num_images, seed, workers, scene), num_images, height, width)
 
 
+def write_synthetic_coco(out_dir, num_images=200, seed=0, max_objects=5, min_size=14, max_size=240, height=300,
+                         width=400, workers=2, num_classes=5, image_format="jpg", category_ids=None):
+    """Write a synthetic dataset in COCO format into out_dir: images/NNNNNN.<image_format>, train.json and
+    val.json (the 80/20 split every script makes of the course files); returns the two json paths. The scenes
+    are write_synthetic_dataset's (with num_classes=3 and the same seed, the same images and objects)."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not 1 <= num_classes <= len(CLASS_NAMES_5):
+        raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES_5)}, got {num_classes}")
+    scene = dict(height=height, width=width, max_objects=max_objects, min_size=min_size, max_size=max_size,
+                 num_classes=num_classes)
+    train, val = split_indices(num_images)
+    return write_coco(out_dir, _rendered_images(num_images, seed, workers, scene), CLASS_NAMES_5[:num_classes],
+                      {"train.json": train, "val.json": val}, image_format, category_ids)
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Write a synthetic SOLO dataset (real-data file format).")
     parser.add_argument("--out", default="data/synthetic", type=str, help="output folder")
@@ -257,11 +304,22 @@ def get_args_parser():
     parser.add_argument("--min-size", default=14, type=float, help="smallest sqrt(w*h) in 300x400 pixels")
     parser.add_argument("--max-size", default=240, type=float, help="largest sqrt(w*h) in 300x400 pixels")
     parser.add_argument("--workers", default=2, type=int, help="processes rendering images (1: no pool)")
+    parser.add_argument("--format", default="course", choices=("course", "coco"),
+                        help="'course': the four h5/npy files; 'coco': JPEG images, train.json and val.json")
+    parser.add_argument("--classes", default=3, type=int, choices=(3, 4, 5),
+                        help="object classes (4 and 5 add house and balloon; COCO format only)")
     return parser
 
 
 def main(args):
     start = time.perf_counter()
+    if args.format == "coco":
+        paths = write_synthetic_coco(args.out, args.num_images, args.seed, args.max_objects, args.min_size,
+                                     args.max_size, workers=args.workers, num_classes=args.classes)
+        print(f"wrote {args.num_images} images and {', '.join(paths)} in {time.perf_counter() - start:.1f} s")
+        return
+    if args.classes != len(CLASS_NAMES):
+        raise SystemExit(f"error: --classes {args.classes} needs --format coco (the course's labels are 1..3)")
     paths = write_synthetic_dataset(args.out, args.num_images, args.seed, args.max_objects, args.min_size,
                                     args.max_size, workers=args.workers)
     seconds = time.perf_counter() - start

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
-from coco_eval import (coco_mask_map, det_annotations, evaluate_masks, format_map_table, gt_annotations,
-                       map_summary, plot_pr_curves, pr_curves, pr_figure, save_map_json)
+from coco_eval import (coco_mask_map, det_annotations, evaluate_masks, format_map_table, ground_truth,
+                       gt_annotations, map_summary, plot_pr_curves, pr_curves, pr_figure, save_map_json)
 from dataset import CLASS_COLORS
 
 H, W = 30, 40  # image size of the hand-made cases
@@ -146,9 +146,10 @@ class TestAnnotationsAndOutputs:
         gt = [gt_image([1, 2], [A1, A2])]
         dets = [det_image([0.9], [1], [A1])]
         image_sizes = {0: (H, W)}
-        coco_eval = evaluate_masks(image_sizes, gt_annotations(0, *gt[0]), det_annotations(0, *dets[0]), NAMES)
-        metrics = map_summary(coco_eval, NAMES)
-        curves = pr_curves(coco_eval, NAMES)
+        coco_eval = evaluate_masks(ground_truth(image_sizes, gt_annotations(0, *gt[0]), NAMES),
+                                   det_annotations(0, *dets[0]))
+        metrics = map_summary(coco_eval)
+        curves = pr_curves(coco_eval)
         assert set(curves) == {"vehicle", "person"}  # no animal ground truth: no curve
         recall, precision = curves["vehicle"]
         assert recall.shape == precision.shape == (101,)
@@ -159,7 +160,7 @@ class TestAnnotationsAndOutputs:
         assert saved["per_class"]["animal"]["AP"] is None  # nan is written as null
         assert saved["per_class"]["vehicle"]["AP"] == pytest.approx(1.0) and saved["AP"] == pytest.approx(0.5)
         assert plot_pr_curves(curves, str(tmp_path / "pr.png")) == str(tmp_path / "pr.png")
-        (ax,) = pr_figure(curves).axes  # what the picture shows: a curve per class with ground truth
+        (ax,) = pr_figure(curves, class_names=NAMES).axes  # what the picture shows: a curve per class with gt
         assert [line.get_label() for line in ax.lines] == ["vehicle (AP50 1.000)", "person (AP50 0.000)"]
         assert [line.get_color() for line in ax.lines] == [CLASS_COLORS[0], CLASS_COLORS[1]]
         np.testing.assert_array_equal(ax.lines[0].get_xydata(), np.stack([recall, precision], 1))

@@ -21,7 +21,7 @@ from utils import CheckpointError, load_checkpoint, save_checkpoint
 INPUT_HEIGHT = 64  # a multiple of 32: 64 x 85 images padded to 64 x 96
 TINY_MODEL = dict(backbone="resnet18", backbone_weights="none", stacked_convs=1, seg_feat_channels=32,
                   num_grids=[8, 6, 4, 3, 2])
-KEYS = {"AP", "AP50", "AP75", "per_class", "num_images", "num_gt", "num_detections"}
+KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class", "num_images", "num_gt", "num_detections"}
 
 
 def tiny_checkpoint(data_dir):
@@ -58,7 +58,8 @@ def test_test_split_overlays_map_json_and_pr_curve(setup, tmp_path):
                                     "--batch-size", "2", "--num-figures", "2", "--plot-score-thresh", "0",
                                     "--workers", "2"))
 
-    assert sorted(os.listdir(figures)) == ["infer_0.png", "infer_1.png", "map.json", "pr_curve.png"]
+    assert sorted(os.listdir(figures)) == ["infer_0.png", "infer_1.png", "map.json", "pr_curve.png",
+                                           "segm_results.json"]
     assert metrics["overlays"] == [str(figures / "infer_0.png"), str(figures / "infer_1.png")]
     assert metrics["checkpoint"] == str(ckpt_dir / "checkpoint.pth")
     assert metrics["num_images"] == 3 and metrics["num_gt"] > 0 and metrics["num_detections"] > 0
@@ -72,6 +73,12 @@ def test_test_split_overlays_map_json_and_pr_curve(setup, tmp_path):
     assert set(saved["per_class"]) == {"vehicle", "person", "animal"}
     assert all(set(m) == {"AP", "AP50", "num_gt"} for m in saved["per_class"].values())
     assert saved["AP"] == pytest.approx(metrics["AP"], nan_ok=True)
+    # the detections as a COCO results json: the test images' indices in the files as ids, labels as categories
+    results = json.load(open(figures / "segm_results.json"))
+    assert len(results) == metrics["num_detections"]
+    assert {r["image_id"] for r in results} <= set(main_infer.build_test_split(
+        load_checkpoint(metrics["checkpoint"])["args"]).indices)
+    assert {r["category_id"] for r in results} <= {1, 2, 3}
 
 
 def test_amp_runs_the_network_in_bfloat16(setup, monkeypatch, tmp_path):
@@ -101,7 +108,7 @@ def test_ground_truth_as_predictions_scores_one(setup, monkeypatch, tmp_path):
     raw = [test_set.dataset.get_raw(i) for i in test_set.indices]
 
     def oracle(model, img, ori_size, cfg=None):
-        assert tuple(ori_size) == (300, 400)
+        assert [tuple(size) for size in ori_size] == [(300, 400)] * len(img)  # one size per image
         scores_list, labels_list, masks_list = [], [], []
         for x in img:
             k = min(range(len(inputs)), key=lambda k: (x - inputs[k]).abs().max())  # workers differ by ~1e-6

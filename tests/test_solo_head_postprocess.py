@@ -20,7 +20,8 @@ from torch.overrides import TorchFunctionMode
 
 import solo_head
 from conftest import ReportsCuda
-from solo_head import (CLASS_COLORS, POSTPROCESS_HANDOUT, POSTPROCESS_MAP, SOLOHead, mask_intersections,
+from dataset import CLASS_COLORS
+from solo_head import (POSTPROCESS_HANDOUT, POSTPROCESS_MAP, SOLOHead, mask_intersections,
                        resize_matrix)
 
 HANDOUT_COLORS = ["jet", "ocean", "Spectral"]  # handout 6.11's color_list

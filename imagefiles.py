@@ -1,0 +1,73 @@
+"""Image files as the model reads them: JPEG/PNG photos (main_infer.py --images) and the images of a COCO-format
+dataset (dataset.COCODataset), decoded with Pillow (a matplotlib dependency) rather than torchvision.io, whose
+decoding is deprecated. Grey, palette, RGBA and CMYK files become RGB; phone photos are turned upright by their
+EXIF orientation."""
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+PHOTO_MAX_SIDE = 1600  # photos are shrunk to this longer side first: the overlays' size, and memory bounded
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the camera's orientation; values 5-8 swap width and height
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow's errors of bad files
+
+
+class PhotoError(ValueError):
+    """An image file that cannot be used (not an image, truncated, empty): the message says why."""
+
+
+def list_photos(folder, recursive=False):
+    """Sorted paths of the JPEG/PNG files in folder (and its subfolders with recursive), relative to it, and the
+    number of subfolders left out. A clear error if there is no photo."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images: {folder!r} is not a directory")
+    photos, subfolders = [], 0
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if not recursive:
+            subfolders += sum(not d.lower().endswith(PHOTO_SUFFIXES) for d in dirs)
+            # a folder named like a photo is listed, to be skipped with a warning rather than silently
+            photos += [d for d in dirs if d.lower().endswith(PHOTO_SUFFIXES)]
+            dirs.clear()
+        relative = os.path.relpath(root, folder)
+        photos += [os.path.normpath(os.path.join(relative, f)) for f in files if f.lower().endswith(PHOTO_SUFFIXES)]
+    if not photos:
+        raise FileNotFoundError(f"--images: no JPEG/PNG images ({', '.join(PHOTO_SUFFIXES)}) in {folder!r}"
+                                + (" (its subfolders are searched with --recursive)" if subfolders else ""))
+    return sorted(photos), subfolders
+
+
+def image_size(path):
+    """(height, width) of an image file as stored and as shown (after its EXIF rotation), from its header only.
+    PhotoError with the reason when the file is not a readable image."""
+    if os.path.isdir(path):
+        raise PhotoError("it is a folder")
+    try:
+        with Image.open(path) as image:
+            stored = (image.height, image.width)
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except READ_ERRORS as err:
+        raise PhotoError(f"not a readable image ({type(err).__name__}: {err})") from None
+    return stored, stored[::-1] if turned else stored
+
+
+def load_photo(path, max_side=PHOTO_MAX_SIDE, upright=True):
+    """uint8 (3, h, w) RGB, EXIF orientation applied when upright (phone photos), shrunk so that its longer side
+    is at most max_side (None: never; JPEGs are decoded at a reduced size where the format allows): a huge photo
+    costs what a moderate one does. PhotoError with the reason when the file is not a readable image."""
+    if os.path.isdir(path):
+        raise PhotoError("it is a folder")
+    try:
+        with Image.open(path) as image:
+            if max_side:
+                image.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if still larger
+            image = (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
+            if max_side and max(image.size) > max_side:
+                scale = max_side / max(image.size)
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.BILINEAR, reducing_gap=2.0)
+            return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (3, h, w)
+    except READ_ERRORS as err:
+        raise PhotoError(f"not a readable image ({type(err).__name__}: {err})") from None
