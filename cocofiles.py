@@ -33,6 +33,7 @@ from imagefiles import PhotoError, image_size
 KEYS = dict(images=("id", "file_name", "height", "width"), annotations=("id", "image_id", "category_id",
                                                                          "segmentation"), categories=("id", "name"))
 HEADER_THREADS = 8  # image headers are read in parallel: the work is waiting for the disk
+MAX_ASPECT = 8  # images more elongated are skipped: the network resizes every image to one height
 
 
 @dataclasses.dataclass
@@ -48,11 +49,13 @@ class CocoImage:
 
 @dataclasses.dataclass
 class CocoData:
-    """What read_coco found: the categories [(id, name)] by id, the usable images, the skipped ones' warnings."""
+    """What read_coco found: the categories [(id, name)] by id, the usable images, the ids of every image the
+    json lists, and the warnings of what was skipped."""
     path: str
     images_dir: str
     categories: list
     images: list
+    listed_ids: list
     warnings: list
 
     @property
@@ -81,12 +84,7 @@ def read_coco(json_path, images_dir):
         problem = check_segmentation(ann["segmentation"], image.size)
         if problem is not None:
             raise DataError(f"COCO json {json_path}: annotation {ann['id']} (image {image.id}): {problem}")
-        try:
-            area = segmentation_area(ann["segmentation"], image.size)
-        except ValueError as err:
-            raise DataError(f"COCO json {json_path}: annotation {ann['id']} (image {image.id}): its compressed RLE "
-                            f"does not decode ({err})") from None
-        if area == 0:
+        if segmentation_area(ann["segmentation"], image.size) == 0:
             warnings.append(f"annotation {ann['id']} (image {image.id}): an empty polygon or mask, skipped")
             continue
         image.annotations.append(ann)
@@ -99,7 +97,7 @@ def read_coco(json_path, images_dir):
     if not usable:
         raise DataError(f"COCO json {json_path}: none of its {len(images)} images can be used"
                         + (f" ({warnings[-1]})" if warnings else ""))
-    return CocoData(json_path, images_dir, categories, usable, warnings)
+    return CocoData(json_path, images_dir, categories, usable, list(images), warnings)
 
 
 def _load_json(json_path):
@@ -123,7 +121,8 @@ def _load_json(json_path):
             missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
             if missing:
                 what = f"id {entry['id']}" if isinstance(entry, dict) and "id" in entry else f"number {k}"
-                raise DataError(f"COCO json {json_path}: {section[:-1]} {what} has no {', '.join(missing)} "
+                entry_name = dict(images="image", annotations="annotation", categories="category")[section]
+                raise DataError(f"COCO json {json_path}: {entry_name} {what} has no {', '.join(missing)} "
                                 f"(expected keys {', '.join(keys)})")
     return data
 
@@ -200,12 +199,10 @@ def _annotations(entries, path, images, categories):
 
 def check_bbox(bbox, height, width):
     """None if bbox is [x, y, w, h] of finite numbers, w, h >= 0, overlapping the height x width image, else why."""
-    try:
-        box = np.asarray(bbox, dtype=np.float64)
-    except (TypeError, ValueError):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                              for v in bbox)):
         return f"bbox {bbox!r} is not 4 numbers [x, y, w, h]"
-    if box.shape != (4,):
-        return f"bbox {bbox!r} is not 4 numbers [x, y, w, h]"
+    box = np.asarray(bbox, dtype=np.float64)
     if not np.isfinite(box).all() or (box[2:] < 0).any():
         return f"bbox {bbox!r} is not finite with w, h >= 0"
     if box[0] >= width or box[1] >= height or box[0] + box[2] <= 0 or box[1] + box[3] <= 0:
@@ -241,17 +238,38 @@ def check_segmentation(seg, size):
                         f"y {ys.min():g}..{ys.max():g})")
         return None
     if isinstance(seg, dict) and "size" in seg and "counts" in seg:
-        if list(seg["size"]) != [height, width]:
-            return f"its RLE has size {seg['size']}, but the image is {height}x{width}"
+        if seg["size"] != [height, width]:
+            return f"its RLE has size {seg['size']!r}, but the image is {height}x{width}"
         counts = seg["counts"]
-        if isinstance(counts, list):
-            if not all(is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-                return f"its uncompressed RLE counts are not non-negative integers summing to {height}x{width}"
-            return None
         if isinstance(counts, str):
-            return None  # compressed: checked by decoding (segmentation_area)
-        return f"its RLE counts are a {type(counts).__name__}, expected a list or a string"
+            counts = rle_string_counts(counts)
+            if counts is None:
+                return "its compressed RLE counts string is not one pycocotools writes"
+        elif not isinstance(counts, list):
+            return f"its RLE counts are a {type(counts).__name__}, expected a list or a string"
+        if not all(is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+            return f"its RLE counts are not non-negative integers summing to {height}x{width} pixels"
+        return None
     return f"segmentation is a {type(seg).__name__}, expected polygons (a list) or an RLE {{size, counts}}"
+
+
+def rle_string_counts(text):
+    """The run lengths of a compressed RLE string (pycocotools' rleFrString: 5-bit groups from '0', a sixth bit
+    for "more", runs after the second stored as differences to the run two before), or None if it is not one.
+    pycocotools decodes a string whose runs do not cover the image into unset memory, so it is checked here."""
+    counts, p = [], 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text) or not 48 <= ord(text[p]) < 112:
+                return None
+            c = ord(text[p]) - 48
+            x |= (c & 0x1F) << 5 * k
+            more, p, k = bool(c & 0x20), p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << 5 * k
+        counts.append(x + (counts[-2] if len(counts) > 2 else 0))
+    return counts
 
 
 def _rle(seg, size):
@@ -268,12 +286,8 @@ def _rle(seg, size):
 
 
 def segmentation_area(seg, size):
-    """Pixels of a checked segmentation. A compressed RLE is decoded (ValueError if it does not decode): its
-    string cannot be checked otherwise, and the other forms cannot be wrong once checked."""
-    rle = _rle(seg, size)
-    if isinstance(seg, dict) and isinstance(seg["counts"], str):
-        return int(mask_util.decode(rle).sum())
-    return int(mask_util.area(rle))
+    """Pixels of a checked segmentation."""
+    return int(mask_util.area(_rle(seg, size)))
 
 
 def decode(seg, size):
@@ -295,6 +309,9 @@ def _check_image_files(images):
             stored, shown = image_size(image.path)
         except PhotoError as err:
             return str(err)
+        if max(shown) > MAX_ASPECT * min(shown):
+            return f"it is {shown[0]}x{shown[1]}, more elongated than {MAX_ASPECT}:1 (resized to the input height it " \
+                   f"would be a sliver or a huge strip)"
         if shown == image.size:
             image.upright = True
         elif stored == image.size:  # annotated as stored: the tool ignored the EXIF rotation

@@ -307,7 +307,7 @@ class COCODataset(ItemsDataset):
         data = read_coco(json_path, images_dir)
         for warning in data.warnings:
             print(f"warning: COCO json {data.path}: {warning}")
-        self.json_path = data.path
+        self.json_path, self.listed_ids = data.path, data.listed_ids
         self.class_names, self.category_ids = data.class_names, data.category_ids
         self.image_ids = np.array([image.id for image in data.images], dtype=np.int64)  # (N,)
         self.sizes = np.array([image.size for image in data.images], dtype=np.int64)  # (N, 2)
@@ -317,9 +317,10 @@ class COCODataset(ItemsDataset):
         self._label_of = {cat_id: k + 1 for k, cat_id in enumerate(self.category_ids)}
         self._records = pack(data.images)  # one buffer: workers share it (cocofiles.pack)
         self.input_height, self.hflip = input_height, hflip
-        print(f"COCO json {data.path}: {len(self)} images ({len(data.warnings)} warnings), "
+        skipped = len(self.listed_ids) - len(self)
+        print(f"COCO json {data.path}: {len(self)} images ({skipped} skipped, not trained on or evaluated), "
               f"{self.num_objects.sum()} objects, {self.num_crowd.sum()} crowd regions, {len(self.class_names)} "
-              f"classes")
+              f"classes; {len(data.warnings)} warnings")
 
     def __len__(self):
         return len(self.image_ids)
@@ -494,6 +495,15 @@ def split_dataset(dataset, train_frac=0.8, seed=0):
     return Subset(dataset, train), Subset(dataset, test)
 
 
+def split_by_id(dataset):
+    """split_indices' 80/20 split of a COCODataset by the json's image ids (sorted), not by position among the
+    usable images, so that a skipped image moves no other image between the splits."""
+    listed = sorted(dataset.listed_ids)
+    test_ids = {listed[i] for i in split_indices(len(listed))[1]}
+    in_test = [int(image_id) in test_ids for image_id in dataset.image_ids]
+    return [i for i, t in enumerate(in_test) if not t], [i for i, t in enumerate(in_test) if t]
+
+
 def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, synthetic_options=None, raw=False,
                    train_data=None, val_data=None, empty_images="skip"):
     """(train Subset, test Subset) as every script builds them, the flips (if any) only on the train split.
@@ -516,7 +526,7 @@ def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, 
     if val_data is None:
         test_base = copy.copy(train_base)  # the same images and json, read once; no flips
         test_base.hflip = False
-        train_indices, test_indices = split_indices(len(train_base))
+        train_indices, test_indices = split_by_id(train_base)
     else:
         test_base = COCODataset(*val_data, input_height=input_height)
         if test_base.class_names != train_base.class_names:

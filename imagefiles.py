@@ -47,10 +47,21 @@ def image_size(path):
     try:
         with Image.open(path) as image:
             stored = (image.height, image.width)
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            turned = orientation(image) in (5, 6, 7, 8)
     except READ_ERRORS as err:
         raise PhotoError(f"not a readable image ({type(err).__name__}: {err})") from None
     return stored, stored[::-1] if turned else stored
+
+
+def orientation(image):
+    """The EXIF orientation (1: upright) of an opened image, from the EXIF its header holds: Image.getexif would
+    decode a whole PNG to look for a chunk after the pixels."""
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return exif.get(EXIF_ORIENTATION, 1)
 
 
 def load_photo(path, max_side=PHOTO_MAX_SIDE, upright=True):
@@ -63,7 +74,7 @@ def load_photo(path, max_side=PHOTO_MAX_SIDE, upright=True):
         with Image.open(path) as image:
             if max_side:
                 image.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if still larger
-            image = (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
+            image = (ImageOps.exif_transpose(image) if upright and orientation(image) != 1 else image).convert("RGB")
             if max_side and max(image.size) > max_side:
                 scale = max_side / max(image.size)
                 image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),

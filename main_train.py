@@ -163,10 +163,10 @@ def parse_args(argv=None):
         if "synthetic" in given_flags(argv) and args.synthetic:
             parser.error("--synthetic and --train-data choose the data twice: give one of them")
         args.synthetic = 0  # --demo's synthetic set gives way to your own data
-    if args.val_data and not args.train_data:
-        parser.error("--val-data needs --train-data (the course files have their own split)")
     if args.resume:
         args = resume_args(args, given_flags(argv))
+    if args.val_data and not args.train_data:
+        parser.error("--val-data needs --train-data (the course files have their own split)")
     try:
         check_input_height(args.input_height)
     except ValueError as e:

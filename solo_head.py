@@ -220,9 +220,17 @@ def _rgb(color):
 def coord_feat(feat):
     """Normalised x then y coordinates in [-1, 1] as two channels (bz, 2, H, W) for CoordConv."""
     bz, _, h, w = feat.shape
-    y, x = torch.meshgrid(torch.linspace(-1, 1, h, device=feat.device, dtype=feat.dtype),
-                          torch.linspace(-1, 1, w, device=feat.device, dtype=feat.dtype), indexing="ij")
+    y, x = torch.meshgrid(_linspace(h, feat), _linspace(w, feat), indexing="ij")
     return torch.stack([x, y]).expand(bz, 2, h, w)
+
+
+def _linspace(n, feat):
+    """torch.linspace(-1, 1, n) in feat's dtype and device. When exported (export.py) it is built from arange
+    instead: linspace's number of steps would be frozen at the traced size, while an exported model takes any;
+    the values agree up to float rounding."""
+    if torch.compiler.is_exporting():
+        return torch.arange(n, device=feat.device, dtype=feat.dtype) * (2 / max(n - 1, 1)) - 1
+    return torch.linspace(-1, 1, n, device=feat.device, dtype=feat.dtype)
 
 
 def conv_gn_relu(in_channels, out_channels, kernel_size=3):

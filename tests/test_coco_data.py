@@ -22,11 +22,12 @@ from coco_eval import det_annotations, evaluate_masks, map_summary, save_results
 from datafiles import DataError, split_indices
 from dataset import BuildDataLoader, BuildDataset, COCODataset, build_datasets, course_to_coco, split_dataset
 from engine import evaluate_map
-from solo_head import SOLO, SOLOHead, build_model
+from solo_head import POSTPROCESS_MAP, SOLO, SOLOHead, build_model
 from synthetic import CLASS_NAMES_5, write_synthetic_coco
 from utils import CheckpointError, load_checkpoint
 
 CATEGORIES = [dict(id=1, name="cat"), dict(id=2, name="dog")]
+CATEGORY_IDS = (3, 7, 12, 20, 41)  # the 5-class run's: ids of any values
 SQUARE = [[10, 10, 30, 10, 30, 30, 10, 30]]  # one polygon: the square x, y in 10..30
 TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--stacked-convs", "1", "--seg-feat-channels", "32",
         "--num-grids", "8", "6", "4", "3", "2", "--input-height", "64", "--batch-size", "2", "--log-every", "1",
@@ -87,9 +88,13 @@ def test_course_files_as_coco_give_the_same_items_and_split(synthetic_paths, tmp
             for a, b in zip(course_split[k], coco_split[k]):  # img, label, mask, bbox: bit for bit
                 assert a.dtype == b.dtype and torch.equal(a, b)
     assert coco_train.dataset.class_names == course.class_names
-    # the course data's ground truth for mAP is the same either way
-    indices = course_test.indices
-    assert coco_test.dataset.coco_gt(range(len(coco_test))).getImgIds() == course.coco_gt(indices).getImgIds()
+    # the course data's ground truth for mAP is the same either way: images, categories and masks
+    ours, theirs = coco_test.dataset.coco_gt(range(len(coco_test))), course.coco_gt(course_test.indices)
+    assert ours.getImgIds() == theirs.getImgIds() and ours.getCatIds() == theirs.getCatIds()
+    for image_id in ours.getImgIds():
+        a, b = (gt.loadAnns(gt.getAnnIds(imgIds=[image_id])) for gt in (ours, theirs))
+        assert [x["category_id"] for x in a] == [y["category_id"] for y in b]
+        assert all((ours.annToMask(x) == theirs.annToMask(y)).all() for x, y in zip(a, b))
 
 
 def test_synthetic_coco_with_three_classes_has_the_course_format_scenes(synthetic_paths, tmp_path):
@@ -118,7 +123,9 @@ def test_polygons_and_both_rle_forms_decode_to_the_same_masks(folder):
     tmp_path, image = folder
     two_squares = SQUARE + [[35, 5, 45, 5, 45, 15, 35, 15]]  # one object in two parts
     expected = mask_util.decode(mask_util.merge(mask_util.frPyObjects(two_squares, 40, 50)))  # (40, 50)
-    assert expected.sum() > 0 and expected[25, 20] == 1 and expected[10, 40] == 1 and expected[35, 5] == 0
+    by_hand = np.zeros((40, 50), np.uint8)
+    by_hand[10:30, 10:30] = by_hand[5:15, 35:45] = 1  # the two squares' pixels
+    assert (expected & by_hand).sum() / (expected | by_hand).sum() > 0.85  # pycocotools rasterises the edges
     compressed = mask_util.encode(np.asfortranarray(expected))
     anns = [ann(1, 1, two_squares), ann(2, 1, uncompressed_rle(expected)),
             ann(3, 1, dict(size=[40, 50], counts=compressed["counts"].decode()))]
@@ -226,6 +233,24 @@ def test_images_of_three_sizes_in_one_batch(tmp_path):
     scores, labels, masks = model.infer(img, [dataset.image_size(k) for k in range(3)])
     assert [tuple(m.shape[1:]) for m in masks] == [(30, 40), (40, 40), (20, 50)]
 
+    # each image's own crop: a candidate whose stride-4 mask covers the left half of its image's resized content
+    # (the rest of the batch's 64 x 160 frame is 0) comes back as the left half of that image's original frame
+    scaled_widths = iter([85, 64, 160])  # int(64 * w / h), before the padding to multiples of 32
+
+    def left_half(ins_pred_img, cell):
+        mask = torch.zeros(len(cell), 64 // 4, 160 // 4)
+        mask[:, :, :round(next(scaled_widths) / 8)] = 1
+        return mask
+    model.head.cell_masks = left_half
+    cate = [torch.zeros(3, s, s, 2) for s in model.head.seg_num_grids]
+    cate[2][:, 1, 1, 0] = 0.9  # one candidate per image, on a stride-16 level
+    sizes = [dataset.image_size(k) for k in range(3)]
+    _, _, found = model.head.PostProcess([torch.zeros(3, 1, 1, 1)] * 5, cate, sizes, POSTPROCESS_MAP)
+    for mask, (height, width) in zip(found, sizes):
+        columns = mask[0].amax(0) > 0  # (width,)
+        assert mask.shape == (1, height, width) and (mask[0].amax(1) > 0).all()  # every row
+        assert columns[:width // 2 - 1].all() and not columns[width // 2 + 2:].any(), (height, width)
+
 
 def test_results_json_loads_with_loadres_and_its_map_is_pycocotools_own(tmp_path):
     train_json, val_json = write_synthetic_coco(tmp_path, num_images=20, seed=2, workers=1)
@@ -262,14 +287,16 @@ def test_grey_palette_rgba_and_exif_rotated_images_load_as_rgb(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view": the stored 20x30 is shown 30x20
     write_image(tmp_path, "phone.jpg", 20, 30, exif=exif.tobytes(), quality=100)
     images.append(dict(file_name="phone.jpg", height=30, width=20, id=4))  # annotated upright
+    images.append(dict(file_name="phone.jpg", height=20, width=30, id=5))  # annotated as stored (EXIF ignored)
     dataset = dataset_of(tmp_path, images, [ann(1, 1, [[10, 10, 19, 10, 19, 19]])])
-    for i, (height, width) in enumerate([(20, 30)] * 3 + [(30, 20)]):
+    for i, (height, width) in enumerate([(20, 30)] * 3 + [(30, 20), (20, 30)]):
         img = dataset.get_raw(i)[0]
         assert img.shape == (3, height, width) and img.dtype == torch.uint8
     grey = dataset.get_raw(0)[0]
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
     stored = np.asarray(Image.open(tmp_path / "phone.jpg").convert("RGB"))  # (20, 30, 3)
     np.testing.assert_array_equal(dataset.get_raw(3)[0].permute(1, 2, 0).numpy(), np.rot90(stored, -1))
+    np.testing.assert_array_equal(dataset.get_raw(4)[0].permute(1, 2, 0).numpy(), stored)
 
 
 def test_the_dataset_holds_no_pixels(tmp_path):
@@ -299,13 +326,16 @@ def test_images_without_objects_are_skipped_for_training_or_kept(tmp_path):
 def coco_run(tmp_path_factory):
     """A tiny 5-class COCO-format synthetic set, one epoch trained, then resumed for a second: (data, run dir)."""
     root = tmp_path_factory.mktemp("coco_run")
-    train_json, val_json = write_synthetic_coco(root / "data", num_images=10, seed=0, workers=1)
+    train_json, val_json = write_synthetic_coco(root / "data", num_images=10, seed=0, workers=1,
+                                                category_ids=CATEGORY_IDS)
     images = str(root / "data" / "images")
     data = ["--train-data", train_json, images, "--val-data", val_json, images]
     # the handout's xavier init starts every category score near 0.5: detections to evaluate after a few steps
     main_train.main(main_train.parse_args(TINY + data + ["--init", "xavier", "--epochs", "1", "--output-dir",
                                                          str(root / "run")]))
+    first = os.stat(root / "run" / "epoch_000.pth").st_mtime_ns
     main_train.main(main_train.parse_args(["--resume", str(root / "run"), "--epochs", "2"]))
+    assert os.stat(root / "run" / "epoch_000.pth").st_mtime_ns == first  # resumed, not trained again from 0
     return (train_json, val_json, images), root / "run"
 
 
@@ -322,7 +352,15 @@ def test_train_resume_and_infer_on_a_five_class_coco_set(coco_run, tmp_path):
     gt = COCO(val_json)
     results = gt.loadRes(metrics["results_json"])  # the standard results json, with the json's ids
     assert set(results.getImgIds()) <= set(gt.getImgIds()) and len(results.anns) == metrics["num_detections"] > 0
+    assert {a["category_id"] for a in results.anns.values()} <= set(CATEGORY_IDS)
     assert os.path.isfile(figures / "infer_0.png")
+    # own photos: an overlay per photo with the checkpoint's model
+    (tmp_path / "photos").mkdir()
+    write_image(tmp_path / "photos", "street.jpg", 120, 160)
+    photos = main_infer.main(main_infer.get_args_parser().parse_args(
+        ["--checkpoint-dir", str(run), "--images", str(tmp_path / "photos"), "--figures-dir", str(tmp_path / "out"),
+         "--device", "cpu"]))
+    assert photos["overlays"] == [str(tmp_path / "out" / "street_jpg_infer.png")] and photos["skipped"] == []
 
 
 def test_overlays_name_the_checkpoints_classes(coco_run, tmp_path, monkeypatch):
@@ -402,7 +440,20 @@ BAD_JSONS = {
     "broken compressed RLE": (lambda im: dict(images=[im], annotations=[ann(5, 1, dict(size=[40, 50],
                                                                                        counts="zzzz!!"))],
                                               categories=CATEGORIES),
-                              r"annotation 5 \(image 1\): its compressed RLE does not decode"),
+                              r"annotation 5 \(image 1\): its compressed RLE counts string is not one pycocotools"),
+    # a string whose runs stop short of the image: pycocotools would decode it into unset memory
+    "short compressed RLE": (lambda im: dict(images=[im], annotations=[ann(5, 1, dict(size=[40, 50], counts="0:"))],
+                                             categories=CATEGORIES),
+                             r"annotation 5 \(image 1\): its RLE counts are not non-negative integers summing to "
+                             r"40x50 pixels"),
+    "category without name": (lambda im: dict(images=[im], annotations=[], categories=[dict(id=3)]),
+                              r"category id 3 has no name"),
+    "bbox outside": (lambda im: dict(images=[im], annotations=[ann(5, 1, SQUARE, bbox=[60, 1, 5, 5])],
+                                     categories=CATEGORIES),
+                     r"annotation 5 \(image 1\): bbox \[60, 1, 5, 5\] lies outside the 40x50 image"),
+    "bbox of strings": (lambda im: dict(images=[im], annotations=[ann(5, 1, SQUARE, bbox=["1", "1", "5", "5"])],
+                                        categories=CATEGORIES),
+                        r"annotation 5 \(image 1\): bbox \['1', '1', '5', '5'\] is not 4 numbers"),
     "non-finite polygon": (lambda im: dict(images=[im], annotations=[ann(5, 1, [[1, 1, 9, float("nan"), 5, 9]])],
                                            categories=CATEGORIES),
                            r"annotation 5 \(image 1\): a polygon has a coordinate that is not finite"),
@@ -439,18 +490,22 @@ def test_unreadable_images_and_empty_polygons_are_skipped_with_a_warning(folder,
     tmp_path, image = folder
     (tmp_path / "broken.png").write_bytes(b"not a png")
     write_image(tmp_path, "small.png", 20, 20)
+    write_image(tmp_path, "strip.png", 10, 90)
     images = [image, dict(id=2, file_name="broken.png", height=40, width=50),
-              dict(id=3, file_name="small.png", height=40, width=50)]
+              dict(id=3, file_name="small.png", height=40, width=50),
+              dict(id=4, file_name="strip.png", height=10, width=90)]
     anns = [ann(1, 1, SQUARE), ann(2, 1, []), ann(3, 1, [[]]), ann(4, 1, [[5, 5, 10, 10, 15, 15]])]  # collinear
     dataset = dataset_of(tmp_path, images, anns)
     assert len(dataset) == 1 and dataset.num_objects.tolist() == [1]
     out = capsys.readouterr().out.splitlines()
     warnings = [line for line in out if line.startswith("warning:")]
-    assert len(warnings) == 5 and all(str(tmp_path / "data.json") in line for line in warnings)
+    assert len(warnings) == 6 and all(str(tmp_path / "data.json") in line for line in warnings)
+    assert any("image 4" in w and "10x90, more elongated than 8:1" in w for w in warnings)
     assert any("image 2" in w and "broken.png" in w and "not a readable image" in w for w in warnings)
     assert any("image 3" in w and "the file is 20x20 but the json says 40x50" in w for w in warnings)
     assert sum("empty polygon or mask, skipped" in w for w in warnings) == 3
-    assert any("1 images (5 warnings)" in line for line in out)  # counted in the summary
+    assert any("1 images (3 skipped, not trained on or evaluated)" in line and "; 6 warnings" in line
+               for line in out)  # counted in the summary
 
 
 def test_no_usable_image_is_an_error(folder):
