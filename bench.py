@@ -4,6 +4,7 @@ A benchmark, not a test.
   CPU:  python bench.py --device cpu [--quick]     (several minutes on 2 cores; --quick about a minute)
   GPU:  python bench.py --device cuda [--amp] [--channels-last] [--compile]
   the heads side by side:  python bench.py --heads  (SOLO, Decoupled SOLO, SOLOv2; a few minutes on 2 cores)
+  PyTorch against onnxruntime:  python bench.py --onnx  (each head exported and timed at 128x192 and 800x1088)
   another head, or a run's model:  --arch decoupled|solov2, or --checkpoint checkpoints/solov2/checkpoint.pth
 
 Every figure is the median of --repeats runs after --warmup runs (--quick: 1 run, 1 warm-up), timed with
@@ -93,6 +94,9 @@ def get_args_parser():
     parser.add_argument("--heads", action="store_true",
                         help="instead of the table: the heads side by side (parameters, GFLOPs, inference ms, "
                              "training step, peak memory), each measured in a fresh process")
+    parser.add_argument("--onnx", action="store_true",
+                        help="instead of the table: PyTorch eager against onnxruntime inference for each head at the "
+                             "demo size and at 800x1088 (needs requirements-deploy.txt)")
     return parser
 
 
@@ -258,8 +262,8 @@ def main(args):
     tmp = tempfile.TemporaryDirectory(prefix="solo_bench_")
     num_images = 20 if args.quick else args.data_images
     write_synthetic_dataset(tmp.name, num_images=max(num_images, 16, args.batch_800, args.infer_batch), seed=0)
-    if args.heads:
-        compare_heads(args, tmp.name)
+    if args.heads or args.onnx:
+        (compare_heads if args.heads else compare_onnx)(args, tmp.name)
         tmp.cleanup()
         print(f"total time {time.perf_counter() - start:.0f} s")
         return
@@ -469,6 +473,44 @@ def compare_heads(args, data_dir):
     line("800x1088: peak memory of inference (MiB)", lambda r: f"{r['big']['memory']:.0f}")
 
 
+def onnx_costs(arch, data_dir, input_height, model_settings, args):
+    """In a fresh process: SOLO.infer in PyTorch eager and the exported model in onnxruntime (onnx_infer) on one
+    image at input_height, POSTPROCESS_MAP, median ms of each; the export's seconds."""
+    from export import export_model
+    from onnx_infer import ExportedSOLO
+
+    torch.manual_seed(0)
+    model = build_model(dict(model_settings, arch=arch)).eval()
+    img = host_batch(dataset_paths(data_dir), input_height, 1, False)[0]  # (1, 3, H, W)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        export_model(model, arch, dict(input_height=input_height), os.path.join(tmp, "model.onnx"))
+        seconds = time.perf_counter() - start
+        session = ExportedSOLO(os.path.join(tmp, "model.onnx"))
+        with torch.inference_mode():
+            eager = median_ms(lambda: model.infer(img, (300, 400), POSTPROCESS_MAP), torch.device("cpu"),
+                              args.repeats, args.warmup)[0]
+        onnx = median_ms(lambda: session.infer(img.numpy(), (300, 400), POSTPROCESS_MAP), torch.device("cpu"),
+                         args.repeats, args.warmup)[0]
+    return dict(eager=eager, onnx=onnx, export=seconds)
+
+
+def compare_onnx(args, data_dir):
+    """The --onnx table: PyTorch eager against onnxruntime, per image (batch 1), for each head at the demo
+    configuration (128x192) and the handout's (800x1088), random weights, each in a fresh process."""
+    demo_model = {k: v for k, v in DEMO.items() if k in ModelConfig.__dataclass_fields__}
+    print(f"PyTorch eager (SOLO.infer, {torch.get_num_threads()} threads) against onnxruntime (export.py's graph, "
+          f"onnx_infer's numpy post-processing, its default threads), batch 1, POSTPROCESS_MAP, random weights (few "
+          f"candidates: the network's time)")
+    print(f"  {'':<44}" + "".join(f"{arch:>14}" for arch in ARCHS))
+    for name, height, settings in (("demo 128x192", DEMO["input_height"], demo_model),
+                                   ("handout 800x1088", 800, dict(backbone_weights="none"))):
+        results = {arch: in_fresh_process(onnx_costs, arch, data_dir, height, settings, args) for arch in ARCHS}
+        for what, key in (("PyTorch eager (ms/image)", "eager"), ("onnxruntime (ms/image)", "onnx")):
+            print(f"  {name + ': ' + what:<44}" + "".join(f"{results[a][key]:>14.1f}" for a in ARCHS), flush=True)
+        print(f"  {name + ': export.py (s)':<44}" + "".join(f"{results[a]['export']:>14.0f}" for a in ARCHS))
+
+
 def model_format(args):
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
@@ -476,8 +518,8 @@ def model_format(args):
 if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
-    if args.heads and (args.arch or args.checkpoint):
-        parser.error("--heads compares every head on its own settings: it takes no --arch or --checkpoint")
+    if (args.heads or args.onnx) and (args.arch or args.checkpoint):
+        parser.error("--heads and --onnx compare every head on its own settings: they take no --arch or --checkpoint")
     try:
         main(args)
     except (CheckpointError, DeviceError) as e:

@@ -45,12 +45,10 @@ from cocofiles import (coco_object, gt_annotations, object_masks, pack, read_coc
 from datafiles import (CLASS_NAMES, FILE_NAMES, H5_KEY, ROLES, DataError, check_counts, check_files_exist,  # noqa: F401
                        check_masks_not_all_empty, dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels,
                        split_indices)
-from imagefiles import PhotoError, load_photo
+from imagefiles import MEAN, PAD_MULTIPLE, STD, PhotoError, load_photo, resized_sizes  # noqa: F401
+from plots import CLASS_COLORS, class_colors  # noqa: F401 (the overlay colours, here for the visual check)
 from synthetic import write_synthetic_dataset
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean
-STD = (0.229, 0.224, 0.225)  # ImageNet RGB std
-PAD_MULTIPLE = 32  # the input is padded to a multiple of the backbone's coarsest stride
 _WARNED = set()  # bboxes files whose clipped boxes were reported
 
 
@@ -69,13 +67,6 @@ def check_input_height(input_height):
         raise ValueError(f"input_height {input_height} is not a multiple of {PAD_MULTIPLE}: the image is "
                          f"padded only on the right, so the SOLO head can read the resized height off the "
                          f"padded input (800, the handout's, is)")
-
-
-def resized_sizes(height, width, input_height):
-    """Sizes of an height x width image as the network sees it: scaled (input_height, int(input_height * width /
-    height)) and padded to multiples of PAD_MULTIPLE (300 x 400 at 800 -> 800 x 1066 -> 800 x 1088)."""
-    scaled = (input_height, int(input_height * width / height))
-    return scaled, tuple(math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE for s in scaled)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,7 +329,7 @@ class COCODataset(ItemsDataset):
         """img uint8 (3, H, W), label int64 (n,), mask uint8 (n, H, W), bbox float32 (n, 4) original pixels."""
         image = self._record(index)
         try:
-            img = load_photo(image.path, max_side=None, upright=image.upright)  # (3, H, W)
+            img = torch.from_numpy(load_photo(image.path, max_side=None, upright=image.upright))  # (3, H, W)
         except PhotoError as err:
             raise DataError(f"COCO json {self.json_path}: image {image.id} ({image.path}): {err}") from None
         if tuple(img.shape[1:]) != image.size:
@@ -544,6 +535,30 @@ def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, 
     return Subset(train_base, train_indices), Subset(test_base, test_indices)
 
 
+# the training run's data settings that inference reads from a checkpoint, with main_train.py's defaults (types)
+DATA_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_min_size=14, train_data=None,
+                     val_data=None)
+
+
+def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):
+    """The test Subset of the data the checkpoint was trained on, built as training builds it (its args data_dir,
+    synthetic, input_height, train_data, val_data). data_dir alone means the real files in that folder; synthetic
+    N the synthetic set; val_data (json, image folder) a COCO-format set, wholly the test split."""
+    stored = {**DATA_SETTINGS, **train_args}
+    if val_data is not None:
+        stored.update(train_data=val_data, val_data=val_data)  # the json itself, not a split of it
+    elif data_dir is not None or synthetic is not None:
+        stored.update(data_dir=data_dir if data_dir is not None else stored["data_dir"],
+                      synthetic=synthetic or 0, train_data=None, val_data=None)
+    train_data, val = stored["train_data"], stored["val_data"]
+    if val is not None:  # the validation json: build only it
+        test = COCODataset(*val, input_height=stored["input_height"])
+        return Subset(test, list(range(len(test))))
+    _, test_set = build_datasets(stored["data_dir"], stored["synthetic"], stored["input_height"],
+                                 synthetic_options=dict(min_size=stored["synthetic_min_size"]), train_data=train_data)
+    return test_set
+
+
 def course_to_coco(paths, out_dir, image_format="png"):
     """The course files `paths` written as a COCO-format dataset in out_dir (cocofiles.write_coco): images,
     train.json and val.json of split_dataset's split (image id = index in the files). PNG is lossless: the
@@ -561,17 +576,6 @@ def course_to_coco(paths, out_dir, image_format="png"):
 # ----------------------------------------------------------------------------------------------------
 # Visual check
 # ----------------------------------------------------------------------------------------------------
-CLASS_COLORS = ((1.0, 0.85, 0.0), (0.0, 0.9, 0.9), (1.0, 0.2, 1.0))  # overlay colours: vehicle, person, animal
-
-
-def class_colors(num_classes):
-    """One overlay colour (r, g, b) per class: the course's three, then matplotlib's tab20, cycling."""
-    import matplotlib
-
-    extra = [tuple(c[:3]) for c in matplotlib.colormaps["tab20"].colors]
-    return [(CLASS_COLORS + tuple(extra))[k % (len(CLASS_COLORS) + len(extra))] for k in range(num_classes)]
-
-
 def add_visual_check_args(parser):
     """The flags of the visual-check mains (this one and solo_head.py's): which images, where the PNGs go."""
     parser.add_argument("--data-dir", default="data", type=str, help="folder with the four real data files")

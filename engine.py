@@ -124,12 +124,15 @@ def evaluate(model, loader, device, args):
 
 
 @torch.inference_mode()
-def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cfg=POSTPROCESS_MAP):
+def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cfg=POSTPROCESS_MAP, infer=None):
     """Run model.infer (post-processing cfg) over the test split (a Subset of a BuildDataset or COCODataset) and
     compare with its ground truth in each image's original frame (the dataset's coco_gt: the json's own image and
-    category ids for COCO-format data) by COCOeval. Returns the accumulated COCOeval; its cocoDt holds the
-    detections."""
-    model.eval()
+    category ids for COCO-format data) by COCOeval. infer: another function of (img, ori_sizes, cfg) giving what
+    model.infer gives, per image scores, labels and masks (tensors or numpy: deploy.py's exported model); model
+    is then None. Returns the accumulated COCOeval; its cocoDt holds the detections."""
+    if infer is None:
+        model.eval()
+        infer = model.infer
     dataset, indices = test_set.dataset, list(test_set.indices)
     category_ids = torch.tensor(dataset.category_ids)  # label k -> category_ids[k - 1]
     amp_dtype, _ = autocast_settings(device, amp)
@@ -138,9 +141,9 @@ def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cf
     for img, *_ in tqdm(loader, desc="inference", unit="batch", disable=not is_main_process()):
         batch = indices[position:position + img.shape[0]]
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            results = model.infer(to_device(img, device), [dataset.image_size(i) for i in batch], cfg)
+            results = infer(to_device(img, device), [dataset.image_size(i) for i in batch], cfg)
         for b, i in enumerate(batch):
-            scores, labels, masks = (r[b].cpu() for r in results)  # one copy each, not one per detection
+            scores, labels, masks = (torch.as_tensor(r[b]).cpu() for r in results)  # one copy each
             det_anns += det_annotations(dataset.image_id(i), scores, category_ids[labels - 1], masks,
                                         first_id=len(det_anns) + 1)
         position += img.shape[0]

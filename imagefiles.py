@@ -1,15 +1,21 @@
-"""Image files as the model reads them: JPEG/PNG photos (main_infer.py --images) and the images of a COCO-format
-dataset (dataset.COCODataset), decoded with Pillow (a matplotlib dependency) rather than torchvision.io, whose
-decoding is deprecated. Grey, palette, RGBA and CMYK files become RGB; phone photos are turned upright by their
-EXIF orientation."""
+"""Image files as the model reads them, with numpy and Pillow only (no torch: the onnxruntime deployment uses
+them too): JPEG/PNG photos (main_infer.py --images, deploy.py) and the images of a COCO-format dataset
+(dataset.COCODataset), decoded with Pillow (a matplotlib dependency) rather than torchvision.io, whose decoding is
+deprecated. Grey, palette, RGBA and CMYK files become RGB; phone photos are turned upright by their EXIF
+orientation. And the network's input frame: the resize to the input height, the ImageNet normalisation, the
+padding to multiples of 32 (handout 4.3)."""
+import math
 import os
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
+MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean
+STD = (0.229, 0.224, 0.225)  # ImageNet RGB std
+PAD_MULTIPLE = 32  # the input is padded to a multiple of the backbone's coarsest stride
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 PHOTO_MAX_SIDE = 1600  # photos are shrunk to this longer side first: the overlays' size, and memory bounded
+PHOTO_MAX_ASPECT = 4  # photos more elongated than 4:1 are padded to it
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of the camera's orientation; values 5-8 swap width and height
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow's errors of bad files
 
@@ -65,7 +71,7 @@ def orientation(image):
 
 
 def load_photo(path, max_side=PHOTO_MAX_SIDE, upright=True):
-    """uint8 (3, h, w) RGB, EXIF orientation applied when upright (phone photos), shrunk so that its longer side
+    """numpy uint8 (3, h, w) RGB, EXIF orientation applied when upright (phone photos), shrunk so that its longer side
     is at most max_side (None: never; JPEGs are decoded at a reduced size where the format allows): a huge photo
     costs what a moderate one does. PhotoError with the reason when the file is not a readable image."""
     if os.path.isdir(path):
@@ -79,6 +85,37 @@ def load_photo(path, max_side=PHOTO_MAX_SIDE, upright=True):
                 scale = max_side / max(image.size)
                 image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                      Image.BILINEAR, reducing_gap=2.0)
-            return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (3, h, w)
+            return np.ascontiguousarray(np.array(image).transpose(2, 0, 1))  # (3, h, w) uint8
     except READ_ERRORS as err:
         raise PhotoError(f"not a readable image ({type(err).__name__}: {err})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network's input frame
+# ----------------------------------------------------------------------------------------------------
+def resized_sizes(height, width, input_height):
+    """Sizes of an height x width image as the network sees it: scaled (input_height, int(input_height * width /
+    height)) and padded to multiples of PAD_MULTIPLE (300 x 400 at 800 -> 800 x 1066 -> 800 x 1088)."""
+    scaled = (input_height, int(input_height * width / height))
+    return scaled, tuple(math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE for s in scaled)
+
+
+def letterbox(photo, max_aspect=PHOTO_MAX_ASPECT):
+    """photo (3, h, w) padded with black at the bottom or right to an aspect of at most max_aspect:1 (the model
+    knows 4:3 images; a 3000x10 strip would be resized to a width of 0)."""
+    h, w = photo.shape[-2:]
+    height, width = max(h, math.ceil(w / max_aspect)), max(w, math.ceil(h / max_aspect))
+    return np.pad(photo, ((0, 0), (0, height - h), (0, width - w)))
+
+
+def photo_input(photo, input_height):
+    """uint8 (3, h, w) -> float32 (1, 3, Hp, Wp) network input in BuildDataset's frame: resized to height
+    input_height keeping the aspect ratio (bilinear, antialiased when shrinking: a photo is usually shrunk several
+    times; Pillow on float channels, no rounding), normalised, zero-padded right/bottom to multiples of 32."""
+    (scaled_h, scaled_w), padded = resized_sizes(*photo.shape[-2:], input_height)
+    out = np.zeros((1, 3) + padded, np.float32)
+    for c in range(3):
+        plane = Image.fromarray(photo[c].astype(np.float32) / 255, mode="F")
+        resized = np.asarray(plane.resize((scaled_w, scaled_h), Image.BILINEAR))  # (Hs, Ws)
+        out[0, c, :scaled_h, :scaled_w] = (resized - MEAN[c]) / STD[c]
+    return out

@@ -24,30 +24,21 @@ a COCO-format run's validation json, or the 20 % of its training json it held ou
   <name>_<extension>_infer.png  with --images: one overlay per photo (handout post-processing)
 """
 import argparse
-import math
 import os
 import sys
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Subset
-from tqdm import tqdm
 
 from coco_eval import format_map_table, map_summary, plot_pr_curves, pr_curves, save_map_json, save_results_json
-from dataset import COCODataset, build_datasets, class_colors, normalize_, pad_to, resized_sizes, to_device
+from dataset import DATA_SETTINGS, build_test_split, class_colors, to_device
 from datafiles import DataError
 from engine import evaluate_map
-from imagefiles import PhotoError, list_photos, load_photo
+from imagefiles import list_photos
+from plots import photo_overlays
 from solo_head import POSTPROCESS_HANDOUT
 from utils import (CheckpointError, DeviceError, autocast_settings, error_message, latest_checkpoint, load_checkpoint,
                    load_model, model_config, prepare_device, stored_settings)
-
-MAX_ASPECT = 4  # photos more elongated than 4:1 are padded to it
-# the training run's settings inference reads from a checkpoint, with their types (main_train.py's defaults)
-STORED_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_min_size=14, train_data=None,
-                       val_data=None)
-
 
 def resolve_checkpoint(path, checkpoint_dir):
     """The checkpoint to use: path if given, else the newest complete one in checkpoint_dir."""
@@ -58,25 +49,6 @@ def resolve_checkpoint(path, checkpoint_dir):
         raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir!r}: train one with main_train.py, or "
                                 f"pass --checkpoint PATH")
     return latest
-
-
-def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):
-    """The test Subset of the data the checkpoint was trained on, built as training builds it (its args data_dir,
-    synthetic, input_height, train_data, val_data). data_dir alone means the real files in that folder; synthetic
-    N the synthetic set; val_data (json, image folder) a COCO-format set, wholly the test split."""
-    stored = {**STORED_SETTINGS, **train_args}
-    if val_data is not None:
-        stored.update(train_data=val_data, val_data=val_data)  # the json itself, not a split of it
-    elif data_dir is not None or synthetic is not None:
-        stored.update(data_dir=data_dir if data_dir is not None else stored["data_dir"],
-                      synthetic=synthetic or 0, train_data=None, val_data=None)
-    train_data, val = stored["train_data"], stored["val_data"]
-    if val is not None:  # the validation json: build only it
-        test = COCODataset(*val, input_height=stored["input_height"])
-        return Subset(test, list(range(len(test))))
-    _, test_set = build_datasets(stored["data_dir"], stored["synthetic"], stored["input_height"],
-                                 synthetic_options=dict(min_size=stored["synthetic_min_size"]), train_data=train_data)
-    return test_set
 
 
 @torch.inference_mode()
@@ -97,51 +69,13 @@ def plot_test_overlays(model, test_set, device, figures_dir, num_figures, score_
 # ----------------------------------------------------------------------------------------------------
 # Your own photos
 # ----------------------------------------------------------------------------------------------------
-def letterbox(photo, max_aspect=MAX_ASPECT):
-    """photo (3, h, w) padded with black at the bottom or right to an aspect of at most max_aspect:1 (the model
-    knows 4:3 images; a 3000x10 strip would be resized to a width of 0)."""
-    h, w = photo.shape[-2:]
-    height, width = max(h, math.ceil(w / max_aspect)), max(w, math.ceil(h / max_aspect))
-    return pad_to(photo, (height, width))
-
-
-def preprocess_photo(photo, input_height):
-    """uint8 (3, h, w) -> (1, 3, Hp, Wp) network input as BuildDataset makes it: resized to height input_height
-    keeping the aspect ratio, normalised, zero-padded right/bottom to multiples of 32."""
-    scaled, padded = resized_sizes(*photo.shape[-2:], input_height)
-    # antialias: a photo is usually shrunk several times (a no-op when enlarging, as BuildDataset does)
-    img = F.interpolate(photo[None].float() / 255, size=scaled, mode="bilinear", align_corners=False,
-                        antialias=True)  # (1, 3, Hs, Ws) in [0, 1]
-    return pad_to(normalize_(img), padded)  # (1, 3, Hp, Wp), padding exactly 0 as in BuildDataset
-
-
-def overlay_name(photo):
-    """The overlay's path for a photo's relative path: the extension kept in the name, so that same.jpg and
-    same.png give two files (sub/same.jpg -> sub/same_jpg_infer.png)."""
-    stem, ext = os.path.splitext(photo)
-    return f"{stem}_{ext[1:]}_infer.png"
-
-
 @torch.inference_mode()
 def infer_photos(model, folder, photos, input_height, device, figures_dir, score_thresh):
-    """Overlay (handout post-processing) per photo, written as <figures_dir>/<overlay_name>. A photo that cannot
-    be read is skipped with one warning line naming it and why. Returns (overlay paths, skipped photos)."""
-    out_paths, skipped = [], []
-    for name in tqdm(photos, desc="photos", unit="image"):
-        try:
-            photo = load_photo(os.path.join(folder, name))  # (3, h, w) uint8
-        except PhotoError as err:
-            tqdm.write(f"warning: skipped {os.path.join(folder, name)}: {err}")
-            skipped.append(name)
-            continue
-        padded = letterbox(photo)
-        scores, labels, masks = model.infer(preprocess_photo(padded, input_height).to(device), padded.shape[-2:],
-                                            POSTPROCESS_HANDOUT)
-        masks = [m[:, :photo.shape[1], :photo.shape[2]] for m in masks]  # the padding cut off again
-        out_paths += model.head.PlotInfer(scores, labels, masks, class_colors(len(model.head.class_names)), photo[None],
-                                          score_thresh=score_thresh,
-                                          save_paths=[os.path.join(figures_dir, overlay_name(name))])
-    return out_paths, skipped
+    """plots.photo_overlays with the model (handout post-processing). Returns (overlay paths, skipped photos)."""
+    def infer(image, size):
+        scores, labels, masks = model.infer(torch.from_numpy(image).to(device), size, POSTPROCESS_HANDOUT)
+        return scores[0].float().cpu().numpy(), labels[0].cpu().numpy(), masks[0].cpu().numpy()
+    return photo_overlays(infer, model.head.class_names, folder, photos, input_height, figures_dir, score_thresh)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,7 +119,7 @@ def main(args):
     checkpoint_path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
     checkpoint = load_checkpoint(checkpoint_path)
     model = load_model(checkpoint, device, source=checkpoint_path)  # eval mode
-    train_args = stored_settings(checkpoint, checkpoint_path, STORED_SETTINGS, required=("input_height",))
+    train_args = stored_settings(checkpoint, checkpoint_path, DATA_SETTINGS, required=("input_height",))
     arch = model_config(checkpoint, checkpoint_path).arch
     print(f"checkpoint {checkpoint_path} (epoch {checkpoint['epoch']}, head {arch}), input height "
           f"{train_args['input_height']}")

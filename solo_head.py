@@ -35,7 +35,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from backbone import ARCHITECTURES, WeightsUnavailableError, build_backbone  # noqa: E402
 from dataset import (CLASS_NAMES, BuildDataLoader, DataError, add_visual_check_args, choose_images,  # noqa: E402
-                     class_colors, denormalize, visual_check_dataset)
+                     denormalize, visual_check_dataset)
+from plots import class_colors, detections_figure, overlay, save_figure  # noqa: E402
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # the bias of a sigmoid output that starts at probability 0.01
@@ -207,14 +208,6 @@ def _reads(matrix):
         o0, o1 = bisect.bisect_left(hi, first), bisect.bisect_right(lo, last)  # outputs reading first..last
         return (lo[o0], hi[o1 - 1] + 1, o0, o1) if o0 < o1 else (0, 0, 0, 0)
     return read
-
-
-def _rgb(color):
-    """A matplotlib colour, or a colormap name such as the handout's "jet", "ocean", "Spectral" (its colour at
-    0.8) -> (r, g, b)."""
-    if matplotlib.colors.is_color_like(color):
-        return matplotlib.colors.to_rgb(color)
-    return tuple(float(c) for c in matplotlib.colormaps[color](0.8)[:3])
 
 
 def coord_feat(feat):
@@ -770,44 +763,25 @@ class SOLOHead(nn.Module):
     def PlotInfer(self, NMS_sorted_scores_list, NMS_sorted_cate_label_list, NMS_sorted_ins_list, color_list, img,
                   save_prefix="figures/infer", score_thresh=0.3, start_index=0, save_paths=None):
         """Overlay the kept masks on the original images, coloured by class, with class name and score
-        (handout figures 11-14). img (bz, 3, ori_H, ori_W), uint8 or float in [0, 1]. Files are
-        <save_prefix>_<start_index + b>.png, or save_paths (one per image). Returns the PNG paths."""
+        (handout figures 11-14; plots.detections_figure). img (bz, 3, ori_H, ori_W), uint8 or float in [0, 1].
+        Files are <save_prefix>_<start_index + b>.png, or save_paths (one per image). Returns the PNG paths."""
         paths = []
         for b, image in enumerate(img.detach().cpu()):
             image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
-            keep = NMS_sorted_scores_list[b].cpu() >= score_thresh
-            masks = NMS_sorted_ins_list[b].cpu()[keep].float()
-            labels, scores = NMS_sorted_cate_label_list[b].cpu()[keep], NMS_sorted_scores_list[b].cpu()[keep]
-            inches = 6 / max(image.shape[1:])  # the longer side 6 inches, whatever the photo's aspect
-            fig, ax = plt.subplots(figsize=(max(image.shape[2] * inches, 1), max(image.shape[1] * inches, 1)))
-            ax.imshow(self._overlay(image, masks, labels, color_list))
-            for mask, label, score in zip(masks, labels, scores):
-                ys, xs = mask.nonzero(as_tuple=True)
-                if len(xs) == 0:  # nothing left in the original frame (e.g. a mask inside the padding)
-                    continue
-                ax.text(xs.min().item(), ys.min().item(), f"{self.class_names[label - 1]} {score:.2f}", fontsize=8,
-                        color="white", bbox=dict(facecolor=_rgb(color_list[label - 1]), alpha=0.8, pad=1, lw=0))
-            ax.axis("off")
+            fig = detections_figure(image.permute(1, 2, 0).numpy(), NMS_sorted_scores_list[b].cpu().float().numpy(),
+                                    NMS_sorted_cate_label_list[b].cpu().numpy(), NMS_sorted_ins_list[b].cpu().numpy(),
+                                    self.class_names, color_list, score_thresh)
             paths.append(self._save(fig, save_paths[b] if save_paths else f"{save_prefix}_{start_index + b}.png"))
         return paths
 
     @staticmethod
     def _overlay(image, masks, labels, color_list, alpha=0.5):
         """image (3, H, W) in [0, 1], masks (n, H, W) {0, 1}, labels (n,) in 1..C-1 -> (H, W, 3) blended."""
-        out = image.permute(1, 2, 0).clone()  # (H, W, 3)
-        for mask, label in zip(masks, labels):
-            color = torch.tensor(_rgb(color_list[label - 1]))
-            m = mask.bool()
-            out[m] = (1 - alpha) * out[m] + alpha * color
-        return out.clamp(0, 1).numpy()
+        return overlay(image.permute(1, 2, 0).numpy(), masks.numpy(), labels.numpy(), color_list, alpha)
 
     @staticmethod
     def _save(fig, path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 import main_infer
+from dataset import build_test_split, normalize_
+from imagefiles import photo_input
 from solo_head import SOLO, build_model
 from synthetic import write_synthetic_dataset
 from utils import CheckpointError, load_checkpoint, save_checkpoint
@@ -76,7 +78,7 @@ def test_test_split_overlays_map_json_and_pr_curve(setup, tmp_path):
     # the detections as a COCO results json: the test images' indices in the files as ids, labels as categories
     results = json.load(open(figures / "segm_results.json"))
     assert len(results) == metrics["num_detections"]
-    assert {r["image_id"] for r in results} <= set(main_infer.build_test_split(
+    assert {r["image_id"] for r in results} <= set(build_test_split(
         load_checkpoint(metrics["checkpoint"])["args"]).indices)
     assert {r["category_id"] for r in results} <= {1, 2, 3}
 
@@ -101,7 +103,7 @@ def test_ground_truth_as_predictions_scores_one(setup, monkeypatch, tmp_path):
     # the mAP ground truth is dataset.get_raw of the test Subset's own indices, in the 300 x 400 frame: an oracle
     # that answers each test image with exactly that ground truth must get AP = 1
     _, ckpt_dir = setup
-    test_set = main_infer.build_test_split(load_checkpoint(str(ckpt_dir / "checkpoint.pth"))["args"])
+    test_set = build_test_split(load_checkpoint(str(ckpt_dir / "checkpoint.pth"))["args"])
     assert len(test_set) == 3 and test_set.dataset.ori_size == (300, 400)
     assert test_set.dataset.input_size == (INPUT_HEIGHT, 96)
     inputs = [test_set[k][0] for k in range(len(test_set))]  # (3, 64, 96) each
@@ -146,12 +148,16 @@ def test_own_photos_of_any_size(setup, tmp_path):
 
 def test_photo_preprocessing_matches_the_dataset_frame():
     # height -> the input height, width int(H * w / h), padded right/bottom with zeros to multiples of 32
-    photo = torch.full((3, 150, 90), 128, dtype=torch.uint8)
-    img = main_infer.preprocess_photo(photo, 64)
-    assert img.shape == (1, 3, 64, 64)  # 64 x int(64 * 90 / 150) = 64 x 38, padded to 64 x 64
+    photo = np.full((3, 150, 90), 128, dtype=np.uint8)
+    img = photo_input(photo, 64)
+    assert img.shape == (1, 3, 64, 64) and img.dtype == np.float32  # 64 x int(64 * 90 / 150) = 64 x 38, padded
     assert (img[..., 38:] == 0).all() and (img[..., :38] != 0).all()
-    wide = main_infer.preprocess_photo(torch.zeros((3, 300, 400), dtype=torch.uint8), 96)
+    wide = photo_input(np.zeros((3, 300, 400), dtype=np.uint8), 96)
     assert wide.shape == (1, 3, 96, 128)  # 96 x 128 exactly, as BuildDataset makes 300 x 400 images
+    # the normalisation is the dataset's: a grey photo at the input size gives the dataset's values
+    grey = np.full((3, 96, 128), 100, dtype=np.uint8)
+    np.testing.assert_allclose(photo_input(grey, 96)[0], normalize_(torch.from_numpy(grey).float() / 255).numpy(),
+                               atol=1e-6)
 
 
 def test_empty_photo_folder_is_a_clear_error(setup, tmp_path):

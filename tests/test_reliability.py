@@ -474,7 +474,7 @@ class TestPhotos:
         photo(folder / "banner.png", (10, 3000))
         Image.new("RGB", (8000, 6000), (90, 120, 150)).save(folder / "huge.jpg", quality=80)
         assert imagefiles.load_photo(str(folder / "huge.jpg")).shape == (3, 1200, 1600)  # shrunk first
-        assert main_infer.letterbox(imagefiles.load_photo(str(folder / "strip.png"))).shape == (3, 1600, 400)
+        assert imagefiles.letterbox(imagefiles.load_photo(str(folder / "strip.png"))).shape == (3, 1600, 400)
         result = infer_photos(checkpoint_dir, folder, tmp_path / "out")
         assert len(result["overlays"]) == 3 and not result["skipped"]
         for name, size in (("strip_png_infer.png", (3000, 10)), ("banner_png_infer.png", (10, 3000))):

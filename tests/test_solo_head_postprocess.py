@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+import plots
 import solo_head
 from conftest import ReportsCuda
 from dataset import CLASS_COLORS
@@ -357,7 +358,7 @@ def figures(monkeypatch):
 
 
 def rgb(color):
-    return torch.tensor(solo_head._rgb(color))
+    return torch.tensor(plots.rgb(color))
 
 
 @pytest.mark.parametrize("color_list", [HANDOUT_COLORS, list(CLASS_COLORS)], ids=["handout", "rgb"])
