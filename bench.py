@@ -518,6 +518,8 @@ def model_format(args):
 if __name__ == "__main__":
     parser = get_args_parser()
     args = parser.parse_args()
+    if args.heads and args.onnx:
+        parser.error("--heads and --onnx are two tables: run them one at a time")
     if (args.heads or args.onnx) and (args.arch or args.checkpoint):
         parser.error("--heads and --onnx compare every head on its own settings: they take no --arch or --checkpoint")
     try:

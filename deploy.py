@@ -6,7 +6,7 @@ the mask mAP of the test split or a COCO json as main_infer.py computes it.
   python deploy.py --model model.onnx --evaluate                   # the test split of the run's data
   python deploy.py --model model.onnx --evaluate --val-data val.json val_images/   # a COCO-format json
 
---images needs onnxruntime, numpy, Pillow and matplotlib only, and writes the overlays main_infer.py --images
+--images needs onnxruntime, numpy, Pillow, matplotlib and tqdm only, and writes the overlays main_infer.py --images
 writes (<name>_<extension>_infer.png, the handout's post-processing). --evaluate reads the data with the project's
 dataset code (which uses PyTorch) but runs the model in onnxruntime; it writes map.json and segm_results.json.
 """

@@ -18,7 +18,10 @@ class ExportedSOLO:
     def __init__(self, path, threads=0):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default (the physical cores)
-        self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
+            raise ValueError(f"{path} is not a readable ONNX model ({type(err).__name__}: {err})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if "solo" not in meta:
             raise ValueError(f"{path} is not a model written by export.py (no 'solo' metadata)")
@@ -26,8 +29,14 @@ class ExportedSOLO:
         self.names = [o.name for o in self.session.get_outputs()]
 
     def forward(self, image):
-        """image float32 (batch, 3, H, W) -> {output name: array}."""
-        return dict(zip(self.names, self.session.run(None, {"image": np.ascontiguousarray(image, np.float32)})))
+        """image float32 (batch, 3, H, W) -> {output name: array}. The graph would run on other sizes too and
+        post-processing would then misplace the masks, so the input is checked against export.py's contract."""
+        image = np.ascontiguousarray(image, np.float32)
+        if image.ndim != 4 or image.shape[0] < 1 or image.shape[1] != 3 or any(
+                s % 32 or not 64 <= s <= 2048 for s in image.shape[2:]):
+            raise ValueError(f"the exported model takes (batch >= 1, 3, H, W) with H and W multiples of 32 from 64 to "
+                             f"2048 (imagefiles.photo_input makes it), got {image.shape}")
+        return dict(zip(self.names, self.session.run(None, {"image": image})))
 
     def infer(self, image, ori_size, cfg=None):
         outputs = self.forward(image)
@@ -66,6 +75,8 @@ def sigmoid(x):
 def matrix_nms(masks, scores, labels=None, method="gauss", gauss_sigma=2.0):
     """SOLOHead.MatrixNMS: masks (n, H, W) {0, 1} float32 in descending score order, scores (n,), labels (n,) or
     None (class-agnostic). Returns the decayed scores (n,)."""
+    if method not in ("gauss", "linear"):
+        raise ValueError(f"MatrixNMS method must be 'gauss' or 'linear', got {method!r}")
     n = len(scores)
     if n == 0:
         return scores
@@ -155,6 +166,8 @@ def postprocess(outputs, meta, ori_size, cfg):
                            for l in range(len(grids))], 1)  # (bz, sum S^2, C-1)
     cell_stride = np.concatenate([np.full(s * s, st, np.float32) for s, st in zip(grids, strides)])  # (sum S^2,)
     sizes = [tuple(s) for s in ori_size] if np.ndim(ori_size) == 2 else [tuple(ori_size)] * bz
+    if len(sizes) != bz:
+        raise ValueError(f"postprocess: {len(sizes)} image sizes for a batch of {bz} images")
     results = ([], [], [])
     for b, size in enumerate(sizes):
         for out, part in zip(results, postprocess_image(outputs, b, cate[b], cell_stride, meta, size, cfg)):
@@ -166,13 +179,14 @@ def postprocess_image(outputs, b, cate, cell_stride, meta, ori_size, cfg):
     """One image (SOLOHead.PostProcessImg)."""
     cell, cls = np.nonzero(cate > cfg["cate_thresh"])  # (k,), (k,): cells ascending
     masks = cell_masks(outputs, b, cell, meta)  # (k, H/4, W/4)
-    hard = np.where(masks > cfg["ins_thresh"], masks, 0).astype(np.float32)
+    hard = np.where(masks > cfg["ins_thresh"], masks, np.float32(0))
     mass = hard.sum((1, 2))
     hard = (hard > 0).astype(np.float32)
     area = hard.sum((1, 2))
     with np.errstate(divide="ignore", invalid="ignore"):  # empty masks: dropped by the stride filter next
         scores = (cate[cell, cls] * mass / area).astype(np.float32)
     idx = np.flatnonzero(area > cell_stride[cell])
+    # stable sorts: equal scores keep the cells' order (PyTorch's argsort does not promise any order for them)
     idx = idx[np.argsort(-scores[idx], kind="stable")[:cfg["pre_NMS_num"]]]
     labels = cls[idx].astype(np.int64) + 1
     decayed = matrix_nms(hard[idx], scores[idx], labels if cfg["class_wise"] else None, cfg["nms_kernel"],

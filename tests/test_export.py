@@ -21,6 +21,7 @@ import export
 import main_infer
 from dataset import build_test_split
 from onnx_infer import ExportedSOLO, cell_masks, postprocess
+from plots import detections_figure, save_figure
 from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP, build_model
 from synthetic import write_synthetic_dataset
 from utils import load_model, save_checkpoint
@@ -64,7 +65,7 @@ def test_raw_outputs_equal_pytorch_at_two_sizes_and_batch_sizes(exported):
     graph = export.ExportGraph(load_model(checkpoint)).eval()
     session = ExportedSOLO(path)
     assert session.names == export.output_names(arch)
-    for batch, height, width in ((1, 64, 96), (3, 96, 160)):
+    for batch, height, width in ((1, 64, 96), (1, 96, 160), (3, 64, 96), (3, 96, 160)):
         image = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             expected = graph(image)
@@ -90,11 +91,13 @@ def test_detections_agree_with_pytorch_end_to_end(exported):
     model, session = load_model(checkpoint), ExportedSOLO(path)
     test_set = build_test_split(session.meta["data"])  # the run's data settings, from the model's metadata
     image = torch.stack([test_set[i][0] for i in range(len(test_set))] * 2)[:3]  # 3 images at 64 x 96
-    for cfg in (POSTPROCESS_MAP, POSTPROCESS_HANDOUT):
-        theirs = model.infer(image, (300, 400), cfg)
-        ours = session.infer(image.numpy(), (300, 400), cfg)
+    sizes = [(300, 400), (240, 360), (96, 128)]  # each image its own original frame (the 4:3 of the input)
+    agnostic_linear = dict(POSTPROCESS_MAP, class_wise=False, nms_kernel="linear")
+    for cfg in (POSTPROCESS_MAP, POSTPROCESS_HANDOUT, agnostic_linear):
+        theirs = model.infer(image, sizes, cfg)
+        ours = session.infer(image.numpy(), sizes, cfg)
         assert sum(len(s) for s in ours[0]) > 0  # a case with detections
-        assert all(m.dtype == bool and m.shape[1:] == (300, 400) for m in ours[2])
+        assert all(m.dtype == bool and m.shape[1:] == size for m, size in zip(ours[2], sizes))
         assert_same_detections(ours, theirs)
 
 
@@ -138,17 +141,23 @@ def test_photos_need_no_pytorch_and_give_main_infers_overlays(exported, tmp_path
     script = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
               "runpy.run_path('deploy.py', run_name='__main__')")
     run = subprocess.run([sys.executable, "-c", script, "deploy.py", "--model", path, "--images", str(photos),
-                          "--figures-dir", str(tmp_path / "onnx"), "--plot-score-thresh", "0.25"],
+                          "--figures-dir", str(tmp_path / "onnx"), "--plot-score-thresh", "0"],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, MPLBACKEND="Agg"))
     assert run.returncode == 0, run.stderr
     assert "skipped 1 photos" in run.stdout and "broken.png" in run.stderr + run.stdout
     assert sorted(os.listdir(tmp_path / "onnx")) == ["a_jpg_infer.png", "grey_png_infer.png"]
     main_infer.main(main_infer.get_args_parser().parse_args(
         ["--checkpoint", checkpoint, "--images", str(photos), "--figures-dir", str(tmp_path / "torch"),
-         "--plot-score-thresh", "0.25", "--device", "cpu"]))
+         "--plot-score-thresh", "0", "--device", "cpu"]))
+    photo = np.asarray(Image.open(photos / "a.jpg")).astype(np.float32) / 255  # (150, 200, 3)
+    save_figure(detections_figure(photo, [], [], np.zeros((0, 150, 200)), ["a", "b", "c"], ["r", "g", "b"]),
+                str(tmp_path / "bare.png"))
+    bare = np.asarray(Image.open(tmp_path / "bare.png"))
     for name in ("a_jpg_infer.png", "grey_png_infer.png"):  # the same picture, pixel for pixel
         ours, theirs = (np.asarray(Image.open(tmp_path / folder / name)) for folder in ("onnx", "torch"))
         assert ours.shape == theirs.shape and (ours != theirs).any(-1).mean() < 1e-3, name
+    ours = np.asarray(Image.open(tmp_path / "onnx" / "a_jpg_infer.png"))
+    assert ours.shape == bare.shape and (ours != bare).any(-1).mean() > 0.01  # detections were drawn
 
 
 def test_evaluation_gives_main_infers_map(exported, tmp_path):
@@ -161,7 +170,11 @@ def test_evaluation_gives_main_infers_map(exported, tmp_path):
     assert ours["num_detections"] == theirs["num_detections"] > 0
     for key in ("AP", "AP50", "AP75"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-3, nan_ok=True)
-    assert len(json.load(open(ours["results_json"]))) == ours["num_detections"]
+    # detection by detection: the same images, categories and scores in the two results jsons
+    ours_dets, theirs_dets = (sorted((d["image_id"], d["category_id"], d["score"]) for d in json.load(open(r)))
+                              for r in (ours["results_json"], theirs["results_json"]))
+    assert len(ours_dets) == ours["num_detections"] and [d[:2] for d in ours_dets] == [d[:2] for d in theirs_dets]
+    np.testing.assert_allclose([d[2] for d in ours_dets], [d[2] for d in theirs_dets], atol=1e-3)
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
@@ -177,3 +190,19 @@ def test_bad_input_is_a_clear_error(tmp_path):
     onnx.save(plain, str(tmp_path / "other.onnx"))
     with pytest.raises(ValueError, match=r"other.onnx is not a model written by export.py"):
         ExportedSOLO(str(tmp_path / "other.onnx"))
+    (tmp_path / "cut.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ValueError, match=r"cut.onnx is not a readable ONNX model"):
+        ExportedSOLO(str(tmp_path / "cut.onnx"))
+
+
+def test_inputs_outside_the_exported_contract_are_refused(exported):
+    _, _, path = exported
+    session = ExportedSOLO(path)
+    for shape in ((1, 3, 100, 100), (0, 3, 64, 64), (1, 3, 32, 64), (1, 3, 64, 2080), (3, 64, 64)):
+        with pytest.raises(ValueError, match=r"takes \(batch >= 1, 3, H, W\) with H and W multiples of 32 from 64"):
+            session.forward(np.zeros(shape, np.float32))
+    outputs = session.forward(np.zeros((3, 3, 64, 96), np.float32))
+    with pytest.raises(ValueError, match="2 image sizes for a batch of 3 images"):
+        postprocess(outputs, session.meta, [(300, 400)] * 2, POSTPROCESS_MAP)
+    with pytest.raises(ValueError, match="MatrixNMS method must be 'gauss' or 'linear', got 'box'"):
+        postprocess(outputs, session.meta, (300, 400), dict(POSTPROCESS_MAP, nms_kernel="box", cate_thresh=0))
