@@ -81,7 +81,13 @@ def matrix_nms(masks, scores, labels=None, method="gauss", gauss_sigma=2.0):
     if n == 0:
         return scores
     flat = masks.reshape(n, -1)
-    inter = flat @ flat.T  # (n, n) pixel counts, exact in float32 below 2^24 pixels
+    if labels is None:
+        inter = flat @ flat.T  # (n, n) pixel counts, exact in float32 below 2^24 pixels
+    else:  # only the pairs of one class count: one product per class, the other pairs stay 0
+        inter = np.zeros((n, n), np.float32)
+        for label in np.unique(labels):
+            idx = np.flatnonzero(labels == label)
+            inter[np.ix_(idx, idx)] = flat[idx] @ flat[idx].T
     areas = np.broadcast_to(np.diag(inter), (n, n))  # areas[i, j] = area_j
     iou = np.triu(inter / np.maximum(areas + areas.T - inter, 1), 1)  # iou[i, j], i scored above j
     if labels is not None:
