@@ -545,17 +545,16 @@ def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):
     synthetic, input_height, train_data, val_data). data_dir alone means the real files in that folder; synthetic
     N the synthetic set; val_data (json, image folder) a COCO-format set, wholly the test split."""
     stored = {**DATA_SETTINGS, **train_args}
-    if val_data is not None:
-        stored.update(train_data=val_data, val_data=val_data)  # the json itself, not a split of it
-    elif data_dir is not None or synthetic is not None:
-        stored.update(data_dir=data_dir if data_dir is not None else stored["data_dir"],
-                      synthetic=synthetic or 0, train_data=None, val_data=None)
-    train_data, val = stored["train_data"], stored["val_data"]
-    if val is not None:  # the validation json: build only it
-        test = COCODataset(*val, input_height=stored["input_height"])
+    if data_dir is not None or synthetic is not None:  # the course files (or the synthetic set) instead
+        stored.update(data_dir=data_dir if data_dir is not None else stored["data_dir"], synthetic=synthetic or 0,
+                      train_data=None, val_data=None)
+    val_data = val_data or stored["val_data"]
+    if val_data is not None:  # a validation json: only it is read
+        test = COCODataset(*val_data, input_height=stored["input_height"])
         return Subset(test, list(range(len(test))))
     _, test_set = build_datasets(stored["data_dir"], stored["synthetic"], stored["input_height"],
-                                 synthetic_options=dict(min_size=stored["synthetic_min_size"]), train_data=train_data)
+                                 synthetic_options=dict(min_size=stored["synthetic_min_size"]),
+                                 train_data=stored["train_data"])
     return test_set
 
 
