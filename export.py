@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dataset import DATA_SETTINGS
-from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP, SOLOv2Head, DecoupledSOLOHead
+from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP, DecoupledSOLOHead, SOLOv2Head
 from utils import CheckpointError, error_message, load_checkpoint, load_model, model_config, stored_settings
 
 OPSET = 18
