@@ -382,7 +382,7 @@ def main(args):
     coco_json, _ = course_to_coco(paths, os.path.join(tmp.name, "coco"), image_format="jpg")  # the same images
     coco = COCODataset(coco_json, os.path.join(tmp.name, "coco", "images"), input_height=800)
     loader = BuildDataLoader(torch.utils.data.Subset(coco, range(min(num_images, len(coco)))), 2, False, 2).loader()
-    pass_ms = median_ms(lambda: [None for _ in loader], torch.device("cpu"), 1 if args.quick else 2, 1)[0]
+    pass_ms = median_ms(lambda loader=loader: [None for _ in loader], torch.device("cpu"), 1 if args.quick else 2, 1)[0]
     row("COCO-format JPEG items (json + image folder, any device)", min(num_images, len(coco)) * 1000 / pass_ms,
         "images/s")
     del loader
