@@ -46,7 +46,6 @@ import argparse
 import dataclasses
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -63,11 +62,10 @@ from dataset import BuildDataLoader, BuildDataset, COCODataset, course_to_coco, 
 from engine import train_step
 from solo_head import ARCHS, POSTPROCESS_MAP, ModelConfig, SOLOHead, SOLOv2Head, build_model, image_of
 from synthetic import write_synthetic_dataset
-from utils import (DEMO, CheckpointError, DeviceError, autocast_settings, load_checkpoint, model_config, prepare_device,
-                   scaled_lr)
+from utils import (DEMO, CheckpointError, DeviceError, autocast_settings, device_name, load_checkpoint, model_config,
+                   prepare_device, scaled_lr)
 
 PHASES = ("data to device", "forward", "target", "loss", "backward", "optimizer step")
-CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def get_args_parser():
@@ -98,24 +96,6 @@ def get_args_parser():
                         help="instead of the table: PyTorch eager against onnxruntime inference for each head at the "
                              "demo size and at 800x1088 (needs requirements-deploy.txt)")
     return parser
-
-
-def device_name(device):
-    """The GPU, or the CPU model with the instruction sets that decide its speed (from /proc/cpuinfo on Linux)."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, compute capability {torch.cuda.get_device_capability(device)}"
-    model, flags = platform.processor() or platform.machine(), set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    features = " ".join(f for f in CPU_FEATURES if f in flags) or "none of " + " ".join(CPU_FEATURES)
-    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; {features}; torch kernels "
-            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 def clock(device):

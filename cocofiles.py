@@ -325,24 +325,44 @@ def _check_image_files(images):
 
 def object_masks(image, label_of, json_path):
     """The objects (not crowd regions) of a CocoImage: labels int64 (n,), masks uint8 (n, H, W), boxes float32
-    (n, 4) x1 y1 x2 y2 (the json's bbox clipped to the image, or the mask's tight box)."""
+    (n, 4) x1 y1 x2 y2 (json_box: the json's bbox, or the mask's tight box)."""
     objects = [ann for ann in image.annotations if not ann.get("iscrowd", 0)]
-    height, width = image.size
-    masks = np.zeros((len(objects), height, width), np.uint8)
-    boxes = np.zeros((len(objects), 4), np.float32)
+    masks = np.zeros((len(objects), *image.size), np.uint8)
     for k, ann in enumerate(objects):
-        try:
-            masks[k] = decode(ann["segmentation"], image.size)
-        except ValueError as err:
-            raise DataError(f"COCO json {json_path}: annotation {ann['id']} (image {image.id}): its mask cannot be "
-                            f"decoded ({err})") from None
-        if "bbox" in ann:
-            x, y, w, h = ann["bbox"]
-            boxes[k] = np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
-        else:
-            boxes[k] = tight_box(masks[k])
-    labels = np.array([label_of[ann["category_id"]] for ann in objects], np.int64)
-    return labels, masks, boxes
+        masks[k] = decode_annotation(ann, image, json_path)
+    boxes = np.array([json_box(ann, image.size, lambda k=k: masks[k]) for k, ann in enumerate(objects)],
+                     np.float32).reshape(-1, 4)
+    return object_labels(objects, label_of), masks, boxes
+
+
+def object_boxes(image, label_of, json_path):
+    """object_masks' labels and boxes without its masks: only an annotation without a bbox is decoded."""
+    objects = [ann for ann in image.annotations if not ann.get("iscrowd", 0)]
+    boxes = np.array([json_box(ann, image.size, lambda ann=ann: decode_annotation(ann, image, json_path))
+                      for ann in objects], np.float32).reshape(-1, 4)
+    return object_labels(objects, label_of), boxes
+
+
+def decode_annotation(ann, image, json_path):
+    try:
+        return decode(ann["segmentation"], image.size)
+    except ValueError as err:
+        raise DataError(f"COCO json {json_path}: annotation {ann['id']} (image {image.id}): its mask cannot be "
+                        f"decoded ({err})") from None
+
+
+def json_box(ann, size, mask):
+    """An object's box x1 y1 x2 y2: the json's bbox clipped to the image (size (H, W)), the authors' loader's,
+    else the tight box of mask() (the decoded mask)."""
+    if "bbox" not in ann:
+        return tight_box(mask())
+    height, width = size
+    x, y, w, h = ann["bbox"]
+    return np.clip([x, y, x + w, y + h], 0, [width, height, width, height])
+
+
+def object_labels(objects, label_of):
+    return np.array([label_of[ann["category_id"]] for ann in objects], np.int64)
 
 
 def pack(records):

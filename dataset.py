@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cocofiles import (coco_object, gt_annotations, object_masks, pack, read_coco, segmentation_area, unpack,
-                       write_coco)
+from cocofiles import (coco_object, gt_annotations, object_boxes, object_masks, pack, read_coco, segmentation_area,
+                       unpack, write_coco)
 from datafiles import (CLASS_NAMES, FILE_NAMES, H5_KEY, ROLES, DataError, check_counts, check_files_exist,  # noqa: F401
                        check_masks_not_all_empty, dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels,
                        split_indices)
@@ -255,6 +255,11 @@ class BuildDataset(ItemsDataset):
         return coco_object(images, annotations, [dict(id=k, name=name) for k, name in
                                                  zip(self.category_ids, self.class_names)])
 
+    def object_boxes(self, index):
+        """label int64 (n,), bbox float32 (n, 4) original pixels of image `index`, without reading its pixels."""
+        i = self._index(index)
+        return self.labels[i], self.bboxes[i]
+
     def get_raw(self, index):
         """Ground truth in the original frame: img uint8 (3, H, W), label int64 (n,),
         mask uint8 (n, H, W), bbox float32 (n, 4) x1 y1 x2 y2 in original pixels."""
@@ -324,6 +329,11 @@ class COCODataset(ItemsDataset):
 
     def _record(self, index):
         return unpack(*self._records, self._index(index))
+
+    def object_boxes(self, index):
+        """label int64 (n,), bbox float32 (n, 4) original pixels of image `index` (not its crowd regions), without
+        decoding the image (nor the masks of annotations with a bbox)."""
+        return object_boxes(self._record(index), self._label_of, self.json_path)
 
     def get_raw(self, index):
         """img uint8 (3, H, W), label int64 (n,), mask uint8 (n, H, W), bbox float32 (n, 4) original pixels."""
@@ -641,6 +651,35 @@ def choose_images(num_objects, num, seed=0):
     return crowded + others[:num - len(crowded)]
 
 
+def object_sizes(subset):
+    """Every object of a Subset: (labels int64 (n,), sizes float64 (n,)), sqrt(w * h) of its box in input pixels
+    (after the resize to input_height; SOLOHead.target compares it, in 800-pixel units, with its scale ranges)."""
+    dataset, labels, sizes = subset.dataset, [], []
+    for i in subset.indices:
+        label, bbox = dataset.object_boxes(i)
+        ori_size = dataset.image_size(i)
+        scaled = np.array(resized_sizes(*ori_size, dataset.input_height)[0], dtype=np.float64)
+        sy, sx = scaled / np.array(ori_size, dtype=np.float64)
+        bbox = np.asarray(bbox, dtype=np.float64).reshape(-1, 4)
+        sizes.append(np.sqrt((bbox[:, 2] - bbox[:, 0]) * sx * (bbox[:, 3] - bbox[:, 1]) * sy))
+        labels.append(np.asarray(label, dtype=np.int64))
+    return np.concatenate(labels or [np.zeros(0, np.int64)]), np.concatenate(sizes or [np.zeros(0)])
+
+
+def plot_dataset_figures(dataset, out, num=5, seed=0):
+    """dataset_<k>.png of num images (choose_images: two of the most crowded first), the handout's dataset.py
+    visual check (figures 5-6). Returns [(path, title)]."""
+    os.makedirs(out, exist_ok=True)
+    figures = []
+    for k, index in enumerate(choose_images(dataset.num_objects, num, seed)):
+        img, label, mask, bbox = dataset[index]
+        path = os.path.join(out, f"dataset_{k}.png")
+        title = f"image {index}: {len(label)} objects, input {tuple(img.shape[1:])} (padding right/bottom)"
+        plot_item(img, label, mask, bbox, title, path, dataset.class_names)
+        figures.append((path, title))
+    return figures
+
+
 def item_figure(img, label, mask, bbox, title, class_names=CLASS_NAMES):
     """The denormalised input with masks (class colour, alpha 0.5), boxes and class names: a matplotlib Figure."""
     import matplotlib
@@ -677,13 +716,7 @@ def plot_item(img, label, mask, bbox, title, path, class_names=CLASS_NAMES):
 
 
 def main(args):
-    dataset = visual_check_dataset(args)
-    os.makedirs(args.out, exist_ok=True)
-    for k, index in enumerate(choose_images(dataset.num_objects, args.num, args.seed)):
-        img, label, mask, bbox = dataset[index]
-        path = os.path.join(args.out, f"dataset_{k}.png")
-        title = f"image {index}: {len(label)} objects, input {tuple(img.shape[1:])} (padding right/bottom)"
-        plot_item(img, label, mask, bbox, title, path, dataset.class_names)
+    for path, _ in plot_dataset_figures(visual_check_dataset(args), args.out, args.num, args.seed):
         print(f"saved {path}")
 
 

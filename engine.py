@@ -1,14 +1,17 @@
-"""The loops: one training step, an epoch, the test-split losses, and inference over a split for mask mAP."""
+"""The loops: one training step, an epoch, the test-split losses, inference over a split for mask mAP (and its
+files), and the overlays of a split's first images."""
 import math
+import os
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from coco_eval import det_annotations, evaluate_masks
-from dataset import BuildDataLoader, preprocess_batch, to_device
-from solo_head import POSTPROCESS_MAP
+from coco_eval import (det_annotations, evaluate_masks, map_summary, plot_pr_curves, pr_curves, save_map_json,
+                       save_results_json)
+from dataset import BuildDataLoader, class_colors, preprocess_batch, preprocess_item, to_device
+from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP
 from utils import autocast_settings, is_distributed, is_main_process
 
 
@@ -100,7 +103,8 @@ def train_one_epoch(model, optimizer, scheduler, scaler, loader, device, epoch, 
         window.append(values)
         running += torch.tensor(values, dtype=torch.float64)
         if iteration % args.log_every == 0 or step + 1 == len(loader):  # the window's mean; the epoch's rest at its end
-            log.train(iteration, torch.tensor(window, dtype=torch.float64).mean(0).tolist())
+            log.train(iteration, torch.tensor(window, dtype=torch.float64).mean(0).tolist(),
+                      lr=optimizer.param_groups[0]["lr"])
             window = []
         mean = (running / (step + 1)).tolist()
         progress.set_postfix(total=f"{mean[0]:.3f}", focal=f"{mean[1]:.3f}", dice=f"{mean[2]:.3f}",
@@ -138,13 +142,50 @@ def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cf
     amp_dtype, _ = autocast_settings(device, amp)
     loader = BuildDataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=workers).loader()
     det_anns, position = [], 0  # position: index of the batch's first image in the test split
-    for img, *_ in tqdm(loader, desc="inference", unit="batch", disable=not is_main_process()):
+    for loaded in tqdm(loader, desc="inference", unit="batch", disable=not is_main_process()):
+        # a raw batch (a GPU run's test split) is preprocessed on the device
+        img = (preprocess_batch(loaded, dataset.input_height, device)[0] if len(loaded) == 5
+               else to_device(loaded[0], device))
         batch = indices[position:position + img.shape[0]]
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            results = infer(to_device(img, device), [dataset.image_size(i) for i in batch], cfg)
+            results = infer(img, [dataset.image_size(i) for i in batch], cfg)
         for b, i in enumerate(batch):
             scores, labels, masks = (torch.as_tensor(r[b]).cpu() for r in results)  # one copy each
             det_anns += det_annotations(dataset.image_id(i), scores, category_ids[labels - 1], masks,
                                         first_id=len(det_anns) + 1)
         position += img.shape[0]
     return evaluate_masks(dataset.coco_gt(indices), det_anns, [dataset.image_id(i) for i in indices])
+
+
+def evaluate_and_save(model, test_set, device, figures_dir, batch_size=4, workers=2, amp=False, checkpoint=None):
+    """evaluate_map over the test split, and its files in figures_dir: map.json (map_summary's metrics),
+    segm_results.json (the detections as a COCO results json) and pr_curve.png (per class at IoU 0.5).
+    Returns the metrics with checkpoint and the three paths (map_json, results_json, pr_curve)."""
+    coco_eval = evaluate_map(model, test_set, device, batch_size, workers, amp)
+    metrics = map_summary(coco_eval)
+    metrics.update(checkpoint=checkpoint, map_json=os.path.join(figures_dir, "map.json"),
+                   results_json=save_results_json(coco_eval.cocoDt.dataset["annotations"],
+                                                  os.path.join(figures_dir, "segm_results.json")),
+                   pr_curve=plot_pr_curves(pr_curves(coco_eval), os.path.join(figures_dir, "pr_curve.png"),
+                                           class_names=model.head.class_names))
+    save_map_json(metrics, metrics["map_json"])
+    return metrics
+
+
+@torch.inference_mode()
+def plot_test_overlays(model, test_set, device, figures_dir, num_figures, score_thresh, amp=False):
+    """infer_<i>.png of the first num_figures test images: the handout's post-processing, on the original image
+    (handout figures 11-14). Returns the paths."""
+    model.eval()
+    dataset, paths = test_set.dataset, []
+    colours = class_colors(len(model.head.class_names))
+    amp_dtype, _ = autocast_settings(device, amp)
+    for i in range(min(num_figures, len(test_set))):
+        index = test_set.indices[i]
+        raw = dataset.get_raw(index)  # (img uint8 (3, ori_H, ori_W), label, mask, bbox)
+        img = preprocess_item(*raw, False, dataset.input_height)[0][None]  # (1, 3, Hp, Wp): raw datasets too
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            results = model.infer(to_device(img, device), dataset.image_size(index), POSTPROCESS_HANDOUT)
+        paths += model.head.PlotInfer(*results, colours, raw[0][None], score_thresh=score_thresh,
+                                      save_prefix=os.path.join(figures_dir, "infer"), start_index=i)
+    return paths

@@ -24,21 +24,21 @@ a COCO-format run's validation json, or the 20 % of its training json it held ou
   <name>_<extension>_infer.png  with --images: one overlay per photo (handout post-processing)
 """
 import argparse
-import os
 import sys
 from contextlib import nullcontext
 
 import torch
 
-from coco_eval import format_map_table, map_summary, plot_pr_curves, pr_curves, save_map_json, save_results_json
-from dataset import DATA_SETTINGS, build_test_split, class_colors, to_device
+from coco_eval import format_map_table
+from dataset import DATA_SETTINGS, build_test_split
 from datafiles import DataError
-from engine import evaluate_map
+from engine import evaluate_and_save, plot_test_overlays
 from imagefiles import list_photos
 from plots import photo_overlays
 from solo_head import POSTPROCESS_HANDOUT
 from utils import (CheckpointError, DeviceError, autocast_settings, error_message, latest_checkpoint, load_checkpoint,
                    load_model, model_config, prepare_device, stored_settings)
+
 
 def resolve_checkpoint(path, checkpoint_dir):
     """The checkpoint to use: path if given, else the newest complete one in checkpoint_dir."""
@@ -49,21 +49,6 @@ def resolve_checkpoint(path, checkpoint_dir):
         raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir!r}: train one with main_train.py, or "
                                 f"pass --checkpoint PATH")
     return latest
-
-
-@torch.inference_mode()
-def plot_test_overlays(model, test_set, device, figures_dir, num_figures, score_thresh):
-    """infer_<i>.png of the first num_figures test images: the handout's post-processing, on the original image."""
-    dataset, paths = test_set.dataset, []
-    colours = class_colors(len(model.head.class_names))
-    for i in range(min(num_figures, len(test_set))):
-        img = test_set[i][0][None]  # (1, 3, Hp, Wp)
-        index = test_set.indices[i]
-        results = model.infer(to_device(img, device), dataset.image_size(index), POSTPROCESS_HANDOUT)
-        original = dataset.get_raw(index)[0][None]  # (1, 3, ori_H, ori_W) uint8
-        paths += model.head.PlotInfer(*results, colours, original, score_thresh=score_thresh,
-                                      save_prefix=os.path.join(figures_dir, "infer"), start_index=i)
-    return paths
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,19 +124,12 @@ def main(args):
         raise DataError(f"the test data has the classes {list(test_set.dataset.class_names)}, but checkpoint "
                         f"{checkpoint_path} was trained on {list(model.head.class_names)}")
     print(f"test split: {len(test_set)} images, input height {train_args['input_height']}, device {device}")
-    with autocast:
-        overlays = plot_test_overlays(model, test_set, device, args.figures_dir, args.num_figures,
-                                      args.plot_score_thresh)
-    coco_eval = evaluate_map(model, test_set, device, args.batch_size, args.workers, args.amp)
-    metrics = map_summary(coco_eval)
+    overlays = plot_test_overlays(model, test_set, device, args.figures_dir, args.num_figures, args.plot_score_thresh,
+                                  args.amp)
+    metrics = evaluate_and_save(model, test_set, device, args.figures_dir, args.batch_size, args.workers, args.amp,
+                                checkpoint=checkpoint_path)
     print(format_map_table(metrics))
-    metrics.update(checkpoint=checkpoint_path, overlays=overlays,
-                   map_json=os.path.join(args.figures_dir, "map.json"),
-                   results_json=save_results_json(coco_eval.cocoDt.dataset["annotations"],
-                                                  os.path.join(args.figures_dir, "segm_results.json")),
-                   pr_curve=plot_pr_curves(pr_curves(coco_eval), os.path.join(args.figures_dir, "pr_curve.png"),
-                                           class_names=model.head.class_names))
-    save_map_json(metrics, metrics["map_json"])
+    metrics.update(overlays=overlays)
     print(f"wrote {len(overlays)} overlays, {metrics['map_json']}, {metrics['results_json']} and "
           f"{metrics['pr_curve']}")
     return metrics

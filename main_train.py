@@ -23,7 +23,8 @@ over the first 500 iterations from lr/3; gradient-norm clipping at 35 (the autho
 Epochs are 0-based everywhere: epoch_000.pth is written after the first epoch and holds "epoch": 0.
 Outputs in --output-dir: checkpoint.pth (the newest, a hard link to its epoch file), epoch_NNN.pth (the newest
 --keep-epochs), losses.csv (train losses, the mean of each --log-every window), test_losses.csv (one row per
-epoch), loss_curve.png.
+epoch), loss_curve.png; with --tensorboard, tensorboard/ (view with `tensorboard --logdir <output-dir>`).
+The write-up of a run (figures, settings, mAP; report.html and report.pdf): python report.py --checkpoint-dir DIR
 """
 import argparse
 import contextlib
@@ -31,6 +32,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -38,12 +40,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from backbone import ARCHITECTURES
+from coco_eval import map_summary
 from datafiles import DataError
 from dataset import BuildDataLoader, build_datasets, check_input_height
-from engine import NonFiniteLossError, evaluate, train_one_epoch
+from engine import NonFiniteLossError, evaluate, evaluate_map, train_one_epoch
 from solo_head import ARCHS, ModelConfig, build_model
 from utils import (DEMO, DEMO_ARCH_LR, CheckpointError, DeviceError, LossLog, RunFolderError, WriteError,
-                   autocast_settings, build_scheduler, error_message, init_distributed, is_main_process,
+                   autocast_settings, build_scheduler, device_name, error_message, init_distributed, is_main_process,
                    latest_checkpoint, link_checkpoint, load_checkpoint, model_config, prepare_device, remove_old_epochs,
                    restore_training, run_folder, save_checkpoint, scaled_lr, seed_everything, stop_on_sigterm,
                    stored_settings, training_checkpoint)
@@ -52,7 +55,7 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
 # flags a resumed run may change; every other setting comes from the checkpoint (an explicit other value is an
 # error): they change where and how fast it runs, not what it computes
 RESUME_OVERRIDES = ("data_dir", "train_data", "val_data", "output_dir", "device", "workers", "epochs", "keep_epochs",
-                    "overwrite", "resume", "test_only")
+                    "tensorboard", "overwrite", "resume", "test_only")
 
 
 def get_args_parser(add_help=True):
@@ -122,6 +125,9 @@ def get_args_parser(add_help=True):
     run.add_argument("--seed", default=0, type=int, help="seed of the initialisation, shuffling and flips")
     run.add_argument("--output-dir", default="checkpoints", type=str, help="the run folder: checkpoints and logs")
     run.add_argument("--log-every", default=100, type=int, help="log the mean losses every N iterations")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log the losses, the lr and, after each epoch, the test split's mask mAP (one "
+                          "inference pass) to TensorBoard files in <output-dir>/tensorboard (needs tensorboard)")
     run.add_argument("--keep-epochs", default=3, type=int,
                      help="keep the newest N epoch_NNN.pth files (0 = all); checkpoint.pth is always the newest")
     run.add_argument("--resume", default=None, type=str,
@@ -288,7 +294,9 @@ def train(args, rank, world_size, device):
             refused = RunFolderError(box[0]) if box[0] else None
         if refused:
             raise refused
-        log = LossLog(args.output_dir, history, write=is_main_process())
+        log = held.enter_context(contextlib.closing(LossLog(args.output_dir, history, write=is_main_process(),
+                                                              tensorboard=args.tensorboard)))
+        device_label = f"{world_size} x {device_name(device)}" if world_size > 1 else device_name(device)
         if is_main_process():
             print(f"SOLO training: {len(train_set)} train / {len(test_set)} test images, {world_size} process(es) "
                   f"x batch {args.batch_size}, {iters_per_epoch} iterations per epoch, lr {args.lr:g}, device "
@@ -306,9 +314,10 @@ def train(args, rank, world_size, device):
             # a fresh loader per epoch: its workers draw their seeds from the RNG just seeded
             train_loader = BuildDataLoader(train_set, args.batch_size, False, args.workers,
                                            sampler=train_sampler).loader()
+            started = time.perf_counter()
             train_one_epoch(model, optimizer, scheduler, scaler, train_loader, device, epoch, args, log)
             del train_loader
-            log.end_epoch(epoch, scheduler.last_epoch)
+            log.end_epoch(epoch, scheduler.last_epoch, time.perf_counter() - started, device_label)
             test_loss = evaluate(model_without_ddp, test_loader, device, args) if len(test_set) else None
             if test_loss is not None:
                 if not all(math.isfinite(v) for v in test_loss):  # as a non-finite train loss: stop, write nothing
@@ -319,6 +328,10 @@ def train(args, rank, world_size, device):
                 if is_main_process():
                     print(f"epoch {epoch}: test losses total {test_loss[0]:.4f}, focal {test_loss[1]:.4f}, "
                           f"dice {test_loss[2]:.4f}")
+            if args.tensorboard and len(test_set) and is_main_process():
+                metrics = map_summary(evaluate_map(model_without_ddp, test_set, device, args.batch_size,
+                                                   args.workers, args.amp))
+                log.test_map(epoch, metrics["AP"], metrics["AP50"], metrics["AP75"])
             if is_main_process():
                 epoch_path = os.path.join(args.output_dir, f"epoch_{epoch:03d}.pth")
                 save_checkpoint(training_checkpoint(model_without_ddp, model_cfg, optimizer, scheduler, scaler, epoch,

@@ -968,23 +968,30 @@ def get_args_parser():
     return add_visual_check_args(parser)
 
 
+@torch.no_grad()
+def plot_target_figures(model, dataset, out, num=5, seed=0):
+    """gt_<k>.png: the FPN targets of num images (choose_images, as the dataset figures) over the input, one panel
+    per level (handout figures 8-9), from the model's head (any head: the targets are SOLO's). Returns the paths."""
+    images = [dataset[i] for i in choose_images(dataset.num_objects, num, seed)]
+    img, label_list, mask_list, bbox_list = BuildDataLoader.collect_fn(images)
+    device = next(model.parameters()).device
+    _, ins_pred_list = model.eval()(img.to(device))  # only the feature sizes matter
+    targets = model.head.target(ins_pred_list, *([t.to(device) for t in ts] for ts in (bbox_list, label_list,
+                                                                                         mask_list)))
+    os.makedirs(out, exist_ok=True)
+    return model.head.PlotGT(*targets, class_colors(len(dataset.class_names)), img,
+                             save_prefix=os.path.join(out, "gt"))
+
+
 def main(args):
     dataset = visual_check_dataset(args)
-    images = [dataset[i] for i in choose_images(dataset.num_objects, args.num, args.seed)]
-    img, label_list, mask_list, bbox_list = BuildDataLoader.collect_fn(images)
     classes = dict(num_classes=len(dataset.class_names) + 1, class_names=dataset.class_names)
     try:
-        model = build_model(dict(backbone_weights=args.backbone_weights, **classes)).eval()
+        model = build_model(dict(backbone_weights=args.backbone_weights, **classes))
     except WeightsUnavailableError as e:
         print(f"{e}\n-> using a random backbone: the targets depend only on the feature map sizes")
-        model = build_model(dict(backbone_weights="none", **classes)).eval()
-    with torch.no_grad():
-        _, ins_pred_list = model(img)  # [(bz, S^2, 2H_feat, 2W_feat)]
-    ins_gts_list, ins_ind_gts_list, cate_gts_list = model.head.target(ins_pred_list, bbox_list, label_list,
-                                                                      mask_list)
-    colours = class_colors(len(dataset.class_names))
-    for path in model.head.PlotGT(ins_gts_list, ins_ind_gts_list, cate_gts_list, colours, img,
-                                  save_prefix=os.path.join(args.out, "gt")):
+        model = build_model(dict(backbone_weights="none", **classes))
+    for path in plot_target_figures(model, dataset, args.out, args.num, args.seed):
         print(f"saved {path}")
 
 

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import math
 import os
+import platform
 import random
 import shutil
 import signal
@@ -29,6 +30,7 @@ LOSS_NAMES = ("total_loss", "focal_loss", "dice_loss")  # total = focal + 3 dice
 BASE_LR, BASE_BATCH = 0.01, 16  # the authors' lr for 16 images per iteration
 LR_GAMMA = 0.1  # the lr is multiplied by this at each of the lr steps (handout 7.1: divided by 10)
 WARMUP_FACTOR = 1 / 3  # the authors' linear warm-up starts at lr / 3
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 # The reduced configuration that learns on a CPU in minutes (README, "The demo"): main_train.py --demo sets
 # these flag values as its defaults. Same target, loss and post-processing code as the full model; what shrinks
@@ -116,6 +118,25 @@ def autocast_settings(device, amp):
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float16, True
     return torch.bfloat16, False
+
+
+def device_name(device):
+    """The GPU, or the CPU model with the instruction sets that decide its speed (from /proc/cpuinfo on Linux)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, compute capability {torch.cuda.get_device_capability(device)}"
+    model, flags = platform.processor() or platform.machine(), set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    features = " ".join(f for f in CPU_FEATURES if f in flags) or "none of " + " ".join(CPU_FEATURES)
+    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; {features}; torch kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -525,15 +546,20 @@ def stop_on_sigterm():
 # Loss logs: the history a checkpoint stores, the CSV files and the curve
 # ----------------------------------------------------------------------------------------------------
 class LossLog:
-    """The loss history of a run (a checkpoint's "history": {"train": [[iteration, total, focal, dice]],
-    "test": [[epoch, total, focal, dice]], "epoch_iters": [[epoch, iteration at its end]]}) and, in the main
-    process, its files: <output_dir>/losses.csv, <output_dir>/test_losses.csv and <output_dir>/loss_curve.png."""
+    """The history of a run (a checkpoint's "history": {"train": [[iteration, total, focal, dice]],
+    "test": [[epoch, total, focal, dice]], "epoch_iters": [[epoch, iteration at its end]], "epoch_times": [[epoch,
+    seconds, device]], "test_map": [[epoch, AP, AP50, AP75]] (with --tensorboard)}) and, in the main process, its
+    files: <output_dir>/losses.csv, <output_dir>/test_losses.csv, <output_dir>/loss_curve.png and, with
+    tensorboard=True, TensorBoard event files in <output_dir>/tensorboard (losses and lr per logging window, test
+    losses and mAP per epoch, against the iteration)."""
 
-    def __init__(self, output_dir, history=None, write=True):
+    def __init__(self, output_dir, history=None, write=True, tensorboard=False):
         self.output_dir = output_dir
         self.history = history or {"train": [], "test": [], "epoch_iters": []}
-        self.history.setdefault("epoch_iters", [])
+        for key in ("epoch_iters", "epoch_times", "test_map"):  # older checkpoints lack some
+            self.history.setdefault(key, [])
         self.write = write
+        self.writer = None
         if write:  # the CSVs restart from the history (rows a crashed run logged after its checkpoint go)
             for name, rows in (("losses.csv", self.history["train"]), ("test_losses.csv", self.history["test"])):
                 first = "iteration" if name == "losses.csv" else "epoch"
@@ -541,6 +567,13 @@ class LossLog:
                 atomic_write(os.path.join(output_dir, name),
                              lambda f, rows=rows, header=header: f.write((header + "".join(map(_csv_line, rows)))
                                                                          .encode()))
+            if tensorboard:
+                self.writer = tensorboard_writer(os.path.join(output_dir, "tensorboard"), self.last_iteration())
+
+    def last_iteration(self):
+        """The iteration the history ends at (0 for a new run)."""
+        ends = [row[1] for row in self.history["epoch_iters"]] + [row[0] for row in self.history["train"]]
+        return int(max(ends, default=0))
 
     def _append(self, kind, row):
         self.history[kind].append(row)
@@ -552,18 +585,49 @@ class LossLog:
             except OSError as e:
                 raise write_error(path, e) from e
 
-    def train(self, iteration, losses):
+    def _scalars(self, prefix, names, values, iteration):
+        if self.writer is not None:
+            for name, value in zip(names, values):
+                self.writer.add_scalar(f"{prefix}/{name}", value, iteration)
+
+    def train(self, iteration, losses, lr=None):
         self._append("train", [iteration, *losses])
+        self._scalars("train", LOSS_NAMES + ("lr",), [*losses] + ([lr] if lr is not None else []), iteration)
 
     def test(self, epoch, losses):
         self._append("test", [epoch, *losses])
+        self._scalars("test", LOSS_NAMES, losses, self.last_iteration())
 
-    def end_epoch(self, epoch, iteration):
+    def test_map(self, epoch, ap, ap50, ap75):
+        """The epoch's mask mAP on the test split (kept in the history; TensorBoard's test/AP, AP50, AP75)."""
+        self.history["test_map"].append([epoch, ap, ap50, ap75])
+        self._scalars("test", ("AP", "AP50", "AP75"), (ap, ap50, ap75), self.last_iteration())
+
+    def end_epoch(self, epoch, iteration, seconds=None, device=None):
+        """The epoch ended at `iteration`; its training took `seconds` on `device` (utils.device_name's words)."""
         self.history["epoch_iters"].append([epoch, iteration])
+        if seconds is not None:
+            self.history["epoch_times"].append([epoch, float(seconds), device])
 
     def plot(self):
+        if self.writer is not None:
+            self.writer.flush()
         if self.write:
             return plot_loss_curve(self.history, os.path.join(self.output_dir, "loss_curve.png"))
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def tensorboard_writer(log_dir, purge_step):
+    """A TensorBoard SummaryWriter in log_dir. purge_step: events a crashed run wrote after its checkpoint's
+    iteration are hidden, so a resumed run's curves do not double back."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(f"--tensorboard needs the tensorboard package ({e}): pip install tensorboard") from None
+    return SummaryWriter(log_dir, purge_step=purge_step or None)
 
 
 def _csv_line(row):

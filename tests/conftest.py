@@ -35,3 +35,8 @@ class ReportsCuda(torch.Tensor):
     @property
     def device(self):
         return torch.device("cuda", 0)
+
+
+def learning_history(history):
+    """A checkpoint's history without the wall-clock times: what a resumed run must repeat exactly."""
+    return {key: value for key, value in history.items() if key != "epoch_times"}
