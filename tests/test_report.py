@@ -126,3 +126,24 @@ def test_in_a_real_browser_every_image_loads_and_the_console_is_clean(tiny_run):
         driver.quit()
     assert len(sizes) == 3 * NUM + 4 and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
     assert errors == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["decoupled", "solov2"])
+def test_successor_heads_on_coco_format_data(tmp_path, arch):
+    from synthetic import write_synthetic_coco
+    write_synthetic_coco(str(tmp_path / "coco"), num_images=30, num_classes=5)
+    coco = tmp_path / "coco"
+    main_train.main(main_train.parse_args(["--demo", "--arch", arch, "--epochs", "1", "--workers", "0",
+                                           "--train-data", str(coco / "train.json"), str(coco / "images"),
+                                           "--val-data", str(coco / "val.json"), str(coco / "images"),
+                                           "--output-dir", str(tmp_path / "run")]))
+    result = report.main(report.get_args_parser().parse_args(["--checkpoint-dir", str(tmp_path / "run"),
+                                                              "--workers", "0", "--num-figures", "2"]))
+    page = parse(result["html"])
+    head = {"decoupled": "Decoupled SOLO", "solov2": "SOLOv2"}[arch]
+    assert result["title"].startswith(f"{head} on COCO-format data {coco / 'train.json'}, validation")
+    assert list(page.sections) == [sid for sid, _ in report.SECTIONS]
+    assert {"house", "balloon"} <= set(page.rows["map"]) and {"house", "balloon"} <= set(page.rows["dataset"])
+    assert len(page.images["targets"]) == 2 and len(page.images["inference"]) == 2
+    assert result["pages"] == 3 * 2 + 5
