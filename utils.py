@@ -661,3 +661,52 @@ def plot_loss_curve(history, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run folder kept in a second place (the Colab notebook's Google Drive copy)
+# ----------------------------------------------------------------------------------------------------
+def mirror_folder(src, dst):
+    """Copy every file of src that dst lacks or holds another version of (size or modification time) into dst,
+    each through a temporary file and os.replace, so an interrupted copy leaves dst's old file whole; the run
+    folder's lock and temporary files are left out. Returns the names copied."""
+    copied = []
+    if not os.path.isdir(src):
+        return copied
+    for root, _, names in os.walk(src):
+        target_root = os.path.join(dst, os.path.relpath(root, src))
+        os.makedirs(target_root, exist_ok=True)
+        for name in sorted(names):
+            if name == ".lock" or name.endswith(".tmp"):
+                continue
+            source, target = os.path.join(root, name), os.path.join(target_root, name)
+            stat = os.stat(source)
+            if os.path.exists(target) and (os.path.getsize(target), int(os.path.getmtime(target))) == (
+                    stat.st_size, int(stat.st_mtime)):
+                continue
+            partial = os.path.join(target_root, f".{name}.{uuid.uuid4().hex}.tmp")
+            try:
+                shutil.copy2(source, partial)
+                os.replace(partial, target)
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
+            copied.append(os.path.relpath(target, dst))
+    return copied
+
+
+def run_mirrored(command, src, dst, every=60):
+    """Run command (a list) and, while it runs and once after, mirror_folder(src, dst) every `every` seconds.
+    Returns the command's exit code."""
+    import subprocess
+
+    process = subprocess.Popen(command)
+    while True:
+        try:
+            code = process.wait(timeout=every)
+        except subprocess.TimeoutExpired:
+            code = None
+        if dst:
+            mirror_folder(src, dst)
+        if code is not None:
+            return code

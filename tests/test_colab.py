@@ -1,0 +1,84 @@
+"""colab.ipynb: valid nbformat; run top to bottom twice by nbclient with the tiny CPU configuration, the local
+disk wiped in between (a Colab disconnect), it trains, resumes from the Drive copy, infers and writes the report."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import utils
+from conftest import ROOT
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+NOTEBOOK = os.path.join(ROOT, "colab.ipynb")
+
+
+def test_the_notebook_is_valid_and_every_code_cell_has_a_line_saying_what_it_does():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    cells = notebook.cells
+    for k, cell in enumerate(cells):
+        if cell.cell_type == "code":
+            assert k > 0 and cells[k - 1].cell_type == "markdown" and cells[k - 1].source.strip(), k
+
+
+def test_mirror_folder_copies_new_versions_and_an_interrupted_copy_keeps_the_old_file(tmp_path, monkeypatch):
+    src, dst = tmp_path / "run", tmp_path / "drive"
+    src.mkdir()
+    (src / "epoch_000.pth").write_bytes(b"a" * 10)
+    (src / ".lock").write_text("process 1")
+    assert utils.mirror_folder(str(src), str(dst)) == ["epoch_000.pth"]
+    assert utils.mirror_folder(str(src), str(dst)) == []  # unchanged: not copied again
+    (src / "epoch_000.pth").write_bytes(b"b" * 20)
+
+    def cut_short(source, target):
+        with open(target, "wb") as f:
+            f.write(b"b" * 3)
+        raise OSError("Drive went away")
+    monkeypatch.setattr(utils.shutil, "copy2", cut_short)
+    with pytest.raises(OSError, match="Drive went away"):
+        utils.mirror_folder(str(src), str(dst))
+    assert (dst / "epoch_000.pth").read_bytes() == b"a" * 10 and os.listdir(dst) == ["epoch_000.pth"]
+
+
+@pytest.mark.slow
+def test_the_notebook_trains_resumes_after_a_disconnect_and_writes_the_report(tmp_path):
+    # the repository as Colab would clone it: this working tree's files (committed or not) in a git repository
+    source = tmp_path / "origin"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(source / os.path.dirname(name), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), source / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q", str(source)], check=True)
+    subprocess.run(git + ["-C", str(source), "add", "-A"], check=True)
+    subprocess.run(git + ["-C", str(source), "commit", "-qm", "snapshot"], check=True)
+    work, drive = tmp_path / "content", tmp_path / "drive"
+    env = dict(SOLO_NOTEBOOK_TINY="1", SOLO_REPO_URL=str(source), SOLO_WORKDIR=str(work), SOLO_DRIVE_DIR=str(drive),
+               SOLO_RUN="tiny")
+
+    def run_notebook(epochs):
+        notebook = nbformat.read(NOTEBOOK, as_version=4)
+        os.environ.update(env, SOLO_EPOCHS=str(epochs))
+        try:
+            nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                    resources={"metadata": {"path": str(tmp_path)}}).execute()
+        finally:
+            for key in (*env, "SOLO_EPOCHS"):
+                os.environ.pop(key, None)
+        return "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
+
+    first = run_notebook(epochs=1)
+    assert "new run in" in first
+    assert utils.load_checkpoint(drive / "tiny" / "checkpoint.pth")["epoch"] == 0
+    shutil.rmtree(work / "runs")  # the disconnect: Colab's local disk is gone, Drive keeps the run
+    second = run_notebook(epochs=2)
+    assert "from Drive:" in second and "resuming from" in second
+    assert utils.load_checkpoint(drive / "tiny" / "checkpoint.pth")["epoch"] == 1  # continued, not restarted
+    history = utils.load_checkpoint(drive / "tiny" / "checkpoint.pth")["history"]
+    assert [row[0] for row in history["test"]] == [0, 1]
+    for name in ("report.html", "report.pdf"):
+        assert (drive / "tiny" / "report" / name).stat().st_size > 0
