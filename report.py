@@ -39,7 +39,7 @@ from dataset import DATA_SETTINGS, build_datasets, object_sizes, plot_dataset_fi
 from engine import evaluate_and_save, plot_test_overlays  # noqa: E402
 from solo_head import REFERENCE_HEIGHT, plot_target_figures  # noqa: E402
 from utils import (CheckpointError, DeviceError, error_message, latest_checkpoint, load_checkpoint,  # noqa: E402
-                   load_model, loss_figure, model_config, prepare_device, stored_settings)
+                   load_model, model_config, plot_loss_curve, prepare_device, stored_settings)
 
 HEADS = dict(solo="SOLO", decoupled="Decoupled SOLO", solov2="SOLOv2")
 RUN_DATA = dict(DATA_SETTINGS, hflip=False, empty_images="skip")  # what rebuilds the run's two splits
@@ -193,13 +193,6 @@ def map_epochs_figure(rows, path):
     return path
 
 
-def save_loss_curves(history, path):
-    fig = loss_figure(history)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------
 # The report: one list of sections, written as HTML and as PDF pages
 # ----------------------------------------------------------------------------------------------------
@@ -247,7 +240,7 @@ def build_report(args):
         model, test_set, device, figures, args.batch_size, args.workers, args.amp, checkpoint=path),
         lambda r: [r["map_json"], r["pr_curve"]])
     history = checkpoint["history"]
-    loss_png = save_loss_curves(history, os.path.join(figures, "loss_curve.png"))
+    loss_png = plot_loss_curve(history, os.path.join(figures, "loss_curve.png"))
     loss_figs = [(loss_png, "Total, focal (category) and dice (mask) losses against the iteration: train means over "
                             f"each logging window of {checkpoint['args'].get('log_every')} iterations, test-split "
                             f"losses after each epoch (handout 9.2)")]
