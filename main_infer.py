@@ -36,19 +36,8 @@ from engine import evaluate_and_save, plot_test_overlays
 from imagefiles import list_photos
 from plots import photo_overlays
 from solo_head import POSTPROCESS_HANDOUT
-from utils import (CheckpointError, DeviceError, autocast_settings, error_message, latest_checkpoint, load_checkpoint,
-                   load_model, model_config, prepare_device, stored_settings)
-
-
-def resolve_checkpoint(path, checkpoint_dir):
-    """The checkpoint to use: path if given, else the newest complete one in checkpoint_dir."""
-    if path:
-        return path
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir!r}: train one with main_train.py, or "
-                                f"pass --checkpoint PATH")
-    return latest
+from utils import (CheckpointError, DeviceError, autocast_settings, error_message, load_checkpoint, load_model,
+                   model_config, prepare_device, resolve_checkpoint, stored_settings)
 
 
 # ----------------------------------------------------------------------------------------------------

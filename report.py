@@ -38,8 +38,9 @@ from datafiles import DataError  # noqa: E402
 from dataset import DATA_SETTINGS, build_datasets, object_sizes, plot_dataset_figures  # noqa: E402
 from engine import evaluate_and_save, plot_test_overlays  # noqa: E402
 from solo_head import REFERENCE_HEIGHT, plot_target_figures  # noqa: E402
-from utils import (CheckpointError, DeviceError, error_message, latest_checkpoint, load_checkpoint,  # noqa: E402
-                   load_model, model_config, plot_loss_curve, prepare_device, stored_settings)
+from plots import save_figure  # noqa: E402
+from utils import (CheckpointError, DeviceError, atomic_write, error_message, load_checkpoint, load_model,  # noqa: E402
+                   model_config, plot_loss_curve, prepare_device, resolve_checkpoint, stored_settings)
 
 HEADS = dict(solo="SOLO", decoupled="Decoupled SOLO", solov2="SOLOv2")
 RUN_DATA = dict(DATA_SETTINGS, hflip=False, empty_images="skip")  # what rebuilds the run's two splits
@@ -133,8 +134,7 @@ class Stages:
         print(f"{name}: making ...")
         result = make()
         self.done[name] = dict(stamp=stamp, result=result)
-        with open(self.path, "w") as f:
-            json.dump(self.done, f, indent=1)
+        atomic_write(self.path, lambda f: f.write(json.dumps(self.done, indent=1).encode()))
         return result
 
 
@@ -173,10 +173,7 @@ def statistics_figure(stats, path):
     ax_size.set(title="object sizes sqrt(w h), 800-pixel units, and the FPN scale ranges", xlabel="size",
                 ylabel="objects")
     ax_size.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def map_epochs_figure(rows, path):
@@ -187,10 +184,7 @@ def map_epochs_figure(rows, path):
     ax.set(xlabel="epoch", ylabel="mask mAP", title="test-split mask mAP after each epoch", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,10 +192,7 @@ def map_epochs_figure(rows, path):
 # ----------------------------------------------------------------------------------------------------
 def build_report(args):
     """Everything the report shows, as {"title", "sections": {id: {"text", "tables", "figures"}}}."""
-    path = args.checkpoint or latest_checkpoint(args.checkpoint_dir)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint found in {args.checkpoint_dir!r}: train one with main_train.py, "
-                                f"or pass --checkpoint PATH")
+    path = resolve_checkpoint(args.checkpoint, args.checkpoint_dir)
     checkpoint = load_checkpoint(path)
     cfg = model_config(checkpoint, path)
     run = stored_settings(checkpoint, path, RUN_DATA, required=("input_height",))
@@ -223,10 +214,9 @@ def build_report(args):
                        iteration=checkpoint["iteration"], thresh=args.plot_score_thresh)
     all_paths = lambda result: [p for p, _ in result]  # noqa: E731
 
-    stats, stats_png = stages.run("statistics", data_stamp, lambda: [
-        dataset_statistics(train_set, test_set, model.head.scale_ranges),
-        os.path.join(figures, "statistics.png")], lambda r: [])
-    statistics_figure(stats, stats_png)
+    stats = stages.run("statistics", data_stamp, lambda: dataset_statistics(train_set, test_set,
+                                                                            model.head.scale_ranges), lambda r: [])
+    stats_png = statistics_figure(stats, os.path.join(figures, "statistics.png"))
     dataset_figs = stages.run("dataset figures", data_stamp, lambda: plot_dataset_figures(
         train_set.dataset, figures, args.num_figures, args.seed), all_paths)
     target_figs = stages.run("target plots", dict(data_stamp, arch=cfg.arch, grids=list(cfg.num_grids)), lambda: [

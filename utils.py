@@ -449,6 +449,17 @@ def latest_checkpoint(directory):
     return max(candidates)[-1] if candidates else None
 
 
+def resolve_checkpoint(path, checkpoint_dir):
+    """The checkpoint to use: path if given, else the newest complete one in checkpoint_dir."""
+    if path:
+        return path
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint found in {checkpoint_dir!r}: train one with main_train.py, or "
+                                f"pass --checkpoint PATH")
+    return latest
+
+
 def remove_old_epochs(output_dir, keep):
     """Delete all but the newest `keep` epoch_NNN.pth files (keep <= 0: keep all)."""
     if keep <= 0:
