@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
 import uuid
 import zipfile
 
@@ -709,8 +710,6 @@ def mirror_folder(src, dst):
 def run_mirrored(command, src, dst, every=60):
     """Run command (a list) and, while it runs and once after, mirror_folder(src, dst) every `every` seconds.
     Returns the command's exit code."""
-    import subprocess
-
     process = subprocess.Popen(command)
     while True:
         try:

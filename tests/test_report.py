@@ -147,3 +147,12 @@ def test_successor_heads_on_coco_format_data(tmp_path, arch):
     assert {"house", "balloon"} <= set(page.rows["map"]) and {"house", "balloon"} <= set(page.rows["dataset"])
     assert len(page.images["targets"]) == 2 and len(page.images["inference"]) == 2
     assert result["pages"] == 3 * 2 + 5
+
+
+def test_tensorboard_without_its_package_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    import utils
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match="--tensorboard needs the tensorboard package .*: pip install tensorboard"):
+        utils.LossLog(str(tmp_path), tensorboard=True)
