@@ -587,11 +587,15 @@ class SOLOHead(nn.Module):
         inter = (mask_pred * mask_gt).sum((-2, -1))
         return 1 - 2 * inter / ((mask_pred ** 2).sum((-2, -1)) + eps + (mask_gt ** 2).sum((-2, -1)) + eps)
 
-    def FocalLoss(self, cate_preds, cate_gts, prob_eps=1e-6):
+    def FocalLoss(self, cate_preds, cate_gts):
         """Focal loss on probabilities cate_preds (num_entry, C-1) against labels cate_gts (num_entry,), 0 the
         background; channel d's target is (label == d + 1). Summed over every entry, then divided by the number
         of positive cells + 1 (authors, default) or averaged over entries (handout 6.9.1, normalize='mean').
-        Probabilities are clamped only inside the logs, so gradients stay finite at 0 and 1."""
+        Probabilities are clamped only inside the logs, so gradients stay finite at 0 and 1. The clamp is the
+        dtype's smallest normal number: above it d(-log p)/dp = -1/p still fits the dtype and, through the
+        sigmoid's p(1 - p), gives the logit the gradient of the authors' loss on logits, so a positive cell the
+        category branch has pushed to p = 1e-30 is pulled back (a clamp at 1e-6 would leave it no gradient)."""
+        prob_eps = torch.finfo(cate_preds.dtype).tiny
         alpha, gamma = self.cate_loss_cfg["alpha"], self.cate_loss_cfg["gamma"]
         classes = torch.arange(1, self.num_classes, device=cate_gts.device)  # labels of the C-1 channels
         target = cate_gts[:, None] == classes  # (num_entry, C-1); one_hot would check the range (a sync)

@@ -195,6 +195,22 @@ class TestGradientsAtSaturation:
                                       mask_pred)
         assert torch.isfinite(grad).all()
 
+    def test_a_saturated_positive_keeps_the_gradient_of_the_loss_on_logits(self, head):
+        # the category branch can push a positive cell's logit far below 0 at a high lr; the loss on its
+        # probabilities must still pull it back as the authors' loss on logits does (torchvision's), or the cell
+        # stays dead for the rest of training. Logits from -80 (p = 2e-35) to 8 (a negative at p = 0.9997).
+        logits = torch.tensor([[-80.0, -3.0, -5.0], [-2.0, -40.0, -6.0], [-4.0, 1.0, -20.0], [8.0, -9.0, -1.0]],
+                              requires_grad=True)
+        gts = torch.tensor([1, 2, 3, 0])
+        loss = head.FocalLoss(logits.sigmoid(), gts)  # float32, as the head's forward gives
+        (grad,) = torch.autograd.grad(loss, logits)
+        reference = sigmoid_focal_loss(logits.double(), one_hot_targets(gts), alpha=0.25, gamma=2,
+                                       reduction="sum") / ((gts > 0).sum() + 1)
+        (reference_grad,) = torch.autograd.grad(reference, logits)
+        torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad, reference_grad.float(), rtol=1e-3, atol=1e-7)
+        assert grad[0, 0] < -0.05  # the p = 2e-35 positive: about -alpha / (positives + 1)
+
     def test_finite_gradients_through_loss(self, head):
         ins_gts, ins_ind, cate_gts = make_targets(2, POSITIVES)
         cate, ins = zero_preds(2)
