@@ -36,8 +36,8 @@ from engine import evaluate_and_save, plot_test_overlays
 from imagefiles import list_photos
 from plots import photo_overlays
 from solo_head import POSTPROCESS_HANDOUT
-from utils import (CheckpointError, DeviceError, autocast_settings, error_message, load_checkpoint, load_model,
-                   model_config, prepare_device, resolve_checkpoint, stored_settings)
+from utils import (CheckpointError, DeviceError, autocast_settings, check_classes, error_message, load_checkpoint,
+                   load_model, model_config, prepare_device, resolve_checkpoint, stored_settings)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,9 +109,7 @@ def main(args):
         return dict(checkpoint=checkpoint_path, overlays=paths, skipped=skipped)
 
     test_set = build_test_split(train_args, args.data_dir, args.synthetic, args.val_data)
-    if tuple(test_set.dataset.class_names) != model.head.class_names:
-        raise DataError(f"the test data has the classes {list(test_set.dataset.class_names)}, but checkpoint "
-                        f"{checkpoint_path} was trained on {list(model.head.class_names)}")
+    check_classes(test_set.dataset.class_names, model.head.class_names, checkpoint_path, DataError, "the test data")
     print(f"test split: {len(test_set)} images, input height {train_args['input_height']}, device {device}")
     overlays = plot_test_overlays(model, test_set, device, args.figures_dir, args.num_figures, args.plot_score_thresh,
                                   args.amp)

@@ -46,10 +46,10 @@ from dataset import BuildDataLoader, build_datasets, check_input_height
 from engine import NonFiniteLossError, evaluate, evaluate_map, train_one_epoch
 from solo_head import ARCHS, ModelConfig, build_model
 from utils import (DEMO, DEMO_ARCH_LR, CheckpointError, DeviceError, LossLog, RunFolderError, WriteError,
-                   autocast_settings, build_scheduler, device_name, error_message, init_distributed, is_main_process,
-                   latest_checkpoint, link_checkpoint, load_checkpoint, model_config, prepare_device, remove_old_epochs,
-                   restore_training, run_folder, save_checkpoint, scaled_lr, seed_everything, stop_on_sigterm,
-                   stored_settings, training_checkpoint)
+                   autocast_settings, build_scheduler, check_classes, device_name, error_message, init_distributed,
+                   is_main_process, latest_checkpoint, link_checkpoint, load_checkpoint, model_config, prepare_device,
+                   remove_old_epochs, restore_training, run_folder, save_checkpoint, scaled_lr, seed_everything,
+                   stop_on_sigterm, stored_settings, training_checkpoint)
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
 # flags a resumed run may change; every other setting comes from the checkpoint (an explicit other value is an
@@ -252,9 +252,7 @@ def train(args, rank, world_size, device):
     class_names = train_set.dataset.class_names  # the classes come from the data
     model_cfg = model_config(checkpoint, args.resume) if checkpoint else dataclasses.replace(
         ModelConfig.from_args(args), num_classes=len(class_names) + 1, class_names=class_names)
-    if model_cfg.class_names != class_names:
-        raise CheckpointError(f"--resume {args.resume}: the run trained on the classes {list(model_cfg.class_names)}, "
-                              f"the data now has {list(class_names)}")
+    check_classes(class_names, model_cfg.class_names, args.resume)  # a resumed run's data
     model = build_model(model_cfg, load_backbone_weights=checkpoint is None).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

@@ -39,8 +39,9 @@ from dataset import DATA_SETTINGS, build_datasets, object_sizes, plot_dataset_fi
 from engine import evaluate_and_save, plot_test_overlays  # noqa: E402
 from solo_head import REFERENCE_HEIGHT, plot_target_figures  # noqa: E402
 from plots import save_figure  # noqa: E402
-from utils import (CheckpointError, DeviceError, atomic_write, error_message, load_checkpoint, load_model,  # noqa: E402
-                   model_config, plot_loss_curve, prepare_device, resolve_checkpoint, stored_settings)
+from utils import (CheckpointError, DeviceError, atomic_write, check_classes, error_message,  # noqa: E402
+                   load_checkpoint, load_model, model_config, plot_loss_curve, prepare_device,
+                   resolve_checkpoint, stored_settings)
 
 HEADS = dict(solo="SOLO", decoupled="Decoupled SOLO", solov2="SOLOv2")
 RUN_DATA = dict(DATA_SETTINGS, hflip=False, empty_images="skip")  # what rebuilds the run's two splits
@@ -203,9 +204,7 @@ def build_report(args):
     train_set, test_set = build_datasets(run["data_dir"], run["synthetic"], run["input_height"], False,
                                          dict(min_size=run["synthetic_min_size"]), train_data=run["train_data"],
                                          val_data=run["val_data"], empty_images=run["empty_images"])
-    if tuple(train_set.dataset.class_names) != tuple(cfg.class_names):
-        raise DataError(f"the data has the classes {list(train_set.dataset.class_names)}, but checkpoint {path} was "
-                        f"trained on {list(cfg.class_names)}")
+    check_classes(train_set.dataset.class_names, cfg.class_names, path, DataError)
     device = prepare_device(args.device, fixed_input_size=False)
     model = load_model(checkpoint, device, source=path)
     stages = Stages(figures, args.redo)

@@ -355,6 +355,14 @@ def model_config(checkpoint, source):
         raise CheckpointError(f"checkpoint {source}: its model settings are not valid ({e})") from None
 
 
+def check_classes(data_classes, trained_classes, source, error=CheckpointError, data="the data"):
+    """The data must have the classes checkpoint `source` was trained on, in its order (label k is the k-th
+    class); `error` naming both lists otherwise."""
+    if tuple(data_classes) != tuple(trained_classes):
+        raise error(f"{data} has the classes {list(data_classes)}, but checkpoint {source} was trained on "
+                    f"{list(trained_classes)}")
+
+
 def stored_settings(checkpoint, source, defaults, required=()):
     """The run's arguments a checkpoint stores ("args"), checked against `defaults` (name -> default value): each
     stored setting that has a default must have its type (an int counts as a float; a list's items as the default
@@ -681,18 +689,25 @@ def plot_loss_curve(history, path):
 def mirror_folder(src, dst):
     """Copy every file of src that dst lacks or holds another version of (size or modification time) into dst,
     each through a temporary file and os.replace, so an interrupted copy leaves dst's old file whole; the run
-    folder's lock and temporary files are left out. Returns the names copied."""
+    folder's lock and temporary files are left out, and a file hard-linked to one already copied only once
+    (checkpoint.pth links the newest epoch file: resuming and main_infer.py find that one). Returns the names
+    copied."""
     copied = []
     if not os.path.isdir(src):
         return copied
     for root, _, names in os.walk(src):
         target_root = os.path.join(dst, os.path.relpath(root, src))
         os.makedirs(target_root, exist_ok=True)
-        for name in sorted(names):
+        seen = set()  # (device, inode) of the linked files copied
+        for name in sorted(names, key=lambda n: (n == "checkpoint.pth", n)):
             if name == ".lock" or name.endswith(".tmp"):
                 continue
             source, target = os.path.join(root, name), os.path.join(target_root, name)
             stat = os.stat(source)
+            if stat.st_nlink > 1:
+                if (stat.st_dev, stat.st_ino) in seen:
+                    continue
+                seen.add((stat.st_dev, stat.st_ino))
             if os.path.exists(target) and (os.path.getsize(target), int(os.path.getmtime(target))) == (
                     stat.st_size, int(stat.st_mtime)):
                 continue

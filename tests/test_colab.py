@@ -42,6 +42,19 @@ def test_mirror_folder_copies_new_versions_and_an_interrupted_copy_keeps_the_old
     assert (dst / "epoch_000.pth").read_bytes() == b"a" * 10 and os.listdir(dst) == ["epoch_000.pth"]
 
 
+def test_mirror_folder_copies_a_hard_linked_checkpoint_once(tmp_path):
+    # checkpoint.pth links the newest epoch file: Drive keeps one copy; a checkpoint.pth of its own is copied
+    src, dst = tmp_path / "run", tmp_path / "drive"
+    src.mkdir()
+    (src / "epoch_001.pth").write_bytes(b"a" * 10)
+    os.link(src / "epoch_001.pth", src / "checkpoint.pth")
+    assert utils.mirror_folder(str(src), str(dst)) == ["epoch_001.pth"]
+    assert os.listdir(dst) == ["epoch_001.pth"]
+    (src / "checkpoint.pth").unlink()
+    (src / "checkpoint.pth").write_bytes(b"c" * 10)  # a filesystem without hard links: a copy
+    assert utils.mirror_folder(str(src), str(dst)) == ["checkpoint.pth"]
+
+
 @pytest.mark.slow
 def test_the_notebook_trains_resumes_after_a_disconnect_and_writes_the_report(tmp_path):
     # the repository as Colab would clone it: this working tree's files (committed or not) in a git repository
@@ -73,12 +86,14 @@ def test_the_notebook_trains_resumes_after_a_disconnect_and_writes_the_report(tm
 
     first = run_notebook(epochs=1)
     assert "new run in" in first
-    assert utils.load_checkpoint(drive / "tiny" / "checkpoint.pth")["epoch"] == 0
+    assert utils.load_checkpoint(utils.latest_checkpoint(drive / "tiny"))["epoch"] == 0
     shutil.rmtree(work / "runs")  # the disconnect: Colab's local disk is gone, Drive keeps the run
     second = run_notebook(epochs=2)
     assert "from Drive:" in second and "resuming from" in second
-    assert utils.load_checkpoint(drive / "tiny" / "checkpoint.pth")["epoch"] == 1  # continued, not restarted
-    history = utils.load_checkpoint(drive / "tiny" / "checkpoint.pth")["history"]
+    newest = utils.latest_checkpoint(drive / "tiny")
+    assert os.path.basename(newest) == "epoch_001.pth", os.listdir(drive / "tiny")  # one copy of checkpoint.pth
+    assert utils.load_checkpoint(newest)["epoch"] == 1  # continued, not restarted
+    history = utils.load_checkpoint(newest)["history"]
     assert [row[0] for row in history["test"]] == [0, 1]
     for name in ("report.html", "report.pdf"):
         assert (drive / "tiny" / "report" / name).stat().st_size > 0
