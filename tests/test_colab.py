@@ -23,6 +23,18 @@ def test_the_notebook_is_valid_and_every_code_cell_has_a_line_saying_what_it_doe
             assert k > 0 and cells[k - 1].cell_type == "markdown" and cells[k - 1].source.strip(), k
 
 
+def test_the_placeholder_repository_address_stops_the_clone_cell_with_what_to_set(tmp_path, monkeypatch):
+    cells = [cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code"]
+    settings, clone = cells[0], next(source for source in cells if '"clone"' in source)
+    monkeypatch.delenv("SOLO_REPO_URL", raising=False)
+    monkeypatch.setenv("SOLO_WORKDIR", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    namespace = {}
+    exec(settings, namespace)
+    with pytest.raises(ValueError, match="set REPO_URL in the settings cell"):
+        exec(clone, namespace)
+
+
 def test_mirror_folder_copies_new_versions_and_an_interrupted_copy_keeps_the_old_file(tmp_path, monkeypatch):
     src, dst = tmp_path / "run", tmp_path / "drive"
     src.mkdir()
