@@ -157,13 +157,14 @@ def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cf
     return evaluate_masks(dataset.coco_gt(indices), det_anns, [dataset.image_id(i) for i in indices])
 
 
-def evaluate_and_save(model, test_set, device, figures_dir, batch_size=4, workers=2, amp=False, checkpoint=None):
-    """evaluate_map over the test split, and its files in figures_dir: map.json (map_summary's metrics),
-    segm_results.json (the detections as a COCO results json) and pr_curve.png (per class at IoU 0.5).
-    Returns the metrics with checkpoint and the three paths (map_json, results_json, pr_curve)."""
+def evaluate_and_save(model, test_set, device, figures_dir, batch_size=4, workers=2, amp=False, **fields):
+    """evaluate_map over the test split, and its files in figures_dir: map.json (map_summary's metrics and
+    `fields`, e.g. the checkpoint and the overlays' paths), segm_results.json (the detections as a COCO results
+    json) and pr_curve.png (per class at IoU 0.5). Returns what map.json holds, the three paths included
+    (map_json, results_json, pr_curve)."""
     coco_eval = evaluate_map(model, test_set, device, batch_size, workers, amp)
     metrics = map_summary(coco_eval)
-    metrics.update(checkpoint=checkpoint, map_json=os.path.join(figures_dir, "map.json"),
+    metrics.update(fields, map_json=os.path.join(figures_dir, "map.json"),
                    results_json=save_results_json(coco_eval.cocoDt.dataset["annotations"],
                                                   os.path.join(figures_dir, "segm_results.json")),
                    pr_curve=plot_pr_curves(pr_curves(coco_eval), os.path.join(figures_dir, "pr_curve.png"),

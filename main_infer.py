@@ -114,9 +114,8 @@ def main(args):
     overlays = plot_test_overlays(model, test_set, device, args.figures_dir, args.num_figures, args.plot_score_thresh,
                                   args.amp)
     metrics = evaluate_and_save(model, test_set, device, args.figures_dir, args.batch_size, args.workers, args.amp,
-                                checkpoint=checkpoint_path)
+                                checkpoint=checkpoint_path, overlays=overlays)
     print(format_map_table(metrics))
-    metrics.update(overlays=overlays)
     print(f"wrote {len(overlays)} overlays, {metrics['map_json']}, {metrics['results_json']} and "
           f"{metrics['pr_curve']}")
     return metrics

@@ -75,6 +75,7 @@ def test_test_split_overlays_map_json_and_pr_curve(setup, tmp_path):
     assert set(saved["per_class"]) == {"vehicle", "person", "animal"}
     assert all(set(m) == {"AP", "AP50", "num_gt"} for m in saved["per_class"].values())
     assert saved["AP"] == pytest.approx(metrics["AP"], nan_ok=True)
+    assert (saved["checkpoint"], saved["overlays"]) == (metrics["checkpoint"], metrics["overlays"])
     # the detections as a COCO results json: the test images' indices in the files as ids, labels as categories
     results = json.load(open(figures / "segm_results.json"))
     assert len(results) == metrics["num_detections"]
