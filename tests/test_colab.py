@@ -67,6 +67,22 @@ def test_mirror_folder_copies_a_hard_linked_checkpoint_once(tmp_path):
     assert utils.mirror_folder(str(src), str(dst)) == ["checkpoint.pth"]
 
 
+def test_mirror_folder_drops_the_epochs_the_run_removed_and_a_wiped_run_removes_nothing(tmp_path):
+    src, dst = tmp_path / "run", tmp_path / "drive"
+    src.mkdir()
+    dst.mkdir()
+    for epoch in range(4):
+        (dst / f"epoch_{epoch:03d}.pth").write_bytes(b"old")
+    (dst / "losses.csv").write_text("iteration\n")
+    shutil.rmtree(src)
+    src.mkdir()  # the local disk wiped: Drive keeps everything
+    assert utils.mirror_folder(str(src), str(dst)) == [] and len(os.listdir(dst)) == 5
+    for epoch in (2, 3, 4):  # --keep-epochs 3 after epoch 4
+        (src / f"epoch_{epoch:03d}.pth").write_bytes(b"newer")
+    assert utils.mirror_folder(str(src), str(dst)) == ["epoch_002.pth", "epoch_003.pth", "epoch_004.pth"]
+    assert sorted(os.listdir(dst)) == ["epoch_002.pth", "epoch_003.pth", "epoch_004.pth", "losses.csv"]
+
+
 @pytest.mark.slow
 def test_the_notebook_trains_resumes_after_a_disconnect_and_writes_the_report(tmp_path):
     # the repository as Colab would clone it: this working tree's files (committed or not) in a git repository
