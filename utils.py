@@ -691,16 +691,11 @@ def mirror_folder(src, dst):
     each through a temporary file and os.replace, so an interrupted copy leaves dst's old file whole; the run
     folder's lock and temporary files are left out, and a file hard-linked to one already copied only once
     (checkpoint.pth links the newest epoch file: resuming and main_infer.py find that one). Epoch files of dst
-    older than every epoch file src holds are removed (the run deleted them, --keep-epochs); an src without epoch
-    files (a wiped local disk) removes nothing. Returns the names copied."""
+    older than every epoch file src holds are removed after the copies (the run deleted them, --keep-epochs); an
+    src without epoch files (a wiped local disk) removes nothing. Returns the names copied."""
     copied = []
     if not os.path.isdir(src):
         return copied
-    kept = sorted(n for n in os.listdir(src) if is_checkpoint_name(n) and n != "checkpoint.pth")
-    if kept and os.path.isdir(dst):
-        for name in os.listdir(dst):
-            if is_checkpoint_name(name) and name != "checkpoint.pth" and name < kept[0]:
-                os.remove(os.path.join(dst, name))
     for root, _, names in os.walk(src):
         target_root = os.path.join(dst, os.path.relpath(root, src))
         os.makedirs(target_root, exist_ok=True)
@@ -725,6 +720,11 @@ def mirror_folder(src, dst):
                 if os.path.exists(partial):
                     os.remove(partial)
             copied.append(os.path.relpath(target, dst))
+    # only once the copies are whole: an interrupted copy leaves Drive its older epochs
+    kept = sorted(n for n in os.listdir(src) if is_checkpoint_name(n) and n != "checkpoint.pth")
+    for name in os.listdir(dst) if kept else []:
+        if is_checkpoint_name(name) and name != "checkpoint.pth" and name < kept[0]:
+            os.remove(os.path.join(dst, name))
     return copied
 
 

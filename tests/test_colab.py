@@ -67,7 +67,7 @@ def test_mirror_folder_copies_a_hard_linked_checkpoint_once(tmp_path):
     assert utils.mirror_folder(str(src), str(dst)) == ["checkpoint.pth"]
 
 
-def test_mirror_folder_drops_the_epochs_the_run_removed_and_a_wiped_run_removes_nothing(tmp_path):
+def test_mirror_folder_drops_the_epochs_the_run_removed_and_a_wiped_run_removes_nothing(tmp_path, monkeypatch):
     src, dst = tmp_path / "run", tmp_path / "drive"
     src.mkdir()
     dst.mkdir()
@@ -79,6 +79,14 @@ def test_mirror_folder_drops_the_epochs_the_run_removed_and_a_wiped_run_removes_
     assert utils.mirror_folder(str(src), str(dst)) == [] and len(os.listdir(dst)) == 5
     for epoch in (2, 3, 4):  # --keep-epochs 3 after epoch 4
         (src / f"epoch_{epoch:03d}.pth").write_bytes(b"newer")
+
+    def cut_short(source, target):
+        raise OSError("Drive went away")
+    with monkeypatch.context() as m:  # a copy cut short removes nothing either
+        m.setattr(utils.shutil, "copy2", cut_short)
+        with pytest.raises(OSError, match="Drive went away"):
+            utils.mirror_folder(str(src), str(dst))
+    assert len(os.listdir(dst)) == 5
     assert utils.mirror_folder(str(src), str(dst)) == ["epoch_002.pth", "epoch_003.pth", "epoch_004.pth"]
     assert sorted(os.listdir(dst)) == ["epoch_002.pth", "epoch_003.pth", "epoch_004.pth", "losses.csv"]
 
