@@ -469,12 +469,16 @@ def resolve_checkpoint(path, checkpoint_dir):
     return latest
 
 
+def epoch_files(directory):
+    """The epoch_NNN.pth names in directory, oldest first."""
+    return sorted(n for n in os.listdir(directory) if is_checkpoint_name(n) and n != "checkpoint.pth")
+
+
 def remove_old_epochs(output_dir, keep):
     """Delete all but the newest `keep` epoch_NNN.pth files (keep <= 0: keep all)."""
     if keep <= 0:
         return
-    names = sorted(n for n in os.listdir(output_dir) if is_checkpoint_name(n) and n != "checkpoint.pth")
-    for name in names[:-keep]:
+    for name in epoch_files(output_dir)[:-keep]:
         os.remove(os.path.join(output_dir, name))
 
 
@@ -721,9 +725,9 @@ def mirror_folder(src, dst):
                     os.remove(partial)
             copied.append(os.path.relpath(target, dst))
     # only once the copies are whole: an interrupted copy leaves Drive its older epochs
-    kept = sorted(n for n in os.listdir(src) if is_checkpoint_name(n) and n != "checkpoint.pth")
-    for name in os.listdir(dst) if kept else []:
-        if is_checkpoint_name(name) and name != "checkpoint.pth" and name < kept[0]:
+    kept = epoch_files(src)
+    for name in epoch_files(dst) if kept else []:
+        if name < kept[0]:
             os.remove(os.path.join(dst, name))
     return copied
 
