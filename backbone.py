@@ -50,6 +50,8 @@ from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from errors import MissingFileError, WeightsUnavailableError
+
 FEATURE_KEYS = ("0", "1", "2", "3", "pool")
 FEATURE_STRIDES = (4, 8, 16, 32, 64)
 OUT_CHANNELS = 256
@@ -61,10 +63,6 @@ IMAGENET_WEIGHTS = {"resnet18": ResNet18_Weights.IMAGENET1K_V1}
 ARCHITECTURES = ("resnet50", "resnet18")
 FINETUNE_STAGES = 3  # trainable=True on trained weights: layer2-layer4 (+ FPN), torchvision's Mask R-CNN default
 DOWNLOAD_TIMEOUT_S = 30  # per socket operation: a stalled download fails instead of hanging
-
-
-class WeightsUnavailableError(RuntimeError):
-    """The pretrained weights are neither cached nor downloadable."""
 
 
 def weights_cache_dir() -> str:
@@ -79,7 +77,7 @@ def backbone_is_frozen(backbone: nn.Module) -> bool:
 
 def _read_torch_file(path: str):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone weights file {path!r} does not exist")
+        raise MissingFileError(f"backbone weights file {path!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -43,7 +43,6 @@ forward GFLOPs at 800x1088 of the training outputs and of eval (torch.utils.flop
 --channels-last puts the model in the NHWC layout; --compile compiles the backbone and the head (nn.Module.compile).
 """
 import argparse
-import dataclasses
 import multiprocessing
 import os
 import resource
@@ -58,14 +57,18 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from dataset import BuildDataLoader, BuildDataset, COCODataset, course_to_coco, dataset_paths
-from engine import train_step
-from solo_head import ARCHS, POSTPROCESS_MAP, ModelConfig, SOLOHead, SOLOv2Head, build_model, image_of
+from bench_inputs import model_settings, shape_only_preds
+from datafiles import dataset_paths
+from dataset import BuildDataLoader, BuildDataset, COCODataset, course_to_coco
+from engine import batch_to_device, optimizer_step
+from errors import UserError, error_message
+from model import ARCHS, ModelConfig, build_model
+from solo_head import POSTPROCESS_MAP, SOLOHead, image_of
 from synthetic import write_synthetic_dataset
-from utils import (DEMO, CheckpointError, DeviceError, autocast_settings, device_name, load_checkpoint, model_config,
-                   prepare_device, scaled_lr)
+from train_settings import DEMO
+from utils import autocast, autocast_settings, device_name, prepare_device, scaled_lr
 
-PHASES = ("data to device", "forward", "target", "loss", "backward", "optimizer step")
+PHASES = ("data to device", "forward", "target", "loss", "backward and optimizer step")
 
 
 def get_args_parser():
@@ -147,15 +150,27 @@ def bench_model(cfg, device, args):
 
 def bench_train(cfg, run, batch, device, args, repeats, warmup):
     """Median ms of each phase of engine.train_step and of the whole step. run: the main_train.py settings it
-    reads (amp, input_height, clip_grad)."""
+    reads (amp, input_height, clip_grad). The phases are engine.train_step's parts (batch_to_device, the forward
+    under autocast, SOLOHead.target and loss, optimizer_step) called one by one, with the device's clock read
+    between them."""
     model = bench_model(cfg, device, args).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=run.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_settings(device, args.amp)[1])
     runs = []
     for _ in range(warmup + repeats):
-        marks = [("start", clock(device))]
-        train_step(model, batch, optimizer, scaler, device, run, lap=lambda name: marks.append((name, clock(device))))
-        runs.append({name: 1000 * (t - marks[i][1]) for i, (name, t) in enumerate(marks[1:])})
+        marks = [clock(device)]
+        img, label_list, mask_list, bbox_list = batch_to_device(batch, device, run.input_height)
+        marks.append(clock(device))
+        with autocast(device, run.amp):
+            cate_pred_list, ins_pred_list = model(img)
+        marks.append(clock(device))
+        targets = model.head.target(ins_pred_list, bbox_list, label_list, mask_list, compact=True)
+        marks.append(clock(device))
+        _, _, total_loss = model.head.loss(cate_pred_list, ins_pred_list, *targets)
+        marks.append(clock(device))
+        optimizer_step(total_loss, optimizer, scaler, run.clip_grad)
+        marks.append(clock(device))
+        runs.append({name: 1000 * (end - start) for name, start, end in zip(PHASES, marks, marks[1:])})
     result = {name: statistics.median(r[name] for r in runs[warmup:]) for name in PHASES}
     result["step"] = statistics.median(sum(r.values()) for r in runs[warmup:])
     return result
@@ -186,16 +201,6 @@ def blobs(n, size, device):
     return (torch.sigmoid((4 + 36 * radius - dist) / 2)).clamp(min=0.02)
 
 
-def shape_only_preds(head, bz, height, width, device):
-    """Mask predictions in head's training layout for a (bz, 3, height, width) input, holding no memory: target
-    reads only their sizes."""
-    empty = torch.empty((), device=device)
-    if isinstance(head, SOLOv2Head):
-        mask_feat = empty.expand(bz, head.mask_feat_channels, height // 4, width // 4)
-        return [(empty.expand(bz, head.mask_feat_channels, s, s), mask_feat) for s in head.seg_num_grids]
-    return [empty.expand(bz, 1, 2 * height // stride, 2 * width // stride) for stride in head.strides]
-
-
 class BlobHead(SOLOHead):
     """A head whose cell masks are made-up blobs (`self.blobs` (sum S^2, H/4, W/4)): PostProcess on the masks a
     trained model gives, without a trained model."""
@@ -207,19 +212,6 @@ class BlobHead(SOLOHead):
 def row(name, value, unit="", digits=1):
     value = f"{value:.{digits}f}" if isinstance(value, float) else value
     print(f"  {name:<62} {value:>10} {unit}", flush=True)
-
-
-def model_settings(args):
-    """The 800x1088 rows' ModelConfig (random weights): --checkpoint's settings, else the handout's with --arch;
-    args.arch set to its head. CheckpointError for a bad checkpoint or one of another head than --arch."""
-    cfg = ModelConfig(arch=args.arch or "solo", backbone_weights="none")
-    if args.checkpoint:
-        stored = model_config(load_checkpoint(args.checkpoint, mmap=True), args.checkpoint)
-        if args.arch and args.arch != stored.arch:
-            raise CheckpointError(f"--arch {args.arch}: the checkpoint {args.checkpoint} is a {stored.arch} model")
-        cfg = dataclasses.replace(stored, backbone_weights="none")
-    args.arch = cfg.arch
-    return cfg
 
 
 def main(args):
@@ -456,7 +448,7 @@ def compare_heads(args, data_dir):
 def onnx_costs(arch, data_dir, input_height, model_settings, args):
     """In a fresh process: SOLO.infer in PyTorch eager and the exported model in onnxruntime (onnx_infer) on one
     image at input_height, POSTPROCESS_MAP, median ms of each; the export's seconds."""
-    from export import export_model
+    from onnx_export import export_model
     from onnx_infer import ExportedSOLO
 
     torch.manual_seed(0)
@@ -504,5 +496,5 @@ if __name__ == "__main__":
         parser.error("--heads and --onnx compare every head on its own settings: they take no --arch or --checkpoint")
     try:
         main(args)
-    except (CheckpointError, DeviceError) as e:
-        sys.exit(f"error: {e}")
+    except UserError as e:
+        sys.exit(f"error: {error_message(e)}")

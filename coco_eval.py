@@ -7,16 +7,13 @@ import json
 import math
 import os
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from pycocotools.cocoeval import COCOeval
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
-
-from cocofiles import coco_object, det_annotations, gt_annotations  # noqa: E402, F401 (the evaluation's builders)
-from datafiles import CLASS_NAMES  # noqa: E402
-from dataset import class_colors  # noqa: E402
+from cocofiles import coco_object, det_annotations, gt_annotations
+from datafiles import CLASS_NAMES
+from plots import class_colors
 
 
 def ground_truth(image_sizes, gt_anns, class_names=CLASS_NAMES):

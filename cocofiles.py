@@ -27,8 +27,8 @@ import numpy as np
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
-from datafiles import DataError
-from imagefiles import PhotoError, image_size
+from errors import DataError, MissingFileError, PhotoError
+from imagefiles import image_size
 
 KEYS = dict(images=("id", "file_name", "height", "width"), annotations=("id", "image_id", "category_id",
                                                                          "segmentation"), categories=("id", "name"))
@@ -103,7 +103,7 @@ def read_coco(json_path, images_dir):
 def _load_json(json_path):
     """The json's content, with its three lists and each entry's required keys."""
     if not os.path.isfile(json_path):
-        raise FileNotFoundError(f"COCO json not found: {json_path}")
+        raise MissingFileError(f"COCO json not found: {json_path}")
     try:
         with open(json_path, "rb") as f:
             data = json.load(f)

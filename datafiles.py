@@ -16,6 +16,8 @@ import h5py
 import numpy as np
 import torch
 
+from errors import DataError, MissingFileError
+
 CLASS_NAMES = ("vehicle", "person", "animal")  # label k is CLASS_NAMES[k - 1]; 0 = background
 FILE_NAMES = (
     "hw3_mycocodata_img_comp_zlib.h5",
@@ -32,9 +34,11 @@ NUMPY_CLASSES = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy._core.multiar
 EMPTY_CHECK = 100  # how many of the first masks are read at start to refuse a dataset whose masks are all empty
 
 
-class DataError(ValueError):
-    """A data file that is unreadable or does not hold what the layout says: the message names the file, the
-    image and what was expected."""
+def default_class_names(num_classes):
+    """The course's names for its 3 classes (num_classes 4, the background counted), else 'class 1' ... 'class C-1'."""
+    if num_classes == len(CLASS_NAMES) + 1:
+        return CLASS_NAMES
+    return tuple(f"class {k}" for k in range(1, num_classes))
 
 
 def dataset_paths(data_dir):
@@ -60,7 +64,7 @@ def check_files_exist(paths):
         raise DataError(f"expected 4 paths [images_h5, masks_h5, labels_npy, bboxes_npy], got {len(paths)}")
     for role, name, path in zip(ROLES, FILE_NAMES, paths):
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{role} file not found: {path} (expected the {name} of the dataset). The real CIS680 data "
                 f"comes with the course handout; `python synthetic.py --out DIR` writes a synthetic dataset "
                 f"in the same format.")

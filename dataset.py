@@ -32,9 +32,9 @@ import itertools
 import math
 import operator
 import os
-import sys
 
 import h5py
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,11 +42,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from cocofiles import (coco_object, gt_annotations, object_boxes, object_masks, pack, read_coco, segmentation_area,
                        unpack, write_coco)
-from datafiles import (CLASS_NAMES, FILE_NAMES, H5_KEY, ROLES, DataError, check_counts, check_files_exist,  # noqa: F401
-                       check_masks_not_all_empty, dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels,
-                       split_indices)
-from imagefiles import MEAN, PAD_MULTIPLE, STD, PhotoError, load_photo, resized_sizes  # noqa: F401
-from plots import CLASS_COLORS, class_colors  # noqa: F401 (the overlay colours, here for the visual check)
+from datafiles import (CLASS_NAMES, H5_KEY, ROLES, check_counts, check_files_exist, check_masks_not_all_empty,
+                       dataset_paths, h5_shape, load_entries, parse_bboxes, parse_labels, split_indices)
+from errors import DataError, PhotoError, run_script
+from imagefiles import MEAN, PAD_MULTIPLE, STD, load_photo, resized_sizes
+from plots import class_colors
 from synthetic import write_synthetic_dataset
 
 _WARNED = set()  # bboxes files whose clipped boxes were reported
@@ -682,10 +682,7 @@ def plot_dataset_figures(dataset, out, num=5, seed=0):
 
 def item_figure(img, label, mask, bbox, title, class_names=CLASS_NAMES):
     """The denormalised input with masks (class colour, alpha 0.5), boxes and class names: a matplotlib Figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here, not at the top: the loader's workers import this module
 
     rgb = denormalize(img).permute(1, 2, 0).numpy()  # (Hp, Wp, 3)
     label, colours = label.tolist(), class_colors(len(class_names))
@@ -721,7 +718,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    matplotlib.use("Agg")  # a script saves its figures and never shows them
+    run_script(main, get_args_parser())

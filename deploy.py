@@ -14,6 +14,9 @@ import argparse
 import os
 import sys
 
+import matplotlib
+
+from errors import MissingFileError, run_script
 from imagefiles import list_photos
 from onnx_infer import ExportedSOLO
 from plots import photo_overlays
@@ -57,7 +60,7 @@ def run_evaluation(model, args):
     import torch  # the data come through the project's dataset code
 
     from coco_eval import format_map_table, map_summary, save_map_json, save_results_json
-    from datafiles import DataError
+    from errors import DataError
     from dataset import build_test_split
     from engine import evaluate_map
 
@@ -83,7 +86,7 @@ def main(args):
     if bool(args.images) == args.evaluate:
         raise SystemExit("error: give --images DIR (overlays) or --evaluate (mask mAP)")
     if not os.path.isfile(args.model):
-        raise FileNotFoundError(f"--model {args.model}: no such file (export.py writes one from a checkpoint)")
+        raise MissingFileError(f"--model {args.model}: no such file (export.py writes one from a checkpoint)")
     model = ExportedSOLO(args.model, args.threads)
     print(f"model {args.model}: {model.meta['arch']} head, classes {', '.join(model.meta['class_names'])}, input "
           f"height {model.meta['input_height']}")
@@ -91,9 +94,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        result = main(get_args_parser().parse_args())
-    except (FileNotFoundError, ValueError) as e:  # DataError is a ValueError
-        sys.exit(f"error: {e}")
+    matplotlib.use("Agg")  # a script saves its figures and never shows them
+    result = run_script(main, get_args_parser())
     if "skipped" in result and not result["overlays"]:
         sys.exit(f"error: none of the {len(result['skipped'])} photos could be read")

@@ -2,25 +2,18 @@
 files), and the overlays of a split's first images."""
 import math
 import os
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from coco_eval import (det_annotations, evaluate_masks, map_summary, plot_pr_curves, pr_curves, save_map_json,
-                       save_results_json)
-from dataset import BuildDataLoader, class_colors, preprocess_batch, preprocess_item, to_device
+from coco_eval import evaluate_masks, map_summary, plot_pr_curves, pr_curves, save_map_json, save_results_json
+from cocofiles import det_annotations
+from dataset import BuildDataLoader, preprocess_batch, preprocess_item, to_device
+from errors import NonFiniteLossError
+from plots import class_colors
 from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP
-from utils import autocast_settings, is_distributed, is_main_process
-
-
-def no_lap(name):
-    """The default of train_step's lap: no clock between the phases."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training met a NaN or infinite loss; the last good checkpoint is left as it was."""
+from utils import autocast, is_distributed, is_main_process
 
 
 def batch_to_device(batch, device, input_height):
@@ -35,38 +28,34 @@ def batch_to_device(batch, device, input_height):
             [to_device(mask, device) for mask in mask_list], [to_device(bbox, device) for bbox in bbox_list])
 
 
-def forward_losses(model, batch, device, args, lap=no_lap):
+def forward_losses(model, batch, device, args):
     """(cate_loss, mask_loss, total_loss) of one batch (handout 6.9); `model` may be DDP-wrapped.
-    No host-device synchronisation: the targets come in SOLOHead.target's compact form. lap(name) is called
-    after each phase (bench.py's clock)."""
+    No host-device synchronisation: the targets come in SOLOHead.target's compact form."""
     head = getattr(model, "module", model).head
-    amp_dtype, _ = autocast_settings(device, args.amp)
     img, label_list, mask_list, bbox_list = batch_to_device(batch, device, args.input_height)
-    lap("data to device")
-    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+    with autocast(device, args.amp):
         cate_pred_list, ins_pred_list = model(img)  # [(bz, C-1, S, S)], SOLO: [(bz, S^2, 2H_f, 2W_f)]
-    lap("forward")
     targets = head.target(ins_pred_list, bbox_list, label_list, mask_list, compact=True)
-    lap("target")
     losses = head.loss(cate_pred_list, ins_pred_list, *targets)
-    lap("loss")
     return losses
 
 
-def train_step(model, batch, optimizer, scaler, device, args, lap=no_lap):
-    """One SGD step: forward_losses, backward, gradient-norm clipping at args.clip_grad (0: off), the step.
-    Returns the detached [total, focal, dice] losses on the device (read them after the step is queued)."""
-    cate_loss, mask_loss, total_loss = forward_losses(model, batch, device, args, lap)
+def optimizer_step(total_loss, optimizer, scaler, clip_grad):
+    """Backward, gradient-norm clipping at clip_grad (0: off), the optimizer's step (through the scaler)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total_loss).backward()
-    lap("backward")
-    if args.clip_grad > 0:
+    if clip_grad > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
-                                       args.clip_grad)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip_grad)
     scaler.step(optimizer)
     scaler.update()
-    lap("optimizer step")
+
+
+def train_step(model, batch, optimizer, scaler, device, args):
+    """One SGD step: forward_losses, then optimizer_step. Returns the detached [total, focal, dice] losses on the
+    device (read them after the step is queued)."""
+    cate_loss, mask_loss, total_loss = forward_losses(model, batch, device, args)
+    optimizer_step(total_loss, optimizer, scaler, args.clip_grad)
     return torch.stack([total_loss, cate_loss, mask_loss]).detach().float()  # (3,)
 
 
@@ -139,7 +128,6 @@ def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cf
         infer = model.infer
     dataset, indices = test_set.dataset, list(test_set.indices)
     category_ids = torch.tensor(dataset.category_ids)  # label k -> category_ids[k - 1]
-    amp_dtype, _ = autocast_settings(device, amp)
     loader = BuildDataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=workers).loader()
     det_anns, position = [], 0  # position: index of the batch's first image in the test split
     for loaded in tqdm(loader, desc="inference", unit="batch", disable=not is_main_process()):
@@ -147,7 +135,7 @@ def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cf
         img = (preprocess_batch(loaded, dataset.input_height, device)[0] if len(loaded) == 5
                else to_device(loaded[0], device))
         batch = indices[position:position + img.shape[0]]
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        with autocast(device, amp):
             results = infer(img, [dataset.image_size(i) for i in batch], cfg)
         for b, i in enumerate(batch):
             scores, labels, masks = (torch.as_tensor(r[b]).cpu() for r in results)  # one copy each
@@ -180,12 +168,11 @@ def plot_test_overlays(model, test_set, device, figures_dir, num_figures, score_
     model.eval()
     dataset, paths = test_set.dataset, []
     colours = class_colors(len(model.head.class_names))
-    amp_dtype, _ = autocast_settings(device, amp)
     for i in range(min(num_figures, len(test_set))):
         index = test_set.indices[i]
         raw = dataset.get_raw(index)  # (img uint8 (3, ori_H, ori_W), label, mask, bbox)
         img = preprocess_item(*raw, False, dataset.input_height)[0][None]  # (1, 3, Hp, Wp): raw datasets too
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        with autocast(device, amp):
             results = model.infer(to_device(img, device), dataset.image_size(index), POSTPROCESS_HANDOUT)
         paths += model.head.PlotInfer(*results, colours, raw[0][None], score_thresh=score_thresh,
                                       save_prefix=os.path.join(figures_dir, "infer"), start_index=i)

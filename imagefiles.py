@@ -10,6 +10,8 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
+from errors import MissingFileError, PhotoError
+
 MEAN = (0.485, 0.456, 0.406)  # ImageNet RGB mean
 STD = (0.229, 0.224, 0.225)  # ImageNet RGB std
 PAD_MULTIPLE = 32  # the input is padded to a multiple of the backbone's coarsest stride
@@ -20,15 +22,11 @@ EXIF_ORIENTATION = 0x0112  # the EXIF tag of the camera's orientation; values 5-
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # Pillow's errors of bad files
 
 
-class PhotoError(ValueError):
-    """An image file that cannot be used (not an image, truncated, empty): the message says why."""
-
-
 def list_photos(folder, recursive=False):
     """Sorted paths of the JPEG/PNG files in folder (and its subfolders with recursive), relative to it, and the
     number of subfolders left out. A clear error if there is no photo."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--images: {folder!r} is not a directory")
+        raise MissingFileError(f"--images: {folder!r} is not a directory")
     photos, subfolders = [], 0
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -40,7 +38,7 @@ def list_photos(folder, recursive=False):
         relative = os.path.relpath(root, folder)
         photos += [os.path.normpath(os.path.join(relative, f)) for f in files if f.lower().endswith(PHOTO_SUFFIXES)]
     if not photos:
-        raise FileNotFoundError(f"--images: no JPEG/PNG images ({', '.join(PHOTO_SUFFIXES)}) in {folder!r}"
+        raise MissingFileError(f"--images: no JPEG/PNG images ({', '.join(PHOTO_SUFFIXES)}) in {folder!r}"
                                 + (" (its subfolders are searched with --recursive)" if subfolders else ""))
     return sorted(photos), subfolders
 

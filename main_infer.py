@@ -25,19 +25,19 @@ a COCO-format run's validation json, or the 20 % of its training json it held ou
 """
 import argparse
 import sys
-from contextlib import nullcontext
 
+import matplotlib
 import torch
 
+from checkpoint import check_classes, load_checkpoint, load_model, model_config, resolve_checkpoint, stored_settings
 from coco_eval import format_map_table
 from dataset import DATA_SETTINGS, build_test_split
-from datafiles import DataError
 from engine import evaluate_and_save, plot_test_overlays
+from errors import DataError, run_script
 from imagefiles import list_photos
 from plots import photo_overlays
 from solo_head import POSTPROCESS_HANDOUT
-from utils import (CheckpointError, DeviceError, autocast_settings, check_classes, error_message, load_checkpoint,
-                   load_model, model_config, prepare_device, resolve_checkpoint, stored_settings)
+from utils import autocast, prepare_device
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,11 +97,9 @@ def main(args):
     arch = model_config(checkpoint, checkpoint_path).arch
     print(f"checkpoint {checkpoint_path} (epoch {checkpoint['epoch']}, head {arch}), input height "
           f"{train_args['input_height']}")
-    amp_dtype, _ = autocast_settings(device, args.amp)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
     if photos:
-        with autocast:
+        with autocast(device, args.amp):
             paths, skipped = infer_photos(model, args.images, photos, train_args["input_height"], device,
                                           args.figures_dir, args.plot_score_thresh)
         print(f"wrote {len(paths)} overlays to {args.figures_dir}, skipped {len(skipped)} photos"
@@ -122,9 +120,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        result = main(get_args_parser().parse_args())
-    except (CheckpointError, DataError, DeviceError, FileNotFoundError) as e:
-        sys.exit(f"error: {error_message(e)}")
+    matplotlib.use("Agg")  # a script saves its figures and never shows them
+    result = run_script(main, get_args_parser())
     if "skipped" in result and not result["overlays"]:
         sys.exit(f"error: none of the {len(result['skipped'])} photos could be read")

@@ -26,7 +26,6 @@ Outputs in --output-dir: checkpoint.pth (the newest, a hard link to its epoch fi
 epoch), loss_curve.png; with --tensorboard, tensorboard/ (view with `tensorboard --logdir <output-dir>`).
 The write-up of a run (figures, settings, mAP; report.html and report.pdf): python report.py --checkpoint-dir DIR
 """
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -40,31 +39,27 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from backbone import ARCHITECTURES
+from checkpoint import (check_classes, link_checkpoint, load_checkpoint, model_config, restore_training,
+                        save_checkpoint, training_checkpoint)
 from coco_eval import map_summary
-from datafiles import DataError
-from dataset import BuildDataLoader, build_datasets, check_input_height
-from engine import NonFiniteLossError, evaluate, evaluate_map, train_one_epoch
-from solo_head import ARCHS, ModelConfig, build_model
-from utils import (DEMO, DEMO_ARCH_LR, CheckpointError, DeviceError, LossLog, RunFolderError, WriteError,
-                   autocast_settings, build_scheduler, check_classes, device_name, error_message, init_distributed,
-                   is_main_process, latest_checkpoint, link_checkpoint, load_checkpoint, model_config, prepare_device,
-                   remove_old_epochs, restore_training, run_folder, save_checkpoint, scaled_lr, seed_everything,
-                   stop_on_sigterm, stored_settings, training_checkpoint)
+from dataset import BuildDataLoader, build_datasets
+from engine import evaluate, evaluate_map, train_one_epoch
+from errors import NonFiniteLossError, RunFolderError, UserError, WriteError, error_message
+from loss_log import LossLog
+from model import ARCHS, ModelConfig, build_model
+from run_folder import remove_old_epochs, run_folder, stopped_message
+from train_settings import RESUME_OVERRIDES, SETTABLE, TrainingArgumentParser, demo_description
+from utils import (autocast_settings, build_scheduler, device_name, init_distributed, is_main_process,
+                   prepare_device, scaled_lr, seed_everything, stop_on_sigterm)
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
-# flags a resumed run may change; every other setting comes from the checkpoint (an explicit other value is an
-# error): they change where and how fast it runs, not what it computes
-RESUME_OVERRIDES = ("data_dir", "train_data", "val_data", "output_dir", "device", "workers", "epochs", "keep_epochs",
-                    "tensorboard", "overwrite", "resume", "test_only")
 
 
 def get_args_parser(add_help=True):
-    defaults = ModelConfig()
-    parser = argparse.ArgumentParser(description="SOLO training (CIS680 handout section 7)", add_help=add_help,
-                                     epilog="".join(f"--demo --arch {arch} takes --lr {lr} (see the README). "
-                                                    for arch, lr in DEMO_ARCH_LR.items())
-                                     + "--demo is the same as: python main_train.py " + demo_command_line(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog unwrapped
+    """The flags, grouped as torchvision's train.py groups them. Its parse_args resolves the run's settings
+    (train_settings.resolve_args: --demo, --set, --resume)."""
+    parser = TrainingArgumentParser(description="SOLO training (CIS680 handout section 7)", add_help=add_help,
+                                    epilog=demo_description())
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="data", type=str, help="folder holding the four data files")
     data.add_argument("--train-data", default=None, type=str, nargs=2, metavar=("JSON", "IMAGES"),
@@ -76,34 +71,24 @@ def get_args_parser(add_help=True):
                            "or trained on as background")
     data.add_argument("--synthetic", default=0, type=int,
                       help="N > 0: train on a synthetic dataset of N images (written under --data-dir if missing)")
-    data.add_argument("--synthetic-min-size", default=14, type=int,
-                      help="smallest object (sqrt(w*h), 300x400 pixels) of a newly written synthetic set")
     data.add_argument("--input-height", default=800, type=int,
                       help="network input height, a multiple of 32; the width keeps the 4:3 aspect (800 -> "
                            "800x1066, padded 800x1088)")
     data.add_argument("--hflip", action="store_true", help="random horizontal flips of the train split (p = 0.5)")
     data.add_argument("--workers", default=2, type=int, help="data loading worker processes per training process")
+    # the smallest object of a newly written synthetic set (sqrt(w*h), 300x400 pixels): the --demo preset's 30
+    parser.set_defaults(synthetic_min_size=14)
 
-    model = parser.add_argument_group("model (solo_head.ModelConfig)")
-    model.add_argument("--arch", default=defaults.arch, choices=ARCHS,
+    model = parser.add_argument_group("model (model.ModelConfig; every field settable with --set)")
+    model.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS,
                        help="the head: 'solo' (the handout's), 'decoupled' (Decoupled SOLO) or 'solov2' (SOLOv2)")
-    model.add_argument("--backbone", default=defaults.backbone, choices=ARCHITECTURES, help="FPN backbone")
-    model.add_argument("--backbone-weights", default=defaults.backbone_weights, type=str,
+    model.add_argument("--backbone", default=ModelConfig.backbone, choices=ARCHITECTURES, help="FPN backbone")
+    model.add_argument("--backbone-weights", default=ModelConfig.backbone_weights, type=str,
                        help="'coco' (torchvision's COCO Mask R-CNN weights), 'none' (random) or a weights file")
-    model.add_argument("--trainable-backbone", action="store_true",
-                       help="fine-tune a pretrained backbone's layer2-4 and FPN (default: frozen, the handout's)")
-    model.add_argument("--seg-feat-channels", default=defaults.seg_feat_channels, type=int,
-                       help="channels of both head towers (a multiple of 32: GroupNorm(32))")
-    model.add_argument("--stacked-convs", default=defaults.stacked_convs, type=int, help="3x3 convs per head tower")
-    model.add_argument("--num-grids", default=list(defaults.num_grids), type=int, nargs=5, metavar="S",
-                       help="grid size S of each of the 5 FPN levels")
-    model.add_argument("--mask-feat-channels", default=defaults.mask_feat_channels, type=int,
-                       help="--arch solov2: channels E of the mask features and of each cell's dynamic kernel "
-                            "(a multiple of 32)")
-    model.add_argument("--init", default=defaults.init, choices=("solo", "xavier"),
-                       help="head initialisation: 'solo' (authors', category prior 0.01) or 'xavier' (handout)")
-    model.add_argument("--cate-norm", default=defaults.cate_norm, choices=("positives", "mean"),
-                       help="focal loss normalisation: 'positives' (authors') or 'mean' (handout 6.9.1)")
+    model.add_argument("--set", default=None, nargs="+", action="extend", metavar="FIELD=VALUE",
+                       help="model settings, repeatable: " + ", ".join(SETTABLE[3:]) + " (e.g. --set stacked_convs=4 "
+                            "num_grids=40,36,24,16,12 init=xavier cate_norm=mean trainable_backbone=true; "
+                            "defaults: the handout's model, docs/departures.md for init and cate_norm)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch-size", default=2, type=int,
@@ -140,81 +125,8 @@ def get_args_parser(add_help=True):
     run.add_argument("--test-only", action="store_true",
                      help="print the test-split losses of the model (--resume's checkpoint) and stop")
     run.add_argument("--demo", action="store_true",
-                     help="the CPU demo's reduced configuration as defaults (see the end of --help); other flags "
-                          "still apply")
+                     help="the CPU demo's preset of model, data and schedule (see the end of --help)")
     return parser
-
-
-def demo_command_line():
-    """DEMO as the flags it stands for."""
-    words = []
-    for key, value in DEMO.items():
-        words.append("--" + key.replace("_", "-"))
-        words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return " ".join(words)
-
-
-def parse_args(argv=None):
-    """get_args_parser().parse_args, with DEMO as the defaults under --demo (explicit flags win) and, with
-    --resume, the checkpoint's stored settings (only RESUME_OVERRIDES may be given another value)."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.demo:
-        parser.set_defaults(**DEMO)
-        args = parser.parse_args(argv)
-        if args.arch in DEMO_ARCH_LR:
-            parser.set_defaults(lr=DEMO_ARCH_LR[args.arch])
-            args = parser.parse_args(argv)
-    if args.train_data and not args.resume:
-        if "synthetic" in given_flags(argv) and args.synthetic:
-            parser.error("--synthetic and --train-data choose the data twice: give one of them")
-        args.synthetic = 0  # --demo's synthetic set gives way to your own data
-    if args.resume:
-        args = resume_args(args, given_flags(argv))
-    if args.val_data and not args.train_data:
-        parser.error("--val-data needs --train-data (the course files have their own split)")
-    try:
-        check_input_height(args.input_height)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.log_every < 1:
-        parser.error(f"--log-every must be >= 1, got {args.log_every}")
-    try:
-        ModelConfig.from_args(args)
-    except ValueError as e:
-        parser.error(str(e))
-    return args
-
-
-def given_flags(argv):
-    """The names of the settings the command line sets itself (not by a default)."""
-    not_given = object()
-    parser = get_args_parser()
-    parser.set_defaults(**{name: not_given for name in vars(parser.parse_args([]))})
-    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
-
-
-def resume_args(args, given):
-    """args with the run's settings from --resume's checkpoint (a file, or the newest in a folder)."""
-    path = args.resume
-    if os.path.isdir(path):
-        path = latest_checkpoint(path)
-        if path is None:
-            raise CheckpointError(f"--resume {args.resume}: no checkpoint in this folder (looked for checkpoint.pth "
-                                  f"and epoch_NNN.pth): start a run with main_train.py, or pass a checkpoint file")
-    stored = stored_settings(load_checkpoint(path, mmap=True), path, vars(get_args_parser().parse_args([])))
-    refused = [f"--{k.replace('_', '-')} (the run has {stored[k]!r}, the command line {getattr(args, k)!r})"
-               for k in sorted(given) if k in stored and k not in RESUME_OVERRIDES and k != "demo"
-               and getattr(args, k) != stored[k]]
-    if refused:
-        raise CheckpointError(f"--resume {path}: a resumed run keeps its settings; these differ: {'; '.join(refused)}."
-                              f" Start a new run (another --output-dir) to change them")
-    merged = vars(args).copy()
-    merged.update({k: v for k, v in stored.items() if k in merged and k not in given})
-    merged.update(resume=path, overwrite=args.overwrite, test_only=args.test_only)  # this command's, not the run's
-    if "output_dir" not in given:  # the run folder is the checkpoint's own
-        merged["output_dir"] = os.path.dirname(path) or "."
-    return argparse.Namespace(**merged)
 
 
 def main(args):
@@ -345,23 +257,15 @@ def train(args, rank, world_size, device):
     return summary
 
 
-def stopped_message(args, reason):
-    """What to say when a run is interrupted: why, and the checkpoint to continue from."""
-    newest = latest_checkpoint(args.output_dir) if args else None
-    if newest is None:
-        return f"error: {reason}; no checkpoint was written"
-    return f"error: {reason}; the newest checkpoint is {newest}: continue with python main_train.py --resume {newest}"
-
-
 if __name__ == "__main__":
     stop_on_sigterm()
     args = None
     try:
-        args = parse_args()
+        args = get_args_parser().parse_args()
         main(args)
     except KeyboardInterrupt as e:
-        sys.exit(stopped_message(args, e.args[0] if e.args else "interrupted (Ctrl-C)"))
+        sys.exit(stopped_message(args and args.output_dir, e.args[0] if e.args else "interrupted (Ctrl-C)"))
     except WriteError as e:
-        sys.exit(stopped_message(args, e.strerror))
-    except (NonFiniteLossError, CheckpointError, RunFolderError, DataError, DeviceError, FileNotFoundError) as e:
+        sys.exit(stopped_message(args and args.output_dir, e.strerror))
+    except UserError as e:
         sys.exit(f"error: {error_message(e)}")

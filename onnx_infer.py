@@ -11,6 +11,8 @@ import json
 import numpy as np
 import onnxruntime
 
+from errors import DataError, ModelFileError
+
 
 class ExportedSOLO:
     """An exported model in an onnxruntime session, with the metadata export.py stored in it."""
@@ -21,10 +23,10 @@ class ExportedSOLO:
         try:
             self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...)
-            raise ValueError(f"{path} is not a readable ONNX model ({type(err).__name__}: {err})") from None
+            raise ModelFileError(f"{path} is not a readable ONNX model ({type(err).__name__}: {err})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if "solo" not in meta:
-            raise ValueError(f"{path} is not a model written by export.py (no 'solo' metadata)")
+            raise ModelFileError(f"{path} is not a model written by export.py (no 'solo' metadata)")
         self.meta = json.loads(meta["solo"])
         self.names = [o.name for o in self.session.get_outputs()]
 
@@ -34,7 +36,7 @@ class ExportedSOLO:
         image = np.ascontiguousarray(image, np.float32)
         if image.ndim != 4 or image.shape[0] < 1 or image.shape[1] != 3 or any(
                 s % 32 or not 64 <= s <= 2048 for s in image.shape[2:]):
-            raise ValueError(f"the exported model takes (batch >= 1, 3, H, W) with H and W multiples of 32 from 64 to "
+            raise DataError(f"the exported model takes (batch >= 1, 3, H, W) with H and W multiples of 32 from 64 to "
                              f"2048 (imagefiles.photo_input makes it), got {image.shape}")
         return dict(zip(self.names, self.session.run(None, {"image": image})))
 

@@ -4,13 +4,12 @@ figure of one image's detections (handout figures 11-14), and the overlays of a 
 import os
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from imagefiles import PhotoError, letterbox, load_photo, photo_input  # noqa: E402
+from errors import PhotoError
+from imagefiles import letterbox, load_photo, photo_input
 
 CLASS_COLORS = ((1.0, 0.85, 0.0), (0.0, 0.9, 0.9), (1.0, 0.2, 1.0))  # overlay colours: vehicle, person, animal
 

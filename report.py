@@ -23,25 +23,23 @@ import html
 import json
 import math
 import os
-import sys
 import textwrap
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.backends.backend_pdf import PdfPages
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
-
-from datafiles import DataError  # noqa: E402
-from dataset import DATA_SETTINGS, build_datasets, object_sizes, plot_dataset_figures  # noqa: E402
-from engine import evaluate_and_save, plot_test_overlays  # noqa: E402
-from solo_head import REFERENCE_HEIGHT, plot_target_figures  # noqa: E402
-from plots import save_figure  # noqa: E402
-from utils import (CheckpointError, DeviceError, atomic_write, check_classes, error_message,  # noqa: E402
-                   load_checkpoint, load_model, model_config, plot_loss_curve, prepare_device,
-                   resolve_checkpoint, stored_settings)
+from atomic_files import atomic_write
+from checkpoint import check_classes, load_checkpoint, load_model, model_config, resolve_checkpoint, stored_settings
+from dataset import DATA_SETTINGS, build_datasets, object_sizes, plot_dataset_figures
+from engine import evaluate_and_save, plot_test_overlays
+from errors import DataError, run_script
+from loss_log import plot_loss_curve
+from plots import save_figure
+from solo_head import REFERENCE_HEIGHT, plot_target_figures
+from utils import prepare_device
 
 HEADS = dict(solo="SOLO", decoupled="Decoupled SOLO", solov2="SOLOv2")
 RUN_DATA = dict(DATA_SETTINGS, hflip=False, empty_images="skip")  # what rebuilds the run's two splits
@@ -219,8 +217,8 @@ def build_report(args):
     dataset_figs = stages.run("dataset figures", data_stamp, lambda: plot_dataset_figures(
         train_set.dataset, figures, args.num_figures, args.seed), all_paths)
     target_figs = stages.run("target plots", dict(data_stamp, arch=cfg.arch, grids=list(cfg.num_grids)), lambda: [
-        (p, t) for p, (_, t) in zip(plot_target_figures(model, train_set.dataset, figures, args.num_figures,
-                                                        args.seed), dataset_figs)], all_paths)
+        (p, t) for p, (_, t) in zip(plot_target_figures(model.backbone, model.head, train_set.dataset, figures,
+                                                        args.num_figures, args.seed), dataset_figs)], all_paths)
     overlays = stages.run("inference overlays", model_stamp, lambda: [
         (p, f"test image {test_set.indices[k]} (image id {test_set.dataset.image_id(test_set.indices[k])})")
         for k, p in enumerate(plot_test_overlays(model, test_set, device, figures, args.num_figures,
@@ -396,7 +394,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (CheckpointError, DataError, DeviceError, FileNotFoundError) as e:
-        sys.exit(f"error: {error_message(e)}")
+    matplotlib.use("Agg")  # a script saves its figures and never shows them
+    run_script(main, get_args_parser())

@@ -32,15 +32,15 @@ def get_args_parser():
     return parser
 
 
-def resume_command(argv=None):
-    """The main_train.py command line (without the interpreter) that continues the run."""
-    args, rest = get_args_parser().parse_known_args(argv)
+def main(args, rest=()):
+    """The main_train.py command line (without the interpreter) that continues the run: args from
+    get_args_parser().parse_known_args(), rest the flags passed on to main_train.py."""
     command = [MAIN_TRAIN, "--resume", args.checkpoint or args.output_dir or "checkpoints"]
     if args.output_dir and args.checkpoint:
         command += ["--output-dir", args.output_dir]
-    return command + rest
+    return command + list(rest)
 
 
 if __name__ == "__main__":
-    command = [sys.executable, *resume_command()]
+    command = [sys.executable, *main(*get_args_parser().parse_known_args())]
     os.execv(sys.executable, command)  # becomes main_train.py: same process, same exit code, same torchrun rank

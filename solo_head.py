@@ -1,6 +1,11 @@
-"""SOLO head: CIS680 handout section 6, following the SOLO authors' code where the handout is unclear.
+"""The SOLO head, CIS680 handout section 6: read this file beside it.
 
-Conventions (see ../shared/handout-notes.md for why):
+SOLOHead keeps the handout's method names and order: layers and init (6.1), NewFPN (6.2), MultiApply (6.3),
+forward (6.4), target / target_single_img (6.5), PlotGT (6.6), loss / DiceLoss / FocalLoss (6.9), PostProcess /
+PostProcessImg / MatrixNMS / points_nms (6.10), PlotInfer (6.11). Where the handout is ambiguous or wrong it
+follows the SOLO authors' code; docs/handout-notes.md says where and why, docs/departures.md with evidence.
+
+Conventions:
   - images are padded on the right and bottom to (H, W), multiples of 32; 800x1088 in the handout.
   - FPN levels after NewFPN have strides [8, 8, 16, 32, 32]; level l cuts the image into S_l x S_l cells.
   - cell (i, j), i the row (y) and j the column (x), is mask channel k = i * S + j, and the category output is
@@ -9,115 +14,49 @@ Conventions (see ../shared/handout-notes.md for why):
   - boxes are x1 y1 x2 y2 in input pixels; scale_ranges are sqrt(w * h) at an 800-pixel-high input and are
     scaled with the input height, so a smaller input sends the same objects to the same levels.
 
-The pieces, in the handout's order and names: layers and init (6.1), NewFPN (6.2), MultiApply (6.3), forward
-(6.4), target / target_single_img (6.5), PlotGT (6.6), loss / DiceLoss / FocalLoss (6.9), PostProcess /
-PostProcessImg / MatrixNMS / points_nms (6.10), PlotInfer (6.11). SOLO puts a backbone in front; ModelConfig
-holds every setting build_model needs.
+Elsewhere: Decoupled SOLO and SOLOv2 (decoupled_solo_head.py, solov2_head.py) override the mask branch only; the
+CPU-fast mask arithmetic of post-processing is mask_ops.py; the backbone + head and their settings are model.py.
 
-python solo_head.py [--data-dir DIR | --coco JSON IMAGES] [--input-height 800] saves the ground-truth plots of
-handout figures 8-9.
+python solo_head.py [--data-dir DIR | --coco JSON IMAGES] saves the ground-truth plots of handout figures 8-9.
 """
 import argparse
-import bisect
-import dataclasses
 import functools
 import math
 import os
-import sys
 
 import matplotlib
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from backbone import ARCHITECTURES, WeightsUnavailableError, build_backbone  # noqa: E402
-from dataset import (CLASS_NAMES, BuildDataLoader, DataError, add_visual_check_args, choose_images,  # noqa: E402
-                     denormalize, visual_check_dataset)
-from plots import class_colors, detections_figure, overlay, save_figure  # noqa: E402
+from backbone import build_backbone
+from datafiles import default_class_names
+from dataset import BuildDataLoader, add_visual_check_args, choose_images, denormalize, visual_check_dataset
+from errors import WeightsUnavailableError, run_script
+from mask_ops import full_precision, mask_intersections, masks_to_original
+from plots import class_colors, detections_figure, overlay, save_figure
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # the bias of a sigmoid output that starts at probability 0.01
-MASK_FEAT_HIDDEN = 128  # SOLOv2: the width of the mask feature branch before its last conv (the authors')
-# mask_intersections on the CPU goes tile by tile while the tiles' products need at most this share of one
-# product's multiply-adds (gathering the tiles costs about the rest)
-TILED_SHARE = 0.5
+INITS = ("solo", "xavier")  # head initialisation: the authors' (category prior 0.01) or the handout's 6.1.3
+CATE_NORMS = ("positives", "mean")  # focal normalisation: the authors' (positive cells + 1) or the handout's 6.9.1
 
 # Post-processing settings. The handout's keep 5 detections: right for figures, but they cap recall, so mAP
-# uses the SOLO authors' settings (handout-notes 14). Matrix NMS has no IoU threshold: update_thresh is the
-# score a detection must keep after the decay.
+# uses the SOLO authors' settings (docs/handout-notes.md, 14). Matrix NMS has no IoU threshold: update_thresh is
+# the score a detection must keep after the decay.
 POSTPROCESS_HANDOUT = dict(cate_thresh=0.2, ins_thresh=0.5, pre_NMS_num=50, keep_instance=5,
                            update_thresh=0.05, nms_kernel="gauss", nms_sigma=2.0, class_wise=True)
 POSTPROCESS_MAP = dict(cate_thresh=0.1, ins_thresh=0.5, pre_NMS_num=500, keep_instance=100,
                        update_thresh=0.05, nms_kernel="gauss", nms_sigma=2.0, class_wise=True)
 
 
-@dataclasses.dataclass
-class ModelConfig:
-    """Every setting of a SOLO model: main_train.py's model flags are these fields, checkpoints store them
-    (dataclasses.asdict) and build_model builds from them. The defaults are the handout's model."""
-    arch: str = "solo"  # the head: 'solo' (the handout's), 'decoupled' (Decoupled SOLO) or 'solov2' (SOLOv2)
-    backbone: str = "resnet50"  # 'resnet50' (the course's COCO Mask R-CNN backbone) or 'resnet18' (CPU demos)
-    backbone_weights: str = "coco"  # 'coco', 'none' (random, always trained) or a weights file
-    trainable_backbone: bool = False  # fine-tune a pretrained backbone (default frozen, the handout's)
-    num_classes: int = 4  # C: the object classes and the background (from the data)
-    class_names: tuple = None  # the C - 1 classes' names, label k is class_names[k - 1] (default: the course's)
-    seg_feat_channels: int = 256  # channels of both towers, a multiple of 32 (GroupNorm(32))
-    stacked_convs: int = 7  # 3x3 convs per tower
-    num_grids: tuple = (40, 36, 24, 16, 12)  # S of each FPN level
-    mask_feat_channels: int = 256  # SOLOv2 only: E, the channels of the mask features and of each dynamic kernel
-    init: str = "solo"  # head init: 'solo' (authors', category prior 0.01) or 'xavier' (handout 6.1.3)
-    cate_norm: str = "positives"  # focal loss normalisation: 'positives' (authors') or 'mean' (handout 6.9.1)
-
-    def __post_init__(self):
-        self.num_grids = tuple(int(s) for s in self.num_grids)
-        self.class_names = default_class_names(self.num_classes) if self.class_names is None else \
-            tuple(self.class_names)
-        problems = []
-        if self.arch not in ARCHS:
-            problems.append(f"arch {self.arch!r} is not one of {ARCHS}")
-        if self.backbone not in ARCHITECTURES:
-            problems.append(f"backbone {self.backbone!r} is not one of {ARCHITECTURES}")
-        if len(self.num_grids) != 5 or min(self.num_grids) < 1:
-            problems.append(f"num_grids {list(self.num_grids)} must be 5 grid sizes >= 1, one per FPN level")
-        if self.seg_feat_channels < 32 or self.seg_feat_channels % 32:
-            problems.append(f"seg_feat_channels {self.seg_feat_channels} must be a multiple of 32 (GroupNorm(32))")
-        if self.mask_feat_channels < 32 or self.mask_feat_channels % 32:
-            problems.append(f"mask_feat_channels {self.mask_feat_channels} must be a multiple of 32 (GroupNorm(32))")
-        if self.stacked_convs < 1:
-            problems.append(f"stacked_convs {self.stacked_convs} must be >= 1")
-        if self.num_classes < 2:
-            problems.append(f"num_classes {self.num_classes} must be >= 2 (the background and one class)")
-        if len(self.class_names) != self.num_classes - 1 or len(set(self.class_names)) != len(self.class_names) \
-                or not all(isinstance(name, str) for name in self.class_names):
-            problems.append(f"class_names {list(self.class_names)} must be {self.num_classes - 1} distinct names "
-                            f"(num_classes {self.num_classes} counts the background)")
-        if self.init not in ("solo", "xavier"):
-            problems.append(f"init {self.init!r} must be 'solo' or 'xavier'")
-        if self.cate_norm not in ("positives", "mean"):
-            problems.append(f"cate_norm {self.cate_norm!r} must be 'positives' or 'mean'")
-        if problems:
-            raise ValueError("model settings: " + "; ".join(problems))
-
-    @classmethod
-    def from_args(cls, args):
-        """The settings among a namespace's attributes (main_train.py's flags); absent fields keep defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{name: value for name, value in vars(args).items() if name in names})
+def head_setting_problems(init, cate_norm):
+    """What is wrong with a head's init and focal normalisation (empty when both are valid)."""
+    problems = [f"init {init!r} must be one of {INITS}"] if init not in INITS else []
+    return problems + ([f"cate_norm {cate_norm!r} must be one of {CATE_NORMS}"] if cate_norm not in CATE_NORMS else [])
 
 
-def default_class_names(num_classes):
-    """The course's names for its 3 classes (num_classes 4), else 'class 1' ... 'class C-1'."""
-    if num_classes == len(CLASS_NAMES) + 1:
-        return CLASS_NAMES
-    return tuple(f"class {k}" for k in range(1, num_classes))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pure helpers
-# ----------------------------------------------------------------------------------------------------
 def center_of_mass(masks):
     """Centres of mass (cy, cx) of masks (n, H, W), in pixel coordinates where pixel (y, x) covers
     [y, y + 1) x [x, x + 1) (so its centre is y + 0.5, as box coordinates are). float64, so that a centre on a
@@ -128,86 +67,6 @@ def center_of_mass(masks):
     xs = torch.arange(masks.shape[2], device=masks.device, dtype=torch.float64) + 0.5
     area = rows.sum(1)  # (n,)
     return (rows * ys).sum(1) / area, (cols * xs).sum(1) / area
-
-
-def resize_matrix(size_in, size_up, crop, size_out, device=None):
-    """(size_out, size_in) matrix of a 1-D resize: bilinear (align_corners=False) from size_in to size_up, keep
-    the first `crop` entries, bilinear to size_out. F.interpolate's own weights, read off by resizing the
-    identity, so rows @ x @ cols.T reproduces the two resizes of an image x."""
-    eye = torch.eye(size_in, device=device)[None]  # (1, size_in, size_in): row j is source pixel j
-    up = F.interpolate(eye, size=size_up, mode="linear", align_corners=False)[:, :, :crop]  # (1, size_in, crop)
-    return F.interpolate(up, size=size_out, mode="linear", align_corners=False)[0].T  # (size_out, size_in)
-
-
-def full_precision(fn):
-    """fn with autocast off on every device: its products are pixel counts and 0.5 thresholds, which bfloat16
-    (8 bits of mantissa) would round, when inference runs under torch.autocast."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-def _extent(on):
-    """on (k, n) bool -> (k, 2) first and last True index of each row; (n, -1) for a row without any."""
-    n = on.shape[1]
-    first = torch.where(on.any(1), on.int().argmax(1), n)
-    return torch.stack([first, n - 1 - on.flip(1).int().argmax(1) - n * ~on.any(1)], 1)
-
-
-def mask_boxes(masks, thresh=0.0):
-    """(k, H, W) -> (k, 4) top, bottom, left, right (inclusive) of each mask's pixels above thresh; bottom < top
-    and right < left for a mask without any."""
-    return torch.cat([_extent(masks.amax(2) > thresh), _extent(masks.amax(1) > thresh)], 1)
-
-
-@full_precision
-def mask_intersections(masks, labels=None, tiles=8):
-    """Pixel counts of the pairwise intersections of binary masks (n, H, W): (n, n) float32, the diagonal holding
-    the areas. Float32 products, exact for 0/1 inputs while H * W < 2^24 (TF32 or not: 0 and 1 are exact).
-    labels (n,): only the pairs of one label are needed (class-wise Matrix NMS); the others may be left 0.
-    On a GPU, where launching kernels costs more than the arithmetic: one product for all. On the CPU, where a
-    product costs its multiply-adds, only what can be non-zero: the masks of one label at a time, tile by tile of
-    a tiles x tiles grid over the image, each tile's product over the masks whose box reaches it (a pair's
-    products over the tiles add up to its product over the image); one product where most masks reach most tiles."""
-    n = len(masks)
-    if masks.device.type != "cpu":
-        flat = masks.flatten(1).float()  # (n, HW)
-        return flat @ flat.T
-    ys = torch.linspace(0, masks.shape[1], tiles + 1).long()  # tile borders
-    xs = torch.linspace(0, masks.shape[2], tiles + 1).long()
-    top, bottom, left, right = mask_boxes(masks).T  # (n,) each
-    reach = (((top[:, None] < ys[1:]) & (bottom[:, None] >= ys[:-1]))[:, :, None]
-             & ((left[:, None] < xs[1:]) & (right[:, None] >= xs[:-1]))[:, None, :])  # (n, T, T)
-    ys, xs = ys.tolist(), xs.tolist()
-    inter = masks.new_zeros(n, n, dtype=torch.float)
-    groups = [torch.arange(n)] if labels is None else [(labels == c).nonzero()[:, 0] for c in labels.unique()]
-    for idx in groups:  # (n_c,) the masks of one label
-        if (reach[idx].sum(0).float() ** 2).sum() > TILED_SHARE * tiles ** 2 * len(idx) ** 2:  # tiles' share
-            flat = (masks if labels is None else masks[idx]).flatten(1).float()  # (n_c, HW), no copy for all
-            if labels is None:
-                return flat @ flat.T
-            inter[idx[:, None], idx] = flat @ flat.T
-            continue
-        for i in range(tiles):
-            for j in range(tiles):
-                ids = idx[reach[idx, i, j]]  # (m,) the masks of the label that reach tile (i, j)
-                tile = masks[ids, ys[i]:ys[i + 1], xs[j]:xs[j + 1]].flatten(1).float()  # (m, tile pixels)
-                inter[ids[:, None], ids] += tile @ tile.T
-    return inter
-
-
-def _reads(matrix):
-    """For a resize matrix (out, in) whose rows read consecutive sources: a function (first, last) of a source
-    range -> (s0, s1, o0, o1), the sources [s0, s1) to read so that the outputs [o0, o1), those reading any of
-    first..last, are computed in full (the outputs outside read only sources outside first..last)."""
-    lo, hi = _extent(matrix > 0).T.tolist()  # (out,) first and last source of each output, both non-decreasing
-
-    def read(first, last):
-        o0, o1 = bisect.bisect_left(hi, first), bisect.bisect_right(lo, last)  # outputs reading first..last
-        return (lo[o0], hi[o1 - 1] + 1, o0, o1) if o0 < o1 else (0, 0, 0, 0)
-    return read
 
 
 def coord_feat(feat):
@@ -259,6 +118,19 @@ def upsample_sigmoid(logits, size):
 
 
 class SOLOHead(nn.Module):
+    """SOLO's head (handout 6): per FPN level, a category branch (S x S x (C-1) probabilities) and a mask branch
+    (one mask per grid cell), their targets, losses and post-processing.
+
+    Three contracts differ from the handout's, each for one reason:
+      - target_single_img returns 9 slots per object (the 3x3 cells around its centre cell) instead of S^2
+        channels, and target() builds them for the whole batch at once: fixed sizes, so training never waits on
+        the device; target() still returns the handout's (S^2, 2H_f, 2W_f) layout unless compact=True.
+      - forward(eval=True) returns each level's mask features instead of S^2 masks at H/4: those would be a
+        840 MB tensor per 800x1088 image, and only the candidate cells' masks are ever needed.
+      - PostProcessImg takes those mask features and computes the masks of the candidates only (cell_masks).
+    The methods a successor head overrides (its mask branch and how it makes a cell's mask) are grouped at the
+    end of the class."""
+
     def __init__(self,
                  num_classes=4,
                  in_channels=256,
@@ -282,9 +154,9 @@ class SOLOHead(nn.Module):
         if not (len(strides) == len(scale_ranges) == len(num_grids)):
             raise ValueError(f"strides, scale_ranges and num_grids need one entry per FPN level, got "
                              f"{len(strides)}, {len(scale_ranges)} and {len(num_grids)}")
-        if cate_loss_cfg.get("normalize", "positives") not in ("positives", "mean"):
-            raise ValueError(f"cate_loss_cfg normalize must be 'positives' (authors) or 'mean' (handout 6.9.1), "
-                             f"got {cate_loss_cfg['normalize']!r}")
+        problems = head_setting_problems(init, cate_loss_cfg.get("normalize", "positives"))
+        if problems:
+            raise ValueError("SOLOHead: " + "; ".join(problems))
         self.num_classes = num_classes
         self.class_names = tuple(class_names or default_class_names(num_classes))  # label k: class_names[k - 1]
         self.cate_out_channels = num_classes - 1
@@ -309,20 +181,12 @@ class SOLOHead(nn.Module):
         self.cate_out = nn.Conv2d(c, self.cate_out_channels, 3, padding=1)
         self._init_mask_branch()
 
-    def _init_mask_branch(self):
-        """SOLO's mask branch: a CoordConv tower, then per level a 1x1 conv to its S^2 mask channels."""
-        c = self.seg_feat_channels
-        self.ins_convs = tower(self.in_channels + 2, c, self.stacked_convs)
-        self.ins_out_list = nn.ModuleList([nn.Conv2d(c, s * s, 1) for s in self.seg_num_grids])
-
     def _init_weights(self, init="solo"):
         """'solo' (default, the authors'): normal(std 0.01) weights, zero bias, category output bias -log(99) so
         every cell starts at probability 0.01 and the summed focal loss starts small. The mask outputs keep a zero
         bias (probability 0.5), where the authors start them at 0.01 too: Decoupled SOLO's product of two such
-        maps starts at 1e-4, whose gradient is too small to learn from (README, departures). 'xavier': the
+        maps starts at 1e-4, whose gradient is too small to learn from (docs/departures.md). 'xavier': the
         handout's 6.1.3, xavier_uniform_ weights and zero bias (every cell starts at 0.5)."""
-        if init not in ("solo", "xavier"):
-            raise ValueError(f"init must be 'solo' or 'xavier', got {init!r}")
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 if init == "solo":
@@ -351,9 +215,7 @@ class SOLOHead(nn.Module):
         """fpn_feat_list: the backbone's 5 maps (dict or list), strides [4, 8, 16, 32, 64].
         Training: cate_pred_list [(bz, C-1, S, S)] and ins_pred_list [(bz, S^2, 2H_feat, 2W_feat)], probabilities.
         eval=True: cate_pred_list [(bz, S, S, C-1)] after points_nms, and ins_pred_list [(bz, c, H_feat, W_feat)]
-        the mask features of each level, from which PostProcess computes the masks of the candidate cells only
-        (the handout's S^2 masks at H/4 would be a (bz, sum S^2, H/4, W/4) tensor, 840 MB per 800x1088 image).
-        The successors below keep the category branch and return their own mask predictions (mask_single_level)."""
+        the mask features of each level, for PostProcess (see the class docstring)."""
         new_fpn_list = self.NewFPN(fpn_feat_list)
         cate_pred_list, ins_pred_list = self.MultiApply(self.forward_single_level, new_fpn_list,
                                                         list(range(len(new_fpn_list))), eval=eval)
@@ -362,17 +224,6 @@ class SOLOHead(nn.Module):
     def forward_single_level(self, fpn_feat, idx, eval=False):
         return self.cate_single_level(fpn_feat, idx, eval), self.mask_single_level(fpn_feat, idx, eval)
 
-    def mask_single_level(self, fpn_feat, idx, eval=False):
-        """SOLO's mask branch on one level: CoordConv, the tower, then the level's 1x1 conv to S^2 channels. The
-        authors upsample the features x2 before the 1x1 conv; both are linear (the interpolation weights sum to 1,
-        so the bias passes unchanged), so the conv runs first, at the feature resolution, on 4x fewer pixels.
-        Training: (bz, S^2, 2H_f, 2W_f) probabilities; eval: the tower's features (bz, c, H_f, W_f)."""
-        ins_feat = torch.cat([fpn_feat, coord_feat(fpn_feat)], 1)  # (bz, 256 + 2, H_f, W_f)
-        for conv in self.ins_convs:
-            ins_feat = conv(ins_feat)  # (bz, c, H_f, W_f)
-        if eval:
-            return ins_feat
-        return upsample_sigmoid(self.ins_out_list[idx](ins_feat), tuple(2 * s for s in fpn_feat.shape[-2:]))
 
     def cate_single_level(self, fpn_feat, idx, eval=False):
         """The category branch on one level: the features resized to S x S at position cate_down_pos of the tower
@@ -394,17 +245,13 @@ class SOLOHead(nn.Module):
 
     # ---------------------------------------------------------------- targets (6.5)
     def target(self, ins_pred_list, bbox_list, label_list, mask_list, compact=False):
-        """ins_pred_list: [(bz, S^2, 2H_f, 2W_f)] (or a successor's mask predictions), only the mask sizes
-        (mask_sizes) and the device are used. bbox_list [(n, 4)],
-        label_list [(n,)], mask_list [(n, H, W)] per image, at the padded input size (the same for every image).
+        """ins_pred_list: the mask predictions (only their sizes, mask_sizes, and device are read). bbox_list
+        [(n, 4)], label_list [(n,)], mask_list [(n, H, W)] per image, at the one padded input size.
         Returns, each a list over images of a list over levels (the handout's layout):
-          ins_gts_list (S^2, 2H_f, 2W_f) uint8, ins_ind_gts_list (S^2,) bool, cate_gts_list (S, S) int64.
-        compact=True, the training form: target_single_img's slots (9 per object and level, see there) instead
-        of the S^2 channels; the same positives, without an (S^2, 2H_f, 2W_f) tensor and without host-device
-        synchronisation. loss takes either form.
-        All the batch's objects go through target_single_img at once (cells are contested within an image
-        only): one set of operations for the batch, not one per image, which on a GPU is what the step's
-        kernel launches cost."""
+          ins_gts_list (S^2, 2H_f, 2W_f) uint8, ins_ind_gts_list (S^2,) bool, cate_gts_list (S, S) int64;
+        compact=True (training): target_single_img's slots instead of the S^2 channels, the same positives
+        without host-device synchronisation (loss takes either form). The batch's objects go through
+        target_single_img at once: one set of operations (GPU kernel launches) for the batch, not one per image."""
         featmap_sizes = self.mask_sizes(ins_pred_list)
         device = level_tensors(ins_pred_list[0])[0].device
         counts = [len(labels) for labels in label_list]  # host integers: splitting back needs no device read
@@ -430,28 +277,22 @@ class SOLOHead(nn.Module):
                 cate_gts_list[b].append(cate[level][b])
         return ins_gts_list, ins_ind_gts_list, cate_gts_list
 
-    def mask_sizes(self, ins_pred_list):
-        """The size of each level's masks in training, (2H_f, 2W_f): the resolution of its mask targets."""
-        return [tuple(pred.shape[-2:]) for pred in ins_pred_list]
-
     def target_single_img(self, gt_bboxes_raw, gt_labels_raw, gt_masks_raw, featmap_sizes, image=None,
                           num_images=1):
-        """The targets of one image's objects (the authors' rules, handout-notes 6-9); target passes the objects
-        of a whole batch at once, with `image` (n,) the image of each, so that cells are contested only within
-        an image.
+        """The targets of one image's objects (the authors' rules, docs/handout-notes.md 6-9); target passes a
+        whole batch's, with `image` (n,) the image of each, so that cells are contested only within an image.
         An object trains every level whose (inclusive) scale range holds sqrt(w * h) of its box; its positive
         cells are those its centre region (centre of mass, half-size eps*w/2 x eps*h/2) covers, clipped to the
-        3x3 cells around the centre-of-mass cell. When objects claim one cell the smallest box wins: the cell is
-        all a small object has, while a large one keeps its other cells (the authors let the last one win).
+        3x3 cells around the centre-of-mass cell. A cell several objects claim is the smallest box's, the one
+        mask it trains towards (the authors' SOLO lets the last object listed win; their SOLOv2 trains the cell
+        towards every claimant's mask; docs/departures.md).
         gt_bboxes_raw (n, 4), gt_labels_raw (n,), gt_masks_raw (n, H, W), featmap_sizes [(2H_f, 2W_f)].
-        Returns, per level, in slots: 9 per object, the 3x3 cells around its centre cell (a superset of its
-        positive cells; every positive cell is in exactly one slot):
+        Returns, per level, 9 slots per object, the 3x3 cells around its centre cell (every positive cell is in
+        exactly one slot), of fixed sizes (no host-device synchronisation):
           ins_label_list [(9n, 2H_f, 2W_f) uint8], the object's resized mask in each of its slots,
           cate_label_list [(num_images, S, S) int64],
           ins_ind_label_list [(9n,) int64], the slot's channel i * S + j where it is a positive cell of the
-          object, else -1.
-        Fixed sizes: no host-device synchronisation. target scatters the slots into the handout's
-        (S^2, 2H_f, 2W_f) channels."""
+          object, else -1."""
         device = gt_masks_raw.device
         n = len(gt_labels_raw)
         image = torch.zeros(n, dtype=torch.long, device=device) if image is None else image
@@ -530,6 +371,25 @@ class SOLOHead(nn.Module):
         cols = (grid >= left[:, None]) & (grid <= right[:, None])  # (n, S)
         return rows[:, :, None] & cols[:, None, :], torch.stack([coord_h, coord_w], 1)
 
+    # ---------------------------------------------------------------- plot of the targets (6.6)
+    def PlotGT(self, ins_gts_list, ins_ind_gts_list, cate_gts_list, color_list, img, save_prefix="figures/gt"):
+        """For each image, one figure of 5 panels (one per FPN level) with that level's positive-channel masks
+        over the image, coloured by class (handout figures 8-9). img (bz, 3, H, W) normalised input.
+        Returns the saved PNG paths."""
+        paths = []
+        for b, image in enumerate(denormalize(img.detach().cpu())):
+            fig, axes = plt.subplots(1, len(self.seg_num_grids), figsize=(4 * len(self.seg_num_grids), 3.4))
+            for level, ax in enumerate(axes):
+                ind = ins_ind_gts_list[b][level].cpu()  # (S^2,)
+                masks = ins_gts_list[b][level].cpu()[ind].float()  # (n_pos, 2H_f, 2W_f)
+                labels = cate_gts_list[b][level].cpu().flatten()[ind]  # (n_pos,)
+                masks = F.interpolate(masks[:, None], size=image.shape[-2:], mode="nearest")[:, 0]  # (n_pos, H, W)
+                ax.imshow(overlay(image.permute(1, 2, 0).numpy(), masks.numpy(), labels.numpy(), color_list))
+                ax.set_title(f"level {level}: S={self.seg_num_grids[level]}, {int(ind.sum())} positive cells")
+                ax.axis("off")
+            paths.append(save_figure(fig, f"{save_prefix}_{b}.png"))
+        return paths
+
     # ---------------------------------------------------------------- loss (6.9)
     def loss(self, cate_pred_list, ins_pred_list, ins_gts_list, ins_ind_gts_list, cate_gts_list):
         """L = L_cate + 3 L_mask. Predictions are probabilities as forward returns them (training mode); targets
@@ -574,12 +434,6 @@ class SOLOHead(nn.Module):
             gts.append(masks)
         return torch.cat(images), torch.cat(cells), torch.cat(gts), [len(cell) for cell in cells]
 
-    def cell_masks_train(self, ins_pred_level, level, image, cell, counts):
-        """Training: the mask probabilities (m, 2H_f, 2W_f) of the cells `cell` (m,) (channel indices i * S + j of
-        the level) of the images `image` (m,); counts, the number of them in each image, in image order (the
-        successors need it). SOLO's are channels of its S^2 outputs."""
-        return ins_pred_level[image, cell]
-
     @staticmethod
     def DiceLoss(mask_pred, mask_gt, eps=1e-3):
         """1 - 2 sum(p q) / (sum(p^2) + sum(q^2)) over the last two dims: (..., H, W) -> (...).
@@ -591,10 +445,9 @@ class SOLOHead(nn.Module):
         """Focal loss on probabilities cate_preds (num_entry, C-1) against labels cate_gts (num_entry,), 0 the
         background; channel d's target is (label == d + 1). Summed over every entry, then divided by the number
         of positive cells + 1 (authors, default) or averaged over entries (handout 6.9.1, normalize='mean').
-        Probabilities are clamped only inside the logs, so gradients stay finite at 0 and 1. The clamp is the
-        dtype's smallest normal number: above it d(-log p)/dp = -1/p still fits the dtype and, through the
-        sigmoid's p(1 - p), gives the logit the gradient of the authors' loss on logits, so a positive cell the
-        category branch has pushed to p = 1e-30 is pulled back (a clamp at 1e-6 would leave it no gradient)."""
+        Probabilities are clamped inside the logs only, at the dtype's smallest normal number: above it the logit
+        gets the gradient of the authors' loss on logits, so a positive cell pushed to p = 1e-30 is pulled back
+        (a clamp at 1e-6 would leave it no gradient; docs/departures.md)."""
         prob_eps = torch.finfo(cate_preds.dtype).tiny
         alpha, gamma = self.cate_loss_cfg["alpha"], self.cate_loss_cfg["gamma"]
         classes = torch.arange(1, self.num_classes, device=cate_gts.device)  # labels of the C-1 channels
@@ -645,29 +498,13 @@ class SOLOHead(nn.Module):
                                 method=cfg["nms_kernel"], gauss_sigma=cfg["nms_sigma"])  # (n,)
         keep = (scores >= cfg["update_thresh"]).nonzero()[:, 0]
         keep = keep[scores[keep].argsort(descending=True)[:cfg["keep_instance"]]]  # (m,) into the n
-        masks = self._masks_to_original(masks[idx[keep]], ori_size)  # (m, ori_H, ori_W)
+        # the authors' resize: to the padded input, crop the padding, to the original size
+        masks = masks_to_original(masks[idx[keep]], ori_size)  # (m, ori_H, ori_W) in {0, 1}
         scores, labels = scores[keep], labels[keep]
         visible = masks.flatten(1).amax(1) > 0  # a mask lying wholly in the padding is no detection
         if visible.all():  # the usual case: no copy of the masks
             return scores, labels, masks
         return scores[visible], labels[visible], masks[visible]
-
-    def cell_masks(self, ins_pred_img, cell):
-        """Mask probabilities (k, H/4, W/4) of the cells `cell` (ascending indices into the levels' concatenated
-        S^2 cells) of one image with mask features ins_pred_img [(c, H_f, W_f)] per level. Only the chosen
-        channels of each level's 1x1 output conv are computed; then, in the authors' order, upsampled x2 (the
-        training resolution), passed through the sigmoid and resized to H/4 (a no-op on the stride-8 levels)."""
-        mask_size = tuple(2 * s for s in ins_pred_img[0].shape[-2:])  # stride 4, as level 0 is stride 8
-        masks = []
-        for level, local in self._cells_by_level(cell):  # conv2d rejects zero output channels: no empty level
-            feat = ins_pred_img[level]  # (c, H_f, W_f)
-            out_conv = self.ins_out_list[level]
-            logits = F.conv2d(feat[None], out_conv.weight[local], out_conv.bias[local])  # (1, k_l, H_f, W_f)
-            probs = upsample_sigmoid(logits, tuple(2 * s for s in feat.shape[-2:]))  # (1, k_l, 2H_f, 2W_f)
-            if probs.shape[-2:] != mask_size:
-                probs = F.interpolate(probs, size=mask_size, mode="bilinear", align_corners=False)
-            masks.append(probs[0].float())  # (k_l, H/4, W/4)
-        return torch.cat(masks) if masks else ins_pred_img[0].new_zeros(0, *mask_size, dtype=torch.float)
 
     def _cells_by_level(self, cell):
         """Ascending cell indices into the levels' concatenated S^2 cells -> (level, its cells (k_l,) as channel
@@ -678,34 +515,6 @@ class SOLOHead(nn.Module):
             start += num_grid ** 2
             if len(local):
                 out.append((level, local))
-        return out
-
-    @staticmethod
-    @full_precision
-    def _masks_to_original(masks, ori_size):
-        """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) in {0, 1}, the authors' way: bilinear upsampling
-        to the padded input (H, W), crop of the padding (the image was resized to height H and width
-        H * ori_W / ori_H), bilinear resize to ori_size, threshold 0.5. Both resizes are linear and separable, so
-        they compose into one (ori_H, H/4) matrix on the rows and one (ori_W, W/4) on the columns (the same values
-        up to float rounding, with no (k, H, W) intermediate)."""
-        k, h4, w4 = masks.shape
-        crop_w = int(4 * h4 * ori_size[1] / ori_size[0])
-        rows = resize_matrix(h4, 4 * h4, 4 * h4, ori_size[0], masks.device)  # (ori_H, H/4)
-        cols = resize_matrix(w4, 4 * w4, crop_w, ori_size[1], masks.device)  # (ori_W, W/4)
-        masks = masks.float()
-        if masks.device.type != "cpu":  # one batched product: on a GPU, launches cost more than arithmetic
-            return ((rows @ masks @ cols.T) > 0.5).float()
-        # CPU: every output pixel is a convex combination (weights >= 0, summing to 1) of the source pixels it
-        # reads, so only one reading a source pixel above 0.5 can pass the threshold. Each mask is resized over
-        # the box of its pixels above 0.5, with the margin of source pixels that the outputs there also read;
-        # the rest stays 0: the same values for a fraction of the multiply-adds of an object-sized mask.
-        out = masks.new_zeros(k, *ori_size)
-        row_reads, col_reads = _reads(rows), _reads(cols)
-        for mask, out_mask, (top, bottom, left, right) in zip(masks, out, mask_boxes(masks, 0.5).tolist()):
-            if bottom < top:  # no pixel above 0.5
-                continue
-            (y0, y1, oy0, oy1), (x0, x1, ox0, ox1) = row_reads(top, bottom), col_reads(left, right)
-            out_mask[oy0:oy1, ox0:ox1] = rows[oy0:oy1, y0:y1] @ mask[y0:y1, x0:x1] @ cols[ox0:ox1, x0:x1].T > 0.5
         return out
 
     @staticmethod
@@ -745,25 +554,7 @@ class SOLOHead(nn.Module):
         keep = (hmax[:, :, :-1, :-1] == heat).to(heat.dtype)
         return heat * keep
 
-    # ---------------------------------------------------------------- plots (6.6, 6.11)
-    def PlotGT(self, ins_gts_list, ins_ind_gts_list, cate_gts_list, color_list, img, save_prefix="figures/gt"):
-        """For each image, one figure of 5 panels (one per FPN level) with that level's positive-channel masks
-        over the image, coloured by class (handout figures 8-9). img (bz, 3, H, W) normalised input.
-        Returns the saved PNG paths."""
-        paths = []
-        for b, image in enumerate(denormalize(img.detach().cpu())):
-            fig, axes = plt.subplots(1, len(self.seg_num_grids), figsize=(4 * len(self.seg_num_grids), 3.4))
-            for level, ax in enumerate(axes):
-                ind = ins_ind_gts_list[b][level].cpu()  # (S^2,)
-                masks = ins_gts_list[b][level].cpu()[ind].float()  # (n_pos, 2H_f, 2W_f)
-                labels = cate_gts_list[b][level].cpu().flatten()[ind]  # (n_pos,)
-                masks = F.interpolate(masks[:, None], size=image.shape[-2:], mode="nearest")[:, 0]  # (n_pos, H, W)
-                ax.imshow(self._overlay(image, masks, labels, color_list))
-                ax.set_title(f"level {level}: S={self.seg_num_grids[level]}, {int(ind.sum())} positive cells")
-                ax.axis("off")
-            paths.append(self._save(fig, f"{save_prefix}_{b}.png"))
-        return paths
-
+    # ---------------------------------------------------------------- plot of the detections (6.11)
     def PlotInfer(self, NMS_sorted_scores_list, NMS_sorted_cate_label_list, NMS_sorted_ins_list, color_list, img,
                   save_prefix="figures/infer", score_thresh=0.3, start_index=0, save_paths=None):
         """Overlay the kept masks on the original images, coloured by class, with class name and score
@@ -775,196 +566,60 @@ class SOLOHead(nn.Module):
             fig = detections_figure(image.permute(1, 2, 0).numpy(), NMS_sorted_scores_list[b].cpu().float().numpy(),
                                     NMS_sorted_cate_label_list[b].cpu().numpy(), NMS_sorted_ins_list[b].cpu().numpy(),
                                     self.class_names, color_list, score_thresh)
-            paths.append(self._save(fig, save_paths[b] if save_paths else f"{save_prefix}_{start_index + b}.png"))
+            paths.append(save_figure(fig, save_paths[b] if save_paths else f"{save_prefix}_{start_index + b}.png"))
         return paths
 
-    @staticmethod
-    def _overlay(image, masks, labels, color_list, alpha=0.5):
-        """image (3, H, W) in [0, 1], masks (n, H, W) {0, 1}, labels (n,) in 1..C-1 -> (H, W, 3) blended."""
-        return overlay(image.permute(1, 2, 0).numpy(), masks.numpy(), labels.numpy(), color_list, alpha)
 
-    @staticmethod
-    def _save(fig, path):
-        return save_figure(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The successors: the same targets, losses, Matrix NMS and post-processing, another mask branch
-# ----------------------------------------------------------------------------------------------------
-class DecoupledSOLOHead(SOLOHead):
-    """Decoupled SOLO (Wang et al., "SOLO: Segmenting Objects by Locations", ECCV 2020, section 3.4; the authors'
-    decoupled_solo_head.py). Per level the mask branch outputs S maps X_j, one per grid column, and S maps Y_i, one
-    per row, instead of S^2 masks: the mask of cell (i, j) is sigmoid(X_j) * sigmoid(Y_i). Two towers, X's with
-    the x coordinate channel and Y's with the y one; their 3x3 output convs run after the x2 upsampling, as the
-    authors' do. Mask predictions per level, training and eval: (bz, 2S, 2H_f, 2W_f), the S sigmoid(X_j) maps
-    then the S sigmoid(Y_i) maps."""
-
+    # ---------------------------------------------------------------- the mask branch: what a successor overrides
     def _init_mask_branch(self):
+        """SOLO's mask branch: a CoordConv tower, then per level a 1x1 conv to its S^2 mask channels."""
         c = self.seg_feat_channels
-        self.ins_convs_x = tower(self.in_channels + 1, c, self.stacked_convs)
-        self.ins_convs_y = tower(self.in_channels + 1, c, self.stacked_convs)
-        self.ins_out_x = nn.ModuleList([nn.Conv2d(c, s, 3, padding=1) for s in self.seg_num_grids])
-        self.ins_out_y = nn.ModuleList([nn.Conv2d(c, s, 3, padding=1) for s in self.seg_num_grids])
+        self.ins_convs = tower(self.in_channels + 2, c, self.stacked_convs)
+        self.ins_out_list = nn.ModuleList([nn.Conv2d(c, s * s, 1) for s in self.seg_num_grids])
 
     def mask_single_level(self, fpn_feat, idx, eval=False):
-        coords = coord_feat(fpn_feat)  # (bz, 2, H_f, W_f): x, y
-        size = tuple(2 * s for s in fpn_feat.shape[-2:])
-        maps = []
-        for convs, out_convs, coord in ((self.ins_convs_x, self.ins_out_x, coords[:, :1]),
-                                        (self.ins_convs_y, self.ins_out_y, coords[:, 1:])):
-            feat = torch.cat([fpn_feat, coord], 1)  # (bz, 256 + 1, H_f, W_f)
-            for conv in convs:
-                feat = conv(feat)  # (bz, c, H_f, W_f)
-            feat = F.interpolate(feat, size=size, mode="bilinear", align_corners=False)  # (bz, c, 2H_f, 2W_f)
-            maps.append(out_convs[idx](feat).sigmoid())  # (bz, S, 2H_f, 2W_f)
-        return torch.cat(maps, 1)  # (bz, 2S, 2H_f, 2W_f)
+        """SOLO's mask branch on one level: CoordConv, the tower, then the level's 1x1 conv to S^2 channels. The
+        authors upsample the features x2 before the 1x1 conv; both are linear (the interpolation weights sum to 1,
+        so the bias passes unchanged), so the conv runs first, at the feature resolution, on 4x fewer pixels.
+        Training: (bz, S^2, 2H_f, 2W_f) probabilities; eval: the tower's features (bz, c, H_f, W_f)."""
+        ins_feat = torch.cat([fpn_feat, coord_feat(fpn_feat)], 1)  # (bz, 256 + 2, H_f, W_f)
+        for conv in self.ins_convs:
+            ins_feat = conv(ins_feat)  # (bz, c, H_f, W_f)
+        if eval:
+            return ins_feat
+        return upsample_sigmoid(self.ins_out_list[idx](ins_feat), tuple(2 * s for s in fpn_feat.shape[-2:]))
+
+    def mask_sizes(self, ins_pred_list):
+        """The size of each level's masks in training, (2H_f, 2W_f): the resolution of its mask targets."""
+        return [tuple(pred.shape[-2:]) for pred in ins_pred_list]
 
     def cell_masks_train(self, ins_pred_level, level, image, cell, counts):
-        num_grid = self.seg_num_grids[level]
-        x, y = ins_pred_level[image, cell % num_grid], ins_pred_level[image, num_grid + cell // num_grid]  # X_j, Y_i
-        return x.float() * y.float()  # one rounding under autocast, as SOLO's masks
+        """Training: the mask probabilities (m, 2H_f, 2W_f) of the cells `cell` (m,) (channel indices i * S + j of
+        the level) of the images `image` (m,); counts, the number of them in each image, in image order (the
+        successors need it). SOLO's are channels of its S^2 outputs."""
+        return ins_pred_level[image, cell]
 
     def cell_masks(self, ins_pred_img, cell):
-        """Eval, in the authors' order: each level's X and Y probabilities resized to H/4, then the candidates'
-        products sigmoid(X_j) * sigmoid(Y_i)."""
-        mask_size = ins_pred_img[0].shape[-2:]  # level 0's maps are at stride 4 already
+        """Mask probabilities (k, H/4, W/4) of the cells `cell` (ascending indices into the levels' concatenated
+        S^2 cells) of one image with mask features ins_pred_img [(c, H_f, W_f)] per level. Only the chosen
+        channels of each level's 1x1 output conv are computed; then, in the authors' order, upsampled x2 (the
+        training resolution), passed through the sigmoid and resized to H/4 (a no-op on the stride-8 levels)."""
+        mask_size = tuple(2 * s for s in ins_pred_img[0].shape[-2:])  # stride 4, as level 0 is stride 8
         masks = []
-        for level, local in self._cells_by_level(cell):
-            maps, num_grid = ins_pred_img[level].float(), self.seg_num_grids[level]  # (2S, 2H_f, 2W_f)
-            if maps.shape[-2:] != mask_size:
-                maps = F.interpolate(maps[None], size=mask_size, mode="bilinear", align_corners=False)[0]
-            masks.append(maps[local % num_grid] * maps[num_grid + local // num_grid])  # (k_l, H/4, W/4)
+        for level, local in self._cells_by_level(cell):  # conv2d rejects zero output channels: no empty level
+            feat = ins_pred_img[level]  # (c, H_f, W_f)
+            out_conv = self.ins_out_list[level]
+            logits = F.conv2d(feat[None], out_conv.weight[local], out_conv.bias[local])  # (1, k_l, H_f, W_f)
+            probs = upsample_sigmoid(logits, tuple(2 * s for s in feat.shape[-2:]))  # (1, k_l, 2H_f, 2W_f)
+            if probs.shape[-2:] != mask_size:
+                probs = F.interpolate(probs, size=mask_size, mode="bilinear", align_corners=False)
+            masks.append(probs[0].float())  # (k_l, H/4, W/4)
         return torch.cat(masks) if masks else ins_pred_img[0].new_zeros(0, *mask_size, dtype=torch.float)
 
 
-class MaskFeatBranch(nn.Module):
-    """SOLOv2's unified mask features (the authors' MaskFeatHead). FPN level P_(2+i) (stride 4 * 2^i) goes
-    through max(i, 1) 3x3 conv-GN-ReLU layers, each of P3-P5's followed by a x2 bilinear upsampling, so that every
-    level reaches stride 4; the deepest level gets the two coordinate channels first (CoordConv, as the authors
-    do); the levels are summed and a 1x1 conv-GN-ReLU gives the out_channels (E) mask features."""
-
-    def __init__(self, in_channels, channels, out_channels, num_levels=4):
-        super().__init__()
-        self.levels = nn.ModuleList()
-        for i in range(num_levels):
-            layers = []
-            first = in_channels + 2 * (i == num_levels - 1)  # the deepest level takes the coordinates
-            for j in range(max(i, 1)):
-                layers.append(conv_gn_relu(first if j == 0 else channels, channels))
-                if i > 0:
-                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
-            self.levels.append(nn.Sequential(*layers))
-        self.out = conv_gn_relu(channels, out_channels, kernel_size=1)
-
-    def forward(self, feats):
-        """feats: P2-P5, 4 x (bz, 256, H/s, W/s) with s = 4, 8, 16, 32 -> (bz, E, H/4, W/4)."""
-        deepest = torch.cat([feats[-1], coord_feat(feats[-1])], 1)  # (bz, 256 + 2, H/32, W/32)
-        fused = sum(level(feat) for level, feat in zip(self.levels, [*feats[:-1], deepest]))  # (bz, c, H/4, W/4)
-        return self.out(fused)
-
-
-class SOLOv2Head(SOLOHead):
-    """SOLOv2 (Wang et al., "SOLOv2: Dynamic and Fast Instance Segmentation", NeurIPS 2020; the authors'
-    solov2_head.py and mask_feat_head.py). The mask of a cell is its dynamic 1x1 kernel of E weights convolved
-    with one map of E mask features shared by every level. Kernel branch, per level: the features with the
-    coordinate channels, resized to S x S (the category branch's input is the same resize without them), a tower
-    and a 3x3 conv to E channels. Mask features: MaskFeatBranch over the backbone's P2-P5, at stride 4, so every
-    level's masks and mask targets are at (H/4, W/4). Mask predictions per level, training and eval: (kernels
-    (bz, E, S, S), mask features (bz, E, H/4, W/4)), the mask features one tensor shared by the levels."""
-
-    def __init__(self, *args, mask_feat_channels=256, **kwargs):
-        self.mask_feat_channels = mask_feat_channels
-        super().__init__(*args, **kwargs)
-
-    def _init_mask_branch(self):
-        c, e = self.seg_feat_channels, self.mask_feat_channels
-        self.kernel_convs = tower(self.in_channels + 2, c, self.stacked_convs)
-        self.kernel_out = nn.Conv2d(c, e, 3, padding=1)
-        # the authors' 128 channels before the last conv, fewer where E itself is smaller (the demo's 64)
-        self.mask_feat_branch = MaskFeatBranch(self.in_channels, min(MASK_FEAT_HIDDEN, e), e)
-
-    def forward(self, fpn_feat_list, eval=False):
-        feats = fpn_levels(fpn_feat_list)
-        mask_feat = self.mask_feat_branch(feats[:4])  # (bz, E, H/4, W/4) from strides 4-32, before NewFPN
-        cate_pred_list, kernel_pred_list = super().forward(feats, eval=eval)
-        return cate_pred_list, [(kernel_pred, mask_feat) for kernel_pred in kernel_pred_list]
-
-    def mask_single_level(self, fpn_feat, idx, eval=False):
-        num_grid = self.seg_num_grids[idx]
-        kernel_feat = F.interpolate(torch.cat([fpn_feat, coord_feat(fpn_feat)], 1), size=(num_grid, num_grid),
-                                    mode="bilinear", align_corners=False)  # (bz, 256 + 2, S, S)
-        for conv in self.kernel_convs:
-            kernel_feat = conv(kernel_feat)  # (bz, c, S, S)
-        return self.kernel_out(kernel_feat)  # (bz, E, S, S): cell (i, j)'s kernel at [:, :, i, j]
-
-    def mask_sizes(self, ins_pred_list):
-        return [tuple(mask_feat.shape[-2:]) for _, mask_feat in ins_pred_list]
-
-    def cell_masks_train(self, ins_pred_level, level, image, cell, counts):
-        kernel_pred, mask_feat = ins_pred_level  # (bz, E, S, S), (bz, E, H/4, W/4)
-        kernels = kernel_pred.flatten(2)[image, :, cell]  # (m, E)
-        # the dynamic 1x1 convolution as a product, each image's kernels on its own mask features
-        logits = [k @ feat.flatten(1) for k, feat in zip(kernels.split(counts), mask_feat)]  # [(m_b, H/4 * W/4)]
-        return torch.cat(logits).view(-1, *mask_feat.shape[-2:]).sigmoid()  # (m, H/4, W/4)
-
-    def cell_masks(self, ins_pred_img, cell):
-        mask_feat = ins_pred_img[0][1]  # (E, H/4, W/4)
-        kernels = torch.cat([kernel_pred.flatten(1) for kernel_pred, _ in ins_pred_img], 1)[:, cell]  # (E, k)
-        return (kernels.T @ mask_feat.flatten(1)).view(-1, *mask_feat.shape[-2:]).sigmoid().float()  # (k, ...)
-
-
-class SOLO(nn.Module):
-    """Backbone + SOLOHead. A backbone with no trainable parameter (pretrained and frozen, the course's setting)
-    runs under no_grad and stays in eval mode, so its BatchNorm statistics never move."""
-
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.backbone_frozen = not any(p.requires_grad for p in backbone.parameters())
-
-    def forward(self, img, eval=False):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            fpn_feat_list = self.backbone(img)  # 5 x (bz, 256, H/s, W/s), s = 4, 8, 16, 32, 64
-        return self.head(fpn_feat_list, eval=eval)
-
-    @torch.no_grad()
-    def infer(self, img, ori_size, cfg=None):
-        """Detections of img (bz, 3, H, W): forward(eval=True), then head.PostProcess with cfg (a POSTPROCESS_*
-        dict, default the head's). Per image scores (k,), labels (k,), masks (k, ori_H, ori_W)."""
-        cate_pred_list, ins_pred_list = self(img, eval=True)
-        return self.head.PostProcess(ins_pred_list, cate_pred_list, ori_size, cfg)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()
-        return self
-
-
-HEADS = dict(solo=SOLOHead, decoupled=DecoupledSOLOHead, solov2=SOLOv2Head)  # ModelConfig.arch -> head
-ARCHS = tuple(HEADS)  # the values of ModelConfig.arch and main_train.py --arch
-
-
-def build_model(cfg=None, load_backbone_weights=True):
-    """SOLO from a ModelConfig (or a dict of its fields; None: the defaults). backbone_weights: 'coco'
-    (torchvision's COCO Mask R-CNN weights, frozen unless trainable_backbone), 'none' (random weights, always
-    trained) or a checkpoint file path. load_backbone_weights=False builds the same architecture without reading
-    the weights (a SOLO checkpoint about to be loaded holds them)."""
-    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**(cfg or {}))
-    weights = cfg.backbone_weights
-    pretrained = weights != "none"
-    backbone = build_backbone(cfg.backbone, pretrained=pretrained,
-                              checkpoint_file=weights if weights not in ("coco", "none") else None,
-                              trainable=cfg.trainable_backbone or not pretrained, load_weights=load_backbone_weights)
-    extra = dict(mask_feat_channels=cfg.mask_feat_channels) if cfg.arch == "solov2" else {}
-    head = HEADS[cfg.arch](cfg.num_classes, seg_feat_channels=cfg.seg_feat_channels, stacked_convs=cfg.stacked_convs,
-                           num_grids=cfg.num_grids, init=cfg.init,
-                           cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize=cfg.cate_norm),
-                           class_names=cfg.class_names, **extra)
-    return SOLO(backbone, head)
-
-
+# ----------------------------------------------------------------------------------------------------
+# The visual check of handout 6.6: python solo_head.py
+# ----------------------------------------------------------------------------------------------------
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Plot the SOLO targets of a few images (handout figures 8-9)")
     parser.add_argument("--backbone-weights", default="coco", type=str,
@@ -973,34 +628,33 @@ def get_args_parser():
 
 
 @torch.no_grad()
-def plot_target_figures(model, dataset, out, num=5, seed=0):
+def plot_target_figures(backbone, head, dataset, out, num=5, seed=0):
     """gt_<k>.png: the FPN targets of num images (choose_images, as the dataset figures) over the input, one panel
-    per level (handout figures 8-9), from the model's head (any head: the targets are SOLO's). Returns the paths."""
+    per level (handout figures 8-9), from `head` on `backbone`'s features (any head: the targets are SOLO's).
+    Returns the paths."""
     images = [dataset[i] for i in choose_images(dataset.num_objects, num, seed)]
     img, label_list, mask_list, bbox_list = BuildDataLoader.collect_fn(images)
-    device = next(model.parameters()).device
-    _, ins_pred_list = model.eval()(img.to(device))  # only the feature sizes matter
-    targets = model.head.target(ins_pred_list, *([t.to(device) for t in ts] for ts in (bbox_list, label_list,
-                                                                                         mask_list)))
+    device = next(head.parameters()).device
+    _, ins_pred_list = head.eval()(backbone.eval()(img.to(device)))  # only the feature sizes matter
+    targets = head.target(ins_pred_list, *([t.to(device) for t in ts] for ts in (bbox_list, label_list, mask_list)))
     os.makedirs(out, exist_ok=True)
-    return model.head.PlotGT(*targets, class_colors(len(dataset.class_names)), img,
-                             save_prefix=os.path.join(out, "gt"))
+    return head.PlotGT(*targets, class_colors(len(dataset.class_names)), img, save_prefix=os.path.join(out, "gt"))
 
 
 def main(args):
     dataset = visual_check_dataset(args)
-    classes = dict(num_classes=len(dataset.class_names) + 1, class_names=dataset.class_names)
+    weights = args.backbone_weights
     try:
-        model = build_model(dict(backbone_weights=args.backbone_weights, **classes))
+        backbone = build_backbone("resnet50", pretrained=weights != "none",
+                                  checkpoint_file=None if weights in ("coco", "none") else weights)
     except WeightsUnavailableError as e:
         print(f"{e}\n-> using a random backbone: the targets depend only on the feature map sizes")
-        model = build_model(dict(backbone_weights="none", **classes))
-    for path in plot_target_figures(model, dataset, args.out, args.num, args.seed):
+        backbone = build_backbone("resnet50", pretrained=False)
+    head = SOLOHead(len(dataset.class_names) + 1, class_names=dataset.class_names)
+    for path in plot_target_figures(backbone, head, dataset, args.out, args.num, args.seed):
         print(f"saved {path}")
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    matplotlib.use("Agg")  # a script saves its figures and never shows them
+    run_script(main, get_args_parser())

@@ -8,11 +8,11 @@ Training on the result gives the same items, split and test split as training on
   python main_train.py --train-data data/coco/train.json data/coco/images --val-data data/coco/val.json data/coco/images
 """
 import argparse
-import sys
 import time
 
-from datafiles import DataError, dataset_paths
+from datafiles import dataset_paths
 from dataset import course_to_coco
+from errors import run_script
 
 
 def get_args_parser():
@@ -31,7 +31,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-    except (DataError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    run_script(main, get_args_parser())

@@ -7,6 +7,14 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the project's modules are flat files at the repository root
+os.environ.setdefault("MPLBACKEND", "Agg")  # figures are saved, never shown (a script chooses Agg itself)
+
+
+def parse_train(argv):
+    """main_train.py's resolved settings for the command line argv (its parser's parse_args)."""
+    import main_train
+
+    return main_train.get_args_parser().parse_args(argv)
 
 
 @pytest.fixture(scope="session")

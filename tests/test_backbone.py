@@ -15,8 +15,9 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from backbone import (ARCHITECTURES, COCO_FILE_NAME, FEATURE_KEYS, FEATURE_STRIDES, OUT_CHANNELS,
-                      WeightsUnavailableError, Resnet50Backbone, backbone_is_frozen, build_backbone)
+from backbone import (ARCHITECTURES, COCO_FILE_NAME, FEATURE_KEYS, FEATURE_STRIDES, OUT_CHANNELS, Resnet50Backbone,
+                      backbone_is_frozen, build_backbone)
+from errors import WeightsUnavailableError
 
 SIZES = [(128, 160), (64, 96)]  # multiples of 32, small enough for the CPU
 

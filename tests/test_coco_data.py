@@ -18,19 +18,24 @@ from pycocotools.cocoeval import COCOeval
 
 import main_infer
 import main_train
-from coco_eval import det_annotations, evaluate_masks, map_summary, save_results_json
-from datafiles import DataError, split_indices
+import solo_head
+from conftest import parse_train
+from checkpoint import load_checkpoint, load_model
+from coco_eval import evaluate_masks, map_summary, save_results_json
+from cocofiles import det_annotations
+from datafiles import split_indices
 from dataset import BuildDataLoader, BuildDataset, COCODataset, build_datasets, course_to_coco, split_dataset
 from engine import evaluate_map
-from solo_head import POSTPROCESS_MAP, SOLO, SOLOHead, build_model
+from errors import CheckpointError, DataError
+from model import SOLO, build_model
+from solo_head import POSTPROCESS_MAP, SOLOHead
 from synthetic import CLASS_NAMES_5, write_synthetic_coco
-from utils import CheckpointError, load_checkpoint
 
 CATEGORIES = [dict(id=1, name="cat"), dict(id=2, name="dog")]
 CATEGORY_IDS = (3, 7, 12, 20, 41)  # the 5-class run's: ids of any values
 SQUARE = [[10, 10, 30, 10, 30, 30, 10, 30]]  # one polygon: the square x, y in 10..30
-TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--stacked-convs", "1", "--seg-feat-channels", "32",
-        "--num-grids", "8", "6", "4", "3", "2", "--input-height", "64", "--batch-size", "2", "--log-every", "1",
+TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--set", "stacked_convs=1",
+        "seg_feat_channels=32", "num_grids=8,6,4,3,2", "--input-height", "64", "--batch-size", "2", "--log-every", "1",
         "--device", "cpu", "--workers", "0"]
 
 
@@ -331,10 +336,10 @@ def coco_run(tmp_path_factory):
     images = str(root / "data" / "images")
     data = ["--train-data", train_json, images, "--val-data", val_json, images]
     # the handout's xavier init starts every category score near 0.5: detections to evaluate after a few steps
-    main_train.main(main_train.parse_args(TINY + data + ["--init", "xavier", "--epochs", "1", "--output-dir",
+    main_train.main(parse_train(TINY + data + ["--set", "init=xavier", "--epochs", "1", "--output-dir",
                                                          str(root / "run")]))
     first = os.stat(root / "run" / "epoch_000.pth").st_mtime_ns
-    main_train.main(main_train.parse_args(["--resume", str(root / "run"), "--epochs", "2"]))
+    main_train.main(parse_train(["--resume", str(root / "run"), "--epochs", "2"]))
     assert os.stat(root / "run" / "epoch_000.pth").st_mtime_ns == first  # resumed, not trained again from 0
     return (train_json, val_json, images), root / "run"
 
@@ -366,9 +371,9 @@ def test_train_resume_and_infer_on_a_five_class_coco_set(coco_run, tmp_path):
 def test_overlays_name_the_checkpoints_classes(coco_run, tmp_path, monkeypatch):
     # what the picture says: the label text of a detection of label 5 is the fifth class's name
     _, run = coco_run
-    model = main_infer.load_model(str(run / "checkpoint.pth"))
+    model = load_model(str(run / "checkpoint.pth"))
     figures = []
-    monkeypatch.setattr(SOLOHead, "_save", staticmethod(lambda fig, path: figures.append(fig) or path))
+    monkeypatch.setattr(solo_head, "save_figure", lambda fig, path: figures.append(fig) or path)
     mask = torch.zeros(1, 30, 40)
     mask[0, 5:20, 10:30] = 1
     model.head.PlotInfer([torch.tensor([0.9])], [torch.tensor([5])], [mask], [(1, 0, 0)] * 5,
@@ -381,7 +386,7 @@ def test_a_resumed_run_refuses_data_of_other_classes(coco_run, tmp_path):
     other = json.load(open(train_json))
     other["categories"][0]["name"] = "car"
     path = write_json(tmp_path / "other.json", other["images"], other["annotations"], other["categories"])
-    args = main_train.parse_args(["--resume", str(run), "--epochs", "3", "--train-data", path, images,
+    args = parse_train(["--resume", str(run), "--epochs", "3", "--train-data", path, images,
                                   "--val-data", path, images])
     with pytest.raises(CheckpointError,
                        match=r"the data has the classes \['car'.*but checkpoint .* was trained on \['vehicle'"):
@@ -394,10 +399,10 @@ def test_a_resumed_run_refuses_data_of_other_classes(coco_run, tmp_path):
 
 def test_command_line_choices_of_the_data(tmp_path):
     with pytest.raises(SystemExit):
-        main_train.parse_args(["--val-data", "val.json", "images"])  # no --train-data
+        parse_train(["--val-data", "val.json", "images"])  # no --train-data
     with pytest.raises(SystemExit):
-        main_train.parse_args(["--synthetic", "100", "--train-data", "t.json", "images"])
-    args = main_train.parse_args(["--demo", "--train-data", "t.json", "images"])  # the demo's synthetic set gives way
+        parse_train(["--synthetic", "100", "--train-data", "t.json", "images"])
+    args = parse_train(["--demo", "--train-data", "t.json", "images"])  # the demo's synthetic set gives way
     assert args.synthetic == 0 and args.train_data == ["t.json", "images"] and args.val_data is None
 
 

@@ -12,9 +12,10 @@ import math
 import numpy as np
 import pytest
 
-from coco_eval import (coco_mask_map, det_annotations, evaluate_masks, format_map_table, ground_truth,
-                       gt_annotations, map_summary, plot_pr_curves, pr_curves, pr_figure, save_map_json)
-from dataset import CLASS_COLORS
+from coco_eval import (coco_mask_map, evaluate_masks, format_map_table, ground_truth, map_summary, plot_pr_curves,
+                       pr_curves, pr_figure, save_map_json)
+from cocofiles import det_annotations, gt_annotations
+from plots import CLASS_COLORS
 
 H, W = 30, 40  # image size of the hand-made cases
 NAMES = ("vehicle", "person", "animal")

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-import utils
+import run_folder
+from checkpoint import latest_checkpoint, load_checkpoint
 from conftest import ROOT
 
 nbformat = pytest.importorskip("nbformat")
@@ -40,17 +41,17 @@ def test_mirror_folder_copies_new_versions_and_an_interrupted_copy_keeps_the_old
     src.mkdir()
     (src / "epoch_000.pth").write_bytes(b"a" * 10)
     (src / ".lock").write_text("process 1")
-    assert utils.mirror_folder(str(src), str(dst)) == ["epoch_000.pth"]
-    assert utils.mirror_folder(str(src), str(dst)) == []  # unchanged: not copied again
+    assert run_folder.mirror_folder(str(src), str(dst)) == ["epoch_000.pth"]
+    assert run_folder.mirror_folder(str(src), str(dst)) == []  # unchanged: not copied again
     (src / "epoch_000.pth").write_bytes(b"b" * 20)
 
     def cut_short(source, target):
         with open(target, "wb") as f:
             f.write(b"b" * 3)
         raise OSError("Drive went away")
-    monkeypatch.setattr(utils.shutil, "copy2", cut_short)
+    monkeypatch.setattr(run_folder.shutil, "copy2", cut_short)
     with pytest.raises(OSError, match="Drive went away"):
-        utils.mirror_folder(str(src), str(dst))
+        run_folder.mirror_folder(str(src), str(dst))
     assert (dst / "epoch_000.pth").read_bytes() == b"a" * 10 and os.listdir(dst) == ["epoch_000.pth"]
 
 
@@ -60,11 +61,11 @@ def test_mirror_folder_copies_a_hard_linked_checkpoint_once(tmp_path):
     src.mkdir()
     (src / "epoch_001.pth").write_bytes(b"a" * 10)
     os.link(src / "epoch_001.pth", src / "checkpoint.pth")
-    assert utils.mirror_folder(str(src), str(dst)) == ["epoch_001.pth"]
+    assert run_folder.mirror_folder(str(src), str(dst)) == ["epoch_001.pth"]
     assert os.listdir(dst) == ["epoch_001.pth"]
     (src / "checkpoint.pth").unlink()
     (src / "checkpoint.pth").write_bytes(b"c" * 10)  # a filesystem without hard links: a copy
-    assert utils.mirror_folder(str(src), str(dst)) == ["checkpoint.pth"]
+    assert run_folder.mirror_folder(str(src), str(dst)) == ["checkpoint.pth"]
 
 
 def test_mirror_folder_drops_the_epochs_the_run_removed_and_a_wiped_run_removes_nothing(tmp_path, monkeypatch):
@@ -76,18 +77,18 @@ def test_mirror_folder_drops_the_epochs_the_run_removed_and_a_wiped_run_removes_
     (dst / "losses.csv").write_text("iteration\n")
     shutil.rmtree(src)
     src.mkdir()  # the local disk wiped: Drive keeps everything
-    assert utils.mirror_folder(str(src), str(dst)) == [] and len(os.listdir(dst)) == 5
+    assert run_folder.mirror_folder(str(src), str(dst)) == [] and len(os.listdir(dst)) == 5
     for epoch in (2, 3, 4):  # --keep-epochs 3 after epoch 4
         (src / f"epoch_{epoch:03d}.pth").write_bytes(b"newer")
 
     def cut_short(source, target):
         raise OSError("Drive went away")
     with monkeypatch.context() as m:  # a copy cut short removes nothing either
-        m.setattr(utils.shutil, "copy2", cut_short)
+        m.setattr(run_folder.shutil, "copy2", cut_short)
         with pytest.raises(OSError, match="Drive went away"):
-            utils.mirror_folder(str(src), str(dst))
+            run_folder.mirror_folder(str(src), str(dst))
     assert len(os.listdir(dst)) == 5
-    assert utils.mirror_folder(str(src), str(dst)) == ["epoch_002.pth", "epoch_003.pth", "epoch_004.pth"]
+    assert run_folder.mirror_folder(str(src), str(dst)) == ["epoch_002.pth", "epoch_003.pth", "epoch_004.pth"]
     assert sorted(os.listdir(dst)) == ["epoch_002.pth", "epoch_003.pth", "epoch_004.pth", "losses.csv"]
 
 
@@ -122,14 +123,14 @@ def test_the_notebook_trains_resumes_after_a_disconnect_and_writes_the_report(tm
 
     first = run_notebook(epochs=1)
     assert "new run in" in first
-    assert utils.load_checkpoint(utils.latest_checkpoint(drive / "tiny"))["epoch"] == 0
+    assert load_checkpoint(latest_checkpoint(drive / "tiny"))["epoch"] == 0
     shutil.rmtree(work / "runs")  # the disconnect: Colab's local disk is gone, Drive keeps the run
     second = run_notebook(epochs=2)
     assert "from Drive:" in second and "resuming from" in second
-    newest = utils.latest_checkpoint(drive / "tiny")
+    newest = latest_checkpoint(drive / "tiny")
     assert os.path.basename(newest) == "epoch_001.pth", os.listdir(drive / "tiny")  # one copy of checkpoint.pth
-    assert utils.load_checkpoint(newest)["epoch"] == 1  # continued, not restarted
-    history = utils.load_checkpoint(newest)["history"]
+    assert load_checkpoint(newest)["epoch"] == 1  # continued, not restarted
+    history = load_checkpoint(newest)["history"]
     assert [row[0] for row in history["test"]] == [0, 1]
     for name in ("report.html", "report.pdf"):
         assert (drive / "tiny" / "report" / name).stat().st_size > 0

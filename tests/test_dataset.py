@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import dataset as ds
-from dataset import BuildDataLoader, BuildDataset, dataset_paths, denormalize, split_dataset
+from datafiles import CLASS_NAMES, FILE_NAMES, dataset_paths
+from dataset import BuildDataLoader, BuildDataset, denormalize, split_dataset
+from plots import CLASS_COLORS
 
 HEIGHT = 128  # a small input where the size does not matter: 128 x 170, padded to 128 x 192
 MEAN = np.array(ds.MEAN).reshape(3, 1, 1)
@@ -254,7 +256,7 @@ class TestValidation:
     @pytest.mark.parametrize("which, role", list(enumerate(ds.ROLES)))
     def test_missing_file_names_it_and_the_synthetic_writer(self, tiny_paths, which, role):
         os.remove(tiny_paths[which])
-        expected = f"{role} file not found: .*{ds.FILE_NAMES[which]}.*synthetic.py"
+        expected = f"{role} file not found: .*{FILE_NAMES[which]}.*synthetic.py"
         with pytest.raises(FileNotFoundError, match=expected):
             BuildDataset(tiny_paths)
 
@@ -348,13 +350,13 @@ class TestVisualisation:
         image = denormalize(img).permute(1, 2, 0)
         for k in range(len(label)):  # where a single object's mask lies: half the image, half its class colour
             alone = (mask[k] > 0) & (mask.sum(0) == 1)
-            blend = 0.5 * image[alone] + 0.5 * torch.tensor(ds.CLASS_COLORS[label[k] - 1])
+            blend = 0.5 * image[alone] + 0.5 * torch.tensor(CLASS_COLORS[label[k] - 1])
             torch.testing.assert_close(shown[alone], blend.float(), atol=1e-5, rtol=0)
         outside = mask.sum(0) == 0
         torch.testing.assert_close(shown[outside], image[outside].float(), atol=1e-6, rtol=0)
         boxes = [(p.get_x(), p.get_y(), p.get_x() + p.get_width(), p.get_y() + p.get_height()) for p in ax.patches]
         np.testing.assert_allclose(boxes, bbox.numpy(), rtol=1e-6)
-        assert [t.get_text() for t in ax.texts] == [ds.CLASS_NAMES[k - 1] for k in label.tolist()]
+        assert [t.get_text() for t in ax.texts] == [CLASS_NAMES[k - 1] for k in label.tolist()]
         assert len(label) >= 2 and ax.get_title() == "title"
 
     def test_first_choices_are_the_most_crowded_images(self):

@@ -15,10 +15,11 @@ import pytest
 import main_infer
 import main_train
 import resume_train
-from dataset import BuildDataset
+from conftest import parse_train
+from checkpoint import load_checkpoint
 from datafiles import write_dataset
+from dataset import BuildDataset
 from synthetic import write_synthetic_dataset
-from utils import load_checkpoint
 
 SCENES, COPIES = 8, 25  # 160 train / 40 test images: 20 iterations of batch 8 per epoch
 EPOCHS = 10  # 200 iterations
@@ -42,10 +43,11 @@ def test_train_resume_infer_reports_a_real_map(tmp_path):
     common = DEMO + ["--data-dir", str(data), "--output-dir", str(run)]
 
     # the session dies after half the epochs (main_train stops there); resume_train.py carries on
-    first = main_train.main(main_train.parse_args(common + ["--epochs", str(EPOCHS // 2)]))
+    first = main_train.main(parse_train(common + ["--epochs", str(EPOCHS // 2)]))
     assert first["epoch"] == EPOCHS // 2 - 1
-    command = resume_train.resume_command(["--output-dir", str(run), "--epochs", str(EPOCHS)])
-    second = main_train.main(main_train.parse_args(command[1:]))
+    command = resume_train.main(*resume_train.get_args_parser().parse_known_args(["--output-dir", str(run), "--epochs",
+                                                                                  str(EPOCHS)]))
+    second = main_train.main(parse_train(command[1:]))
     assert second["epoch"] == EPOCHS - 1 and second["iteration"] == EPOCHS * 20
     checkpoint = load_checkpoint(str(run / "checkpoint.pth"))
     iterations = [row[0] for row in checkpoint["history"]["train"]]

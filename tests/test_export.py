@@ -19,12 +19,14 @@ from PIL import Image
 import deploy
 import export
 import main_infer
+from checkpoint import load_model, save_checkpoint
 from dataset import build_test_split
+from model import build_model
+from onnx_export import ExportGraph, output_names
 from onnx_infer import ExportedSOLO, cell_masks, postprocess
 from plots import detections_figure, save_figure
-from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP, build_model
+from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP
 from synthetic import write_synthetic_dataset
-from utils import load_model, save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = [pytest.param("solo"), pytest.param("decoupled", marks=pytest.mark.slow),
@@ -62,9 +64,9 @@ def exported(request, data_dir, tmp_path_factory):
 
 def test_raw_outputs_equal_pytorch_at_two_sizes_and_batch_sizes(exported):
     arch, checkpoint, path = exported
-    graph = export.ExportGraph(load_model(checkpoint)).eval()
+    graph = ExportGraph(load_model(checkpoint)).eval()
     session = ExportedSOLO(path)
-    assert session.names == export.output_names(arch)
+    assert session.names == output_names(arch)
     for batch, height, width in ((1, 64, 96), (1, 96, 160), (3, 64, 96), (3, 96, 160)):
         image = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():

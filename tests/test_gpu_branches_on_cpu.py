@@ -10,7 +10,7 @@ against the CPU's own path or against its definition:
   step whose float16 gradients overflow is skipped, not applied.
 - Matrix NMS's intersections: one float32 product for all classes on a GPU, one per class on the CPU; the same
   decayed scores, exact pixel counts under autocast.
-- SOLOHead._masks_to_original's batched product (every device but the CPU): in test_solo_head_postprocess.py, beside
+- mask_ops.masks_to_original's batched product (every device but the CPU): in test_solo_head_postprocess.py, beside
   the CPU path's tests.
 - The data path: bilinear interpolation only of floating tensors (CUDA's bilinear kernels have no uint8), and no
   pinned-memory query for a host destination (it initialises CUDA, which fails in a DataLoader worker forked after
@@ -28,7 +28,9 @@ import engine
 import utils
 from conftest import ReportsCuda
 from dataset import BuildDataLoader, BuildDataset
-from solo_head import SOLOHead, build_model, mask_intersections
+from mask_ops import mask_intersections
+from model import build_model
+from solo_head import SOLOHead
 
 HEIGHT = 64  # input 64 x 85, padded to 64 x 96
 TINY_MODEL = dict(backbone="resnet18", backbone_weights="none", stacked_convs=1, seg_feat_channels=32,
@@ -133,7 +135,7 @@ def one_step(batch, amp_dtype, scaler, clip_grad, monkeypatch):
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    monkeypatch.setattr(engine, "autocast_settings", lambda device, amp: (amp_dtype, amp_dtype is torch.float16))
+    monkeypatch.setattr(utils, "autocast_settings", lambda device, amp: (amp_dtype, amp_dtype is torch.float16))
     settings = SimpleNamespace(amp=amp_dtype is not None, input_height=HEIGHT, clip_grad=clip_grad)
     losses = engine.train_step(model, batch, optimizer, scaler, torch.device("cpu"), settings)  # (3,) float32
     return losses, before, [p.detach() for p in params], optimizer

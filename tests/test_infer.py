@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 
 import main_infer
+from checkpoint import load_checkpoint, save_checkpoint
 from dataset import build_test_split, normalize_
+from errors import CheckpointError
 from imagefiles import photo_input
-from solo_head import SOLO, build_model
+from model import SOLO, build_model
 from synthetic import write_synthetic_dataset
-from utils import CheckpointError, load_checkpoint, save_checkpoint
 
 INPUT_HEIGHT = 64  # a multiple of 32: 64 x 85 images padded to 64 x 96
 TINY_MODEL = dict(backbone="resnet18", backbone_weights="none", stacked_convs=1, seg_feat_channels=32,

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine import train_step
-from solo_head import ARCHS, build_model
+from model import ARCHS, build_model
 
 aten = torch.ops.aten
 DATA_DEPENDENT = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,

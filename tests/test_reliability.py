@@ -20,19 +20,19 @@ from PIL import Image
 import imagefiles
 import main_infer
 import main_train
-import utils
-from conftest import learning_history
+from conftest import learning_history, parse_train
+from atomic_files import atomic_write
+from checkpoint import latest_checkpoint, load_checkpoint, load_model
+from datafiles import write_dataset
 from dataset import BuildDataLoader, BuildDataset
-from datafiles import DataError, write_dataset
-from engine import NonFiniteLossError
+from errors import CheckpointError, DataError, NonFiniteLossError, RunFolderError, WriteError, error_message
+from run_folder import run_folder, stopped_message
 from solo_head import SOLOHead
 from synthetic import write_synthetic_dataset
-from utils import (CheckpointError, RunFolderError, WriteError, latest_checkpoint, load_checkpoint, load_model,
-                   run_folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--stacked-convs", "1", "--seg-feat-channels", "32",
-        "--num-grids", "8", "6", "4", "3", "2", "--input-height", "64", "--batch-size", "1", "--log-every", "1",
+TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--set", "stacked_convs=1",
+        "seg_feat_channels=32", "num_grids=8,6,4,3,2", "--input-height", "64", "--batch-size", "1", "--log-every", "1",
         "--device", "cpu", "--workers", "0"]
 
 
@@ -42,7 +42,7 @@ def data_dir(three_images):
 
 
 def train(data_dir, run_dir, *extra):
-    return main_train.main(main_train.parse_args(TINY + ["--data-dir", data_dir, "--output-dir", str(run_dir),
+    return main_train.main(parse_train(TINY + ["--data-dir", data_dir, "--output-dir", str(run_dir),
                                                          *map(str, extra)]))
 
 
@@ -90,7 +90,7 @@ class TestRunFolder:
             pass
 
     def test_a_killed_run_leaves_no_stuck_lock(self, tmp_path):
-        hold = (f"import time, utils\nwith utils.run_folder({str(tmp_path)!r}):\n"
+        hold = (f"import time, run_folder\nwith run_folder.run_folder({str(tmp_path)!r}):\n"
                 f"    print('locked', flush=True)\n    time.sleep(120)")
         holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdout=subprocess.PIPE, text=True)
         try:
@@ -121,13 +121,13 @@ class TestRunFolder:
         assert [int(line.split(",")[0]) for line in open(run / "losses.csv").readlines()[1:]] == [1, 2]
         # resuming this run does not inherit --overwrite: it would delete what another folder holds
         assert load_checkpoint(run / "checkpoint.pth")["args"]["overwrite"] is True
-        assert main_train.parse_args(["--resume", str(run)]).overwrite is False
+        assert parse_train(["--resume", str(run)]).overwrite is False
 
     def test_resuming_the_folders_own_run_is_allowed_and_stale_temporary_files_go(self, finished_run, tmp_path):
         run = copy_run(finished_run, tmp_path / "run")
         (run / ".epoch_002.pth.x7y8.tmp").write_bytes(b"PK half a checkpoint a killed run left")
         (run / ".losses.csv.a1b2.tmp").write_text("iteration,total")
-        main_train.main(main_train.parse_args(["--resume", str(run), "--epochs", "3"]))
+        main_train.main(parse_train(["--resume", str(run), "--epochs", "3"]))
         assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
         assert load_checkpoint(run / "checkpoint.pth")["epoch"] == 2
 
@@ -136,8 +136,8 @@ class TestRunFolder:
         run = copy_run(finished_run, tmp_path / "run")
         with pytest.raises(RunFolderError, match=f"{run} holds checkpoints newer than {run / 'epoch_000.pth'} "
                                                  f"\\(checkpoint.pth, epoch_001.pth\\).*--overwrite"):
-            main_train.main(main_train.parse_args(["--resume", str(run / "epoch_000.pth"), "--epochs", "2"]))
-        main_train.main(main_train.parse_args(["--resume", str(run / "epoch_000.pth"), "--epochs", "2",
+            main_train.main(parse_train(["--resume", str(run / "epoch_000.pth"), "--epochs", "2"]))
+        main_train.main(parse_train(["--resume", str(run / "epoch_000.pth"), "--epochs", "2",
                                                "--overwrite"]))
         resumed, straight = load_checkpoint(run / "checkpoint.pth"), load_checkpoint(finished_run / "checkpoint.pth")
         assert resumed["epoch"] == 1  # epoch 1 trained again
@@ -187,7 +187,7 @@ class TestInterruptions:
             except OSError:
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-        args = main_train.parse_args(["--resume", str(run), "--epochs", "3"])
+        args = parse_train(["--resume", str(run), "--epochs", "3"])
         monkeypatch.setattr(torch, "save", full_disk)
         with pytest.raises(WriteError) as raised:
             main_train.main(args)
@@ -195,7 +195,7 @@ class TestInterruptions:
         monkeypatch.setattr(torch, "save", real_save)
         assert (run / "checkpoint.pth").read_bytes() == before
         assert not [n for n in os.listdir(run) if n.endswith(".tmp")] and not (run / "epoch_002.pth").exists()
-        assert main_train.stopped_message(args, raised.value.strerror) == (
+        assert stopped_message(args.output_dir, raised.value.strerror) == (
             f"error: cannot write {run / 'epoch_002.pth'}: No space left on device; the newest checkpoint is "
             f"{latest_checkpoint(str(run))}: continue with python main_train.py --resume "
             f"{latest_checkpoint(str(run))}")
@@ -204,7 +204,7 @@ class TestInterruptions:
         def broken(f):
             raise TypeError("a bug in the writer")
         with pytest.raises(TypeError, match="a bug in the writer"):
-            utils.atomic_write(str(tmp_path / "file.csv"), broken)
+            atomic_write(str(tmp_path / "file.csv"), broken)
         assert os.listdir(tmp_path) == []
 
     def test_a_log_line_that_cannot_be_written_names_the_file(self, data_dir, tmp_path, monkeypatch):
@@ -282,7 +282,7 @@ class TestBadCheckpointsInInference:
         torch.save(checkpoint, path)
         with pytest.raises(CheckpointError, match=f"checkpoint {path}: its stored setting input_height='sixty-four' "
                                                   f"is not a int"):
-            main_train.parse_args(["--resume", str(path)])
+            parse_train(["--resume", str(path)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ class TestDataFiles:
         assert code == 1 and error_line(stderr).startswith(f"error: labels file {paths[2]} is not a readable")
         code, _, stderr = script("main_train.py", "--input-height", "100")
         assert code == 2 and "input_height 100 is not a multiple of 32" in stderr and "Traceback" not in stderr
-        code, _, stderr = script("main_train.py", "--seg-feat-channels", "48")
+        code, _, stderr = script("main_train.py", "--set", "seg_feat_channels=48")
         assert code == 2 and "seg_feat_channels 48 must be a multiple of 32" in stderr and "Traceback" not in stderr
         if not torch.cuda.is_available():
             code, _, stderr = script("main_infer.py", "--device", "cuda", "--checkpoint-dir", str(tmp_path))
@@ -412,8 +412,8 @@ class TestDataFiles:
         wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
                             "last):\n  File \"x.py\", line 1, in f\n    g()\ndatafiles.DataError: images file a.h5: "
                             "image 5 cannot be read (OSError: broken)\n")
-        assert utils.error_message(wrapped) == "images file a.h5: image 5 cannot be read (OSError: broken)"
-        assert utils.error_message(DataError("one line")) == "one line"
+        assert error_message(wrapped) == "images file a.h5: image 5 cannot be read (OSError: broken)"
+        assert error_message(DataError("one line")) == "one line"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Specification of SOLOHead's training loss (handout 6.9, handout-notes 1-4 and 16).
+"""Specification of SOLOHead's training loss (handout 6.9, docs/handout-notes.md 1-4 and 16).
 
 L = L_cate + 3 L_mask.
   L_mask: dice loss 1 - 2 sum(p q) / (sum p^2 + 1e-3 + sum q^2 + 1e-3), averaged over the positive channels
@@ -178,13 +178,13 @@ class TestFocalLoss:
         assert torch.autograd.gradcheck(lambda p: head.FocalLoss(p, gts), (preds,))
 
     def test_bad_normalize_raises(self):
-        with pytest.raises(ValueError, match="normalize must be 'positives'"):
+        with pytest.raises(ValueError, match="cate_norm 'sum' must be one of \\('positives', 'mean'\\)"):
             make_head(cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize="sum"))
 
 
 class TestGradientsAtSaturation:
     def test_finite_gradients_at_exactly_zero_and_one(self, head):
-        # every combination of p in {0, 1} and target in {0, 1} for both terms (handout-notes 3)
+        # every combination of p in {0, 1} and target in {0, 1} for both terms (docs/handout-notes.md 3)
         gts = torch.tensor([0, 1, 2, 3])
         preds = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]],
                              requires_grad=True)

@@ -1,4 +1,4 @@
-"""Specification of the SOLO head's network (handout 6.1-6.4, 6.10.4; handout-notes 2, 3, 10, 11) and of the
+"""Specification of the SOLO head's network (handout 6.1-6.4, 6.10.4; docs/handout-notes.md 2, 3, 10, 11) and of the
 SOLO wrapper (backbone + head).
 
 The backbone is replaced by random feature maps with its output contract: 5 maps of 256 channels at strides
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from solo_head import SOLO, SOLOHead, coord_feat
+from model import SOLO
+from solo_head import SOLOHead, coord_feat
 
 NUM_GRIDS = (40, 36, 24, 16, 12)
 KEYS = ("0", "1", "2", "3", "pool")
@@ -95,7 +96,7 @@ class TestForward:
 
 
 def test_cell_masks_follow_the_authors_upsampling_order(head):
-    """A cell's mask at inference (handout-notes 11, 17), as the authors compute it for all S^2 cells: the mask
+    """A cell's mask at inference (docs/handout-notes.md 11, 17), as the authors compute it for all S^2 cells: the mask
     features upsampled x2, the level's 1x1 conv, the sigmoid, then the probabilities resized to (H/4, W/4).
     cell_masks computes the chosen channels only, at the feature resolution before the x2 upsampling (the two
     commute): the same masks up to float rounding. Upsampling the logits straight to H/4 and then taking the
@@ -213,8 +214,8 @@ class TestLayers:
         assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
 
     @pytest.mark.parametrize("kwargs, message", [
-        (dict(init="kaiming"), "init must be 'solo' or 'xavier'"),
-        (dict(cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize="sum")), "normalize must be"),
+        (dict(init="kaiming"), r"init 'kaiming' must be one of \('solo', 'xavier'\)"),
+        (dict(cate_loss_cfg=dict(gamma=2, alpha=0.25, weight=1, normalize="sum")), "cate_norm 'sum' must be one of"),
         (dict(with_deform=True), "deformable"),
         (dict(strides=(8, 8, 16, 32)), "one entry per FPN level"),
     ])

@@ -1,4 +1,4 @@
-"""Specification of SOLOHead's inference (handout 6.10, 6.11, handout-notes 12-15).
+"""Specification of SOLOHead's inference (handout 6.10, 6.11, docs/handout-notes.md 12-15).
 
 MatrixNMS (SOLOv2 eq. 4, one pass): mask j's score is multiplied by
     decay_j = min over higher-scored masks i (of j's class, or all with labels=None) of f(iou_ij) / f(cmax_i),
@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+import mask_ops
 import plots
 import solo_head
 from conftest import ReportsCuda
-from dataset import CLASS_COLORS
-from solo_head import (POSTPROCESS_HANDOUT, POSTPROCESS_MAP, SOLOHead, mask_intersections,
-                       resize_matrix)
+from datafiles import CLASS_NAMES
+from dataset import denormalize
+from mask_ops import mask_intersections, masks_to_original, resize_matrix
+from plots import CLASS_COLORS
+from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP, SOLOHead
 
 HANDOUT_COLORS = ["jet", "ocean", "Spectral"]  # handout 6.11's color_list
 
@@ -78,7 +81,7 @@ def random_masks(n, seed):
 
 
 class TestMatrixNMS:
-    # handout 6.10.3's example (values corrected in handout-notes 12):
+    # handout 6.10.3's example (values corrected in docs/handout-notes.md 12):
     #   mask 1 = [[1,1,0],[1,1,0],[0,0,1]] area 5, mask 2 = [[0,0,1],[0,0,1],[0,0,0]] area 2,
     #   mask 3 = [[1,1,0],[1,1,0],[0,0,0]] area 4; intersections [[5,0,4],[0,2,0],[4,0,4]], only IoU(1,3) = 4/5.
     HANDOUT_MASKS = torch.tensor([[[1, 1, 0], [1, 1, 0], [0, 0, 1]],
@@ -264,7 +267,7 @@ class TestPostProcess:
             assert iou(mask, EXPECTED[label]) > 0.95, f"label {label}: IoU {iou(mask, EXPECTED[label]):.3f}"
 
     def test_right_edge_object_reaches_the_edge(self, head):
-        # handout-notes 15: the padding is cropped before resizing to the original frame
+        # docs/handout-notes.md 15: the padding is cropped before resizing to the original frame
         cate, ins = eval_preds([[OBJ_B]])
         mask = head.PostProcess(ins, cate, ORI)[2][0][0]
         cols = mask.nonzero()[:, 1]
@@ -348,12 +351,12 @@ class TestPostProcess:
 @pytest.fixture
 def figures(monkeypatch):
     """The figures the plots save, kept for inspection (saving closes them; their artists stay readable)."""
-    saved, real_save = [], SOLOHead._save
+    saved, real_save = [], solo_head.save_figure
 
     def save(fig, path):
         saved.append(fig)
         return real_save(fig, path)
-    monkeypatch.setattr(SOLOHead, "_save", staticmethod(save))
+    monkeypatch.setattr(solo_head, "save_figure", save)
     return saved
 
 
@@ -376,7 +379,7 @@ class TestPlots:
         assert paths == [str(tmp_path / "gt_0.png")] and os.path.getsize(paths[0]) > 0
         (fig,) = figures
         assert len(fig.axes) == len(GRIDS)
-        mean = solo_head.denormalize(img)[0, :, 0, 0]
+        mean = denormalize(img)[0, :, 0, 0]
         for level, ax in enumerate(fig.axes):
             positives = int(targets[1][0][level].sum())
             assert ax.get_title() == f"level {level}: S={GRIDS[level]}, {positives} positive cells"
@@ -404,7 +407,7 @@ class TestPlots:
         background = results[2][0].sum(0) == 0
         assert torch.isclose(shown[background], torch.tensor(grey), atol=1e-4).all()
         texts = sorted(t.get_text() for t in figures[0].axes[0].texts)
-        assert texts == sorted(f"{solo_head.CLASS_NAMES[label - 1]} {score:.2f}"
+        assert texts == sorted(f"{CLASS_NAMES[label - 1]} {score:.2f}"
                                for score, label in zip(results[0][0].tolist(), results[1][0].tolist()))
         assert len(texts) == 3
         # the second image has no detection: the picture is the image alone, without labels
@@ -451,7 +454,7 @@ class TestMasksToOriginal:
         torch.manual_seed(1)
         masks = F.interpolate(torch.rand(1, 8, 8, 11), size=QUARTER, mode="bilinear")[0]  # smooth, many edges
         reference = reference_masks_to_original(masks, ORI)
-        out = SOLOHead._masks_to_original(masks, ORI)
+        out = masks_to_original(masks, ORI)
         differ = out != (reference > 0.5).float()
         assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
         assert differ.sum() <= 2 and out.shape == (8, *ORI)
@@ -461,8 +464,8 @@ class TestMasksToOriginal:
         torch.manual_seed(1)
         masks = F.interpolate(torch.rand(1, 8, 8, 11), size=QUARTER, mode="bilinear")[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = SOLOHead._masks_to_original(masks, ORI)
-        assert torch.equal(out, SOLOHead._masks_to_original(masks, ORI))
+            out = masks_to_original(masks, ORI)
+        assert torch.equal(out, masks_to_original(masks, ORI))
 
     def test_edges_corners_single_pixels_and_empty_masks(self):
         # objects at the borders, a lone pixel, a mask with no pixel above 0.5 and one with every pixel above it
@@ -470,40 +473,40 @@ class TestMasksToOriginal:
         masks[0, 0, 0] = masks[1, -1, -1] = masks[2, 0, -1] = masks[3, 30, 40] = 0.95
         masks[4, :, 80:] = 0.9  # against the right edge, partly in the padding
         masks[6] = 0.8  # masks[5] stays below 0.5 everywhere
-        out = SOLOHead._masks_to_original(masks, ORI)
+        out = masks_to_original(masks, ORI)
         assert torch.equal(out, (reference_masks_to_original(masks, ORI) > 0.5).float())
         assert not out[5].any() and out[6].all() and out[0, 0, 0] == 1 and out[3].sum() > 0
 
     def test_no_mask(self):
-        assert SOLOHead._masks_to_original(torch.zeros(0, *QUARTER), ORI).shape == (0, *ORI)
+        assert masks_to_original(torch.zeros(0, *QUARTER), ORI).shape == (0, *ORI)
 
 
-# ------------------------------------------------------------------ the GPU's _masks_to_original, run on the CPU
+# ------------------------------------------------------------------ the GPU's masks_to_original, run on the CPU
 
 
 @pytest.fixture
 def batched_branch(monkeypatch):
-    """SOLOHead._masks_to_original as on a GPU, on the CPU: the masks report cuda:0, resize_matrix builds on the
+    """mask_ops.masks_to_original as on a GPU, on the CPU: the masks report cuda:0, resize_matrix builds on the
     CPU whatever device it is given (and records it), and the CPU path's box search must not run for them."""
     devices = []
-    real_resize_matrix = solo_head.resize_matrix
+    real_resize_matrix = mask_ops.resize_matrix
 
     def resize_matrix(size_in, size_up, crop, size_out, device=None):
         devices.append(device)
         return real_resize_matrix(size_in, size_up, crop, size_out)
 
-    real_reads, batched = solo_head._reads, []
+    real_reads, batched = mask_ops.read_ranges, []
 
     def reads(matrix):
         assert not batched, "the CPU path ran"
         return real_reads(matrix)
-    monkeypatch.setattr(solo_head, "resize_matrix", resize_matrix)
-    monkeypatch.setattr(solo_head, "_reads", reads)
+    monkeypatch.setattr(mask_ops, "resize_matrix", resize_matrix)
+    monkeypatch.setattr(mask_ops, "read_ranges", reads)
 
     def run(masks, ori_size):
         batched.append(True)
         try:
-            out = SOLOHead._masks_to_original(masks.as_subclass(ReportsCuda), ori_size)
+            out = masks_to_original(masks.as_subclass(ReportsCuda), ori_size)
         finally:
             batched.pop()
         return out.as_subclass(torch.Tensor)
@@ -518,7 +521,7 @@ class TestBatchedMasksToOriginal:
         masks = F.interpolate(torch.rand(1, 10, 6, 8), size=QUARTER, mode="bilinear")[0]  # smooth, many edges
         masks[0] = 0.1  # no pixel above 0.5
         masks[1, :, -10:] = 0.9  # against the right edge, partly in the padding
-        cpu = SOLOHead._masks_to_original(masks, ORI)
+        cpu = masks_to_original(masks, ORI)
         out = batched_branch(masks, ORI)
         assert out.shape == (10, *ORI) and out.dtype == torch.float32
         reference = reference_masks_to_original(masks, ORI)
@@ -545,7 +548,7 @@ class TestBatchedMasksToOriginal:
 def model_with_candidates():
     """A small SOLO with xavier weights and a category bias that puts about 100 (cell, class) pairs of a random
     input above POSTPROCESS_MAP's threshold, with masks large enough to survive the area filter."""
-    from solo_head import build_model
+    from model import build_model
 
     torch.manual_seed(0)
     model = build_model(dict(backbone="resnet18", backbone_weights="none", seg_feat_channels=32,

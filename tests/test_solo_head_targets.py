@@ -1,4 +1,4 @@
-"""Specification of SOLOHead.target (handout 6.5; handout-notes 6-9): which cells are positive, with which label
+"""Specification of SOLOHead.target (handout 6.5; docs/handout-notes.md 6-9): which cells are positive, with which label
 and which mask.
 
 The rules, as target_single_img's docstring and the notes state them:

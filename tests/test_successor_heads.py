@@ -14,17 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-import bench
 import main_infer
 import main_train
+from conftest import parse_train
+from bench_inputs import model_settings, shape_only_preds
 from coco_eval import map_summary
 from dataset import BuildDataLoader, BuildDataset
+from decoupled_solo_head import DecoupledSOLOHead
 from engine import evaluate_map, train_step
-from solo_head import (ARCHS, HEADS, POSTPROCESS_MAP, DecoupledSOLOHead, ModelConfig, SOLOHead, SOLOv2Head,
-                       build_model, coord_feat, image_of)
+from model import ARCHS, HEADS, ModelConfig, build_model
+from solo_head import POSTPROCESS_MAP, SOLOHead, coord_feat, image_of
+from solov2_head import SOLOv2Head
 from synthetic import write_synthetic_dataset
 from test_solo_head_model import fpn_maps
-from utils import DEMO, DEMO_ARCH_LR, CheckpointError, build_scheduler, load_checkpoint, seed_everything
+from checkpoint import load_checkpoint
+from errors import CheckpointError
+from train_settings import DEMO, DEMO_ARCH_LR
+from utils import build_scheduler, seed_everything
 
 GRIDS = (12, 10, 8, 6, 4)
 SIZES = [(128, 160), (256, 352)]
@@ -281,8 +287,8 @@ def test_the_arch_is_a_model_setting_and_a_bad_one_is_named():
         ModelConfig(arch="solov2", mask_feat_channels=48)
 
 
-TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--stacked-convs", "1", "--seg-feat-channels", "32",
-        "--mask-feat-channels", "32", "--num-grids", "8", "6", "4", "3", "2", "--input-height", "64",
+TINY = ["--backbone", "resnet18", "--backbone-weights", "none", "--set", "stacked_convs=1",
+        "seg_feat_channels=32", "mask_feat_channels=32", "num_grids=8,6,4,3,2", "--input-height", "64",
         "--batch-size", "1", "--log-every", "1", "--device", "cpu", "--workers", "0"]
 
 
@@ -293,13 +299,13 @@ def test_each_head_trains_resumes_and_runs_through_main_infer(arch, three_images
     --arch."""
     run, figures = tmp_path / "run", tmp_path / "figures"
     common = TINY + ["--data-dir", three_images, "--output-dir", str(run)]
-    main_train.main(main_train.parse_args(common + ["--arch", arch, "--epochs", "1"]))
+    main_train.main(parse_train(common + ["--arch", arch, "--epochs", "1"]))
     assert load_checkpoint(str(run / "checkpoint.pth"))["model_cfg"]["arch"] == arch
-    resumed = main_train.main(main_train.parse_args(["--resume", str(run), "--epochs", "2"]))
+    resumed = main_train.main(parse_train(["--resume", str(run), "--epochs", "2"]))
     assert resumed["epoch"] == 1
     other = "solo" if arch != "solo" else "solov2"
     with pytest.raises(CheckpointError, match=re.escape(f"--arch (the run has {arch!r}, the command line {other!r})")):
-        main_train.parse_args(["--resume", str(run), "--arch", other])
+        parse_train(["--resume", str(run), "--arch", other])
     capsys.readouterr()
     metrics = main_infer.main(main_infer.get_args_parser().parse_args(
         ["--checkpoint-dir", str(run), "--figures-dir", str(figures), "--device", "cpu", "--workers", "0",
@@ -308,10 +314,10 @@ def test_each_head_trains_resumes_and_runs_through_main_infer(arch, three_images
     assert metrics["num_images"] == 1 and len(metrics["overlays"]) == 1
     # bench.py --checkpoint: the run's model settings, random weights
     bench_args = SimpleNamespace(arch=None, checkpoint=str(run / "checkpoint.pth"))
-    cfg = bench.model_settings(bench_args)
+    cfg = model_settings(bench_args)
     assert (cfg.arch, cfg.seg_feat_channels, cfg.backbone_weights, bench_args.arch) == (arch, 32, "none", arch)
     with pytest.raises(CheckpointError, match=f"--arch {other}: the checkpoint .* is a {arch} model"):
-        bench.model_settings(SimpleNamespace(arch=other, checkpoint=str(run / "checkpoint.pth")))
+        model_settings(SimpleNamespace(arch=other, checkpoint=str(run / "checkpoint.pth")))
 
 
 # ---------------------------------------------------------------- every head learns
@@ -358,20 +364,20 @@ def test_bench_times_target_on_shape_only_predictions_that_give_the_real_targets
     cate, ins = head(fpn_maps(256, 352, bz=1, channels=32))
     boxes, labels, masks = scene(256, 352)
     real = head.target(ins, [boxes], [labels], [masks], compact=True)
-    shapes = head.target(bench.shape_only_preds(head, 1, 256, 352, torch.device("cpu")), [boxes], [labels], [masks],
+    shapes = head.target(shape_only_preds(head, 1, 256, 352, torch.device("cpu")), [boxes], [labels], [masks],
                          compact=True)
     for real_part, shape_part in zip(real, shapes):
         assert all(torch.equal(a, b) for a, b in zip(real_part[0], shape_part[0]))
 
 
 def test_the_demo_gives_solov2_its_own_lr_and_an_explicit_lr_wins(capsys):
-    assert main_train.parse_args(["--demo"]).lr == DEMO["lr"]
-    assert main_train.parse_args(["--demo", "--arch", "decoupled"]).lr == DEMO["lr"]
-    assert main_train.parse_args(["--demo", "--arch", "solov2"]).lr == DEMO_ARCH_LR["solov2"] == 0.01
-    assert main_train.parse_args(["--demo", "--arch", "solov2", "--lr", "0.03"]).lr == 0.03
+    assert parse_train(["--demo"]).lr == DEMO["lr"]
+    assert parse_train(["--demo", "--arch", "decoupled"]).lr == DEMO["lr"]
+    assert parse_train(["--demo", "--arch", "solov2"]).lr == DEMO_ARCH_LR["solov2"] == 0.01
+    assert parse_train(["--demo", "--arch", "solov2", "--lr", "0.03"]).lr == 0.03
     with pytest.raises(SystemExit):
-        main_train.parse_args(["--help"])
-    assert "--demo --arch solov2 takes --lr 0.01" in capsys.readouterr().out
+        parse_train(["--help"])
+    assert "(--arch solov2: --lr 0.01)" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -382,7 +388,7 @@ def test_cuda_each_head_trains_one_run_and_infers_under_amp(arch, three_images, 
     run = tmp_path / "run"
     args = TINY[:-4] + ["--device", "cuda", "--workers", "0", "--amp", "--arch", arch, "--data-dir", three_images,
                         "--output-dir", str(run), "--epochs", "1"]
-    result = main_train.main(main_train.parse_args(args))
+    result = main_train.main(parse_train(args))
     assert result["epoch"] == 0 and all(math.isfinite(v) for v in result["train_loss"])
     metrics = main_infer.main(main_infer.get_args_parser().parse_args(
         ["--checkpoint-dir", str(run), "--figures-dir", str(tmp_path / "figures"), "--device", "cuda", "--amp",

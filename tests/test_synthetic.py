@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dataset import FILE_NAMES
+from datafiles import FILE_NAMES
 from synthetic import render_image, write_synthetic_dataset
 
 # the SOLO head's scale ranges (sqrt(w * h) at an 800-pixel-high input) and that input's scale from 300x400

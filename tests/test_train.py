@@ -6,6 +6,7 @@ Everything runs on the CPU with a tiny model (ResNet-18 FPN with random weights,
 small grids) on 3 synthetic images at 64x96 (2 train, 1 test image), batch 1: 2 iterations per epoch. One
 CUDA-only test (skipped without a GPU) checks the host-device synchronisations.
 """
+import dataclasses
 import math
 import os
 import re
@@ -23,14 +24,16 @@ import engine
 import main_train
 import resume_train
 import utils
-from conftest import learning_history
-from engine import NonFiniteLossError
-from solo_head import SOLOHead, build_model
-from utils import CHECKPOINT_KEYS, CheckpointError, latest_checkpoint, load_checkpoint, load_model
+from conftest import learning_history, parse_train
+from checkpoint import CHECKPOINT_KEYS, latest_checkpoint, link_checkpoint, load_checkpoint, load_model, save_checkpoint
+from errors import CheckpointError, NonFiniteLossError
+from loss_log import loss_figure
+from model import ModelConfig, build_model
+from solo_head import SOLOHead
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = ["--backbone", "resnet18", "--backbone-weights", "none", "--stacked-convs", "1",
-              "--seg-feat-channels", "32", "--num-grids", "8", "6", "4", "3", "2"]
+TINY_MODEL = ["--backbone", "resnet18", "--backbone-weights", "none", "--set", "stacked_convs=1",
+              "seg_feat_channels=32", "num_grids=8,6,4,3,2"]
 TINY = TINY_MODEL + ["--input-height", "64", "--batch-size", "1", "--log-every", "1", "--device", "cpu", "--hflip"]
 
 
@@ -40,14 +43,21 @@ def data_dir(three_images):
 
 
 def train_args(data_dir, run_dir, *extra):
-    return main_train.parse_args(TINY + ["--data-dir", data_dir, "--output-dir", str(run_dir), *map(str, extra)])
+    return parse_train(TINY + ["--data-dir", data_dir, "--output-dir", str(run_dir), *map(str, extra)])
+
+
+def resume_command(*argv):
+    """The main_train.py flags `python resume_train.py ARGV` runs main_train.py with (the script it runs is checked
+    to be this repository's main_train.py)."""
+    command = resume_train.main(*resume_train.get_args_parser().parse_known_args(list(argv)))
+    assert command[0] == os.path.join(REPO, "main_train.py")
+    return command[1:]
 
 
 def resume(*argv):
     """What `python resume_train.py ARGV` runs: main_train.py with the command resume_train.py builds."""
-    command = resume_train.resume_command(list(argv))
-    assert command[0] == resume_train.MAIN_TRAIN
-    return main_train.main(main_train.parse_args(command[1:]))
+    command = resume_command(*argv)
+    return main_train.main(parse_train(command))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +121,7 @@ class TestTinyRun:
 
     def test_the_loss_curve_shows_the_three_losses_against_the_iteration(self, straight_run):
         history = load_checkpoint(straight_run[0] / "checkpoint.pth")["history"]
-        fig = utils.loss_figure(history)
+        fig = loss_figure(history)
         assert [ax.get_title() for ax in fig.axes] == ["total loss", "focal loss (category)", "dice loss (mask)"]
         train, test = np.array(history["train"]), np.array(history["test"])
         for k, ax in enumerate(fig.axes):
@@ -148,33 +158,32 @@ class TestResumeSettings:
     flag that differs is refused (a value printed but not used would mislead)."""
 
     def test_the_run_folder_and_its_stored_settings(self, straight_run):
-        args = main_train.parse_args(["--resume", str(straight_run[0])])
+        args = parse_train(["--resume", str(straight_run[0])])
         assert args.resume in (str(straight_run[0] / "checkpoint.pth"), str(straight_run[0] / "epoch_001.pth"))
         assert args.output_dir == str(straight_run[0])
         assert (args.backbone, args.input_height, args.num_grids, args.lr) == ("resnet18", 64, [8, 6, 4, 3, 2],
                                                                               pytest.approx(0.01 / 16))
 
     def test_allowed_overrides_apply(self, straight_run, tmp_path):
-        args = main_train.parse_args(["--resume", str(straight_run[0]), "--epochs", "5", "--data-dir", str(tmp_path),
+        args = parse_train(["--resume", str(straight_run[0]), "--epochs", "5", "--data-dir", str(tmp_path),
                                       "--workers", "0"])
         assert (args.epochs, args.data_dir, args.workers) == (5, str(tmp_path), 0)
 
     def test_the_same_value_is_accepted_another_is_refused_naming_the_flag(self, straight_run):
-        assert main_train.parse_args(["--resume", str(straight_run[0]), "--input-height", "64"]).input_height == 64
+        assert parse_train(["--resume", str(straight_run[0]), "--input-height", "64"]).input_height == 64
         with pytest.raises(CheckpointError, match=r"a resumed run keeps its settings; these differ: --lr \(the run "
                                                   r"has 0\.000625, the command line 0\.5\).*another --output-dir"):
-            main_train.parse_args(["--resume", str(straight_run[0]), "--lr", "0.5"])
+            parse_train(["--resume", str(straight_run[0]), "--lr", "0.5"])
 
     def test_resume_train_builds_the_main_train_command(self):
-        assert resume_train.resume_command([]) == [resume_train.MAIN_TRAIN, "--resume", "checkpoints"]
-        assert resume_train.resume_command(["--output-dir", "runs/a", "--epochs", "40"]) == [
-            resume_train.MAIN_TRAIN, "--resume", "runs/a", "--epochs", "40"]
-        assert resume_train.resume_command(["--checkpoint", "a/epoch_003.pth", "--output-dir", "b"]) == [
-            resume_train.MAIN_TRAIN, "--resume", "a/epoch_003.pth", "--output-dir", "b"]
+        assert resume_command() == ["--resume", "checkpoints"]
+        assert resume_command("--output-dir", "runs/a", "--epochs", "40") == ["--resume", "runs/a", "--epochs", "40"]
+        assert resume_command("--checkpoint", "a/epoch_003.pth", "--output-dir", "b") == [
+            "--resume", "a/epoch_003.pth", "--output-dir", "b"]
 
     def test_resume_without_a_checkpoint_is_one_clear_error_line(self, tmp_path):
         with pytest.raises(CheckpointError, match="no checkpoint in this folder"):
-            main_train.parse_args(["--resume", str(tmp_path)])
+            parse_train(["--resume", str(tmp_path)])
         # resume_train.py becomes main_train.py, which exits non-zero with the message, no traceback
         result = subprocess.run([sys.executable, "resume_train.py", "--output-dir", str(tmp_path)], cwd=REPO,
                                 capture_output=True, text=True, timeout=120)
@@ -184,31 +193,73 @@ class TestResumeSettings:
 
 
 def test_test_only_prints_the_checkpoints_test_losses(straight_run, capsys):
-    summary = main_train.main(main_train.parse_args(["--resume", str(straight_run[0]), "--test-only"]))
+    summary = main_train.main(parse_train(["--resume", str(straight_run[0]), "--test-only"]))
     stored = load_checkpoint(straight_run[0] / "checkpoint.pth")["history"]["test"][-1][1:]
     np.testing.assert_allclose(summary["test_loss"], stored, rtol=1e-5)
     assert "test losses of" in capsys.readouterr().out
 
 
-def test_demo_preset_gives_defaults_that_flags_override_and_help_shows_its_command(capsys):
-    demo = main_train.parse_args(["--demo", "--epochs", "3"])
+def test_demo_preset_gives_settings_that_flags_and_set_override_and_help_shows_it(capsys):
+    parse = main_train.get_args_parser().parse_args
+    demo = parse(["--demo", "--epochs", "3", "--set", "stacked_convs=3"])
     assert (demo.backbone, demo.backbone_weights, demo.input_height, demo.synthetic) == ("resnet18", "none", 128, 600)
-    assert demo.epochs == 3 and demo.output_dir == "checkpoints/demo"
-    assert main_train.parse_args(["--dem"]).backbone == "resnet18"  # argparse's abbreviation counts too
-    plain = main_train.parse_args([])
-    assert (plain.backbone, plain.input_height, plain.epochs) == ("resnet50", 800, 36)
-    # --help ends with the full command line --demo stands for, and that command gives the same settings
+    assert (demo.seg_feat_channels, demo.num_grids, demo.synthetic_min_size) == (64, [16, 12, 10, 8, 6], 30)
+    assert (demo.epochs, demo.stacked_convs, demo.output_dir) == (3, 3, "checkpoints/demo")  # the flags win
+    assert (parse(["--demo"]).lr, parse(["--demo", "--arch", "solov2"]).lr) == (0.06, 0.01)
+    assert parse(["--dem"]).backbone == "resnet18"  # argparse's abbreviation counts too
+    plain = parse([])
+    assert (plain.backbone, plain.input_height, plain.epochs, plain.stacked_convs) == ("resnet50", 800, 36, 7)
+    assert (plain.synthetic_min_size, plain.lr) == (14, None)
+    # --help ends with what the preset stands for
     with pytest.raises(SystemExit):
-        main_train.parse_args(["--help"])
-    shown = capsys.readouterr().out.split("--demo is the same as: python main_train.py ")[1].split()
-    assert vars(main_train.parse_args(shown)) == dict(vars(main_train.parse_args(["--demo"])), demo=False)
+        parse(["--help"])
+    shown = capsys.readouterr().out.split("--demo stands for ")[1]
+    for words in ("--input-height 128", "--backbone resnet18", "stacked_convs=2", "num_grids=16,12,10,8,6",
+                  "--arch solov2: --lr 0.01", "at least 30 pixels"):
+        assert words in " ".join(shown.split()), words
 
 
-def test_at_most_about_36_flags():
-    # the handout's settings, the run's, the successors' two (--arch, SOLOv2's --mask-feat-channels) and your own
-    # data's three (--train-data, --val-data, --empty-images) and --tensorboard
-    settings = vars(main_train.get_args_parser().parse_args([]))  # one per flag
-    assert len(settings) <= 36, sorted(settings)
+def test_at_most_30_flags():
+    # torchvision's groups (data, model, optimisation, run); the model settings beyond --arch, --backbone and
+    # --backbone-weights go through --set
+    flags = [a for a in main_train.get_args_parser()._actions if a.option_strings]
+    assert len(flags) <= 30, [a.option_strings[-1] for a in flags]
+
+
+@pytest.mark.parametrize("words, field, value", [
+    (["--arch", "solov2"], "arch", "solov2"), (["--set", "arch=decoupled"], "arch", "decoupled"),
+    (["--backbone", "resnet18"], "backbone", "resnet18"), (["--backbone-weights", "none"], "backbone_weights", "none"),
+    (["--set", "trainable_backbone=true"], "trainable_backbone", True),
+    (["--set", "seg_feat_channels=64"], "seg_feat_channels", 64), (["--set", "stacked_convs=4"], "stacked_convs", 4),
+    (["--set", "num_grids=8,6,4,3,2"], "num_grids", (8, 6, 4, 3, 2)),
+    (["--set", "mask_feat_channels=128"], "mask_feat_channels", 128), (["--set", "init=xavier"], "init", "xavier"),
+    (["--set", "cate_norm=mean"], "cate_norm", "mean")])
+def test_every_model_setting_reaches_the_model_config(words, field, value):
+    args = parse_train(words)
+    assert getattr(ModelConfig.from_args(args), field) == value
+    assert getattr(ModelConfig.from_args(parse_train([])), field) == getattr(
+        ModelConfig(), field)
+
+
+def test_every_model_config_field_is_settable_but_the_classes():
+    settable = {f.name for f in dataclasses.fields(ModelConfig)} - {"num_classes", "class_names"}
+    help_text = main_train.get_args_parser().format_help()
+    assert all(name in " ".join(help_text.split()) for name in settable - {"arch", "backbone", "backbone_weights"})
+
+
+@pytest.mark.parametrize("words, message", [
+    (["--set", "colour=red"], "--set colour=red: expected FIELD=VALUE with FIELD one of arch, backbone"),
+    (["--set", "num_classes=5"], "--set num_classes=5: expected FIELD=VALUE .* \\(the classes come from the data\\)"),
+    (["--set", "stacked_convs"], "--set stacked_convs: expected FIELD=VALUE"),
+    (["--set", "stacked_convs=two"], "stacked_convs=two: stacked_convs takes integer values like stacked_convs=7"),
+    (["--set", "num_grids=8,6,x"], "num_grids takes comma-separated integer values like num_grids=40,36,24,16,12"),
+    (["--set", "trainable_backbone=maybe"], "trainable_backbone takes true or false values"),
+    (["--set", "num_grids=8,6,4"], "num_grids \\[8, 6, 4\\] must be 5 grid sizes"),
+    (["--set", "init=he"], "init 'he' must be one of \\('solo', 'xavier'\\)")])
+def test_a_bad_model_setting_is_a_usage_error_naming_it(words, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_train(words)
+    assert stopped.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,7 +269,7 @@ def test_a_checkpoint_stores_each_tensor_contiguous_and_only_its_own_values(tmp_
     big = torch.randn(1000, 1000)  # 4 MB
     state = {"transposed": torch.randn(3, 4).t(), "slice": big[::500, :2],
              "nhwc": torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)}
-    utils.save_checkpoint(state, str(tmp_path / "ckpt.pth"))
+    save_checkpoint(state, str(tmp_path / "ckpt.pth"))
     stored = torch.load(tmp_path / "ckpt.pth", weights_only=True)
     assert all(stored[k].is_contiguous() and torch.equal(stored[k], state[k]) for k in state)
     assert os.path.getsize(tmp_path / "ckpt.pth") < 100_000
@@ -237,7 +288,7 @@ def test_a_file_system_without_hard_links_gets_a_copy(tmp_path, monkeypatch):
     def no_links(src, dst):
         raise OSError(1, "Operation not permitted")
     monkeypatch.setattr(os, "link", no_links)
-    utils.link_checkpoint(str(tmp_path / "epoch_000.pth"), str(tmp_path / "checkpoint.pth"))
+    link_checkpoint(str(tmp_path / "epoch_000.pth"), str(tmp_path / "checkpoint.pth"))
     assert (tmp_path / "checkpoint.pth").read_bytes() == b"PK checkpoint bytes"
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "epoch_000.pth"]
 
@@ -254,7 +305,7 @@ class TestAtomicWrite:
 
         monkeypatch.setattr(torch, "save", crashing_save)
         with pytest.raises(OSError, match="disk full"):
-            utils.save_checkpoint({"model": {}}, str(path))
+            save_checkpoint({"model": {}}, str(path))
         assert path.read_bytes() == before
         assert os.listdir(tmp_path) == ["checkpoint.pth"]  # the temporary file is gone
         assert load_checkpoint(path)["epoch"] == 1
@@ -284,7 +335,7 @@ class TestAtomicWrite:
             f.truncate(100)  # the bytes written so far
             raise KeyboardInterrupt  # e.g. Ctrl-C or a lost Colab session in the middle of the save
 
-        args = main_train.parse_args(["--resume", str(run), "--epochs", "3"])
+        args = parse_train(["--resume", str(run), "--epochs", "3"])
         monkeypatch.setattr(torch, "save", crashing_save)
         with pytest.raises(KeyboardInterrupt):
             main_train.main(args)
@@ -344,7 +395,7 @@ class TestBadCheckpoints:
             load_model(str(path))
         # resuming from it fails the same way, before any training
         with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*does not fit"):
-            main_train.main(main_train.parse_args(["--resume", str(path), "--epochs", "3"]))
+            main_train.main(parse_train(["--resume", str(path), "--epochs", "3"]))
 
     @pytest.mark.parametrize("edit, message", [
         (dict(num_grids=[8, 6]), r"num_grids \[8, 6\] must be 5 grid sizes"),
@@ -395,7 +446,7 @@ class TestLrSchedule:
     def test_lr_scales_with_the_total_batch(self):
         assert utils.scaled_lr(2) == pytest.approx(0.01 / 8)  # handout 7.1
         assert utils.scaled_lr(2, world_size=8) == pytest.approx(0.01)
-        assert main_train.parse_args([]).lr is None  # so the rule applies by default
+        assert parse_train([]).lr is None  # so the rule applies by default
 
     def test_warm_up_from_a_third_to_the_full_lr(self):
         optimizer, scheduler = self.make()
@@ -419,7 +470,7 @@ class TestLrSchedule:
         assert factor(35_999) == pytest.approx(0.01)
 
     def test_steps_and_warm_up_are_flags(self):
-        args = main_train.parse_args(["--lr-steps", "2", "--warmup-iters", "0"])
+        args = parse_train(["--lr-steps", "2", "--warmup-iters", "0"])
         _, scheduler = self.make(args.lr_steps, args.warmup_iters, iters_per_epoch=10)
         factor = scheduler.lr_lambdas[0]
         assert [factor(i) for i in (0, 19, 20, 100)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
@@ -448,7 +499,7 @@ def test_two_process_distributed_run(data_dir, tmp_path, arch):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_train.py",
                *TINY, "--data-dir", data_dir, "--output-dir", str(tmp_path), "--epochs", "2", "--workers", "0",
-               "--arch", arch, "--mask-feat-channels", "32"]
+               "--arch", arch, "--set", "mask_feat_channels=32"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
@@ -507,20 +558,15 @@ def test_cuda_training_step_synchronises_only_to_read_the_losses(data_dir, tmp_p
         if "synchroniz" in str(message) and "train_one_epoch" in names:
             syncs.append(names)
 
-    real_train_one_epoch = main_train.train_one_epoch
-
-    def train_one_epoch_watched(*args, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                return real_train_one_epoch(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
-    monkeypatch.setattr(main_train, "train_one_epoch", train_one_epoch_watched)
-    main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1, "--device", "cuda", "--amp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            main_train.main(train_args(data_dir, tmp_path, "--epochs", 1, "--workers", 1, "--device", "cuda",
+                                       "--amp"))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     ours = [names for names in syncs if not {"target", "loss"} & set(names)]
     callers = [names[names.index("train_one_epoch") + 1] for names in ours]  # the function train_one_epoch called
     # float16 (a GPU without bfloat16) adds the GradScaler's read of its inf check, in train_step

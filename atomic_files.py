@@ -1,0 +1,63 @@
+"""Writing files whole or not at all: a crash, a kill or a full disk leaves the old file or the new one, never
+half of one, and an operating-system failure becomes a WriteError naming the file."""
+import os
+import uuid
+
+from errors import WriteError
+
+
+def fsync_dir(directory):
+    try:  # makes the rename durable; not possible on every platform / file system
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _os_error(error):
+    """The OSError in an error's chain (torch.save reports a full disk as a RuntimeError of its zip writer), or
+    None."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def write_error(path, error):
+    """WriteError naming the file and the operating system's reason (e.g. 'No space left on device')."""
+    cause = _os_error(error)
+    reason = cause.strerror if cause is not None and cause.strerror else str(error)
+    return WriteError(getattr(cause, "errno", None), f"cannot write {path}: {reason}")
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file in path's folder, fsync it, then rename it onto path: a crash leaves
+    either the old file or the new one, never half of one. Temporary names start with '.' and end with '.tmp'; the
+    temporary file is removed on any failure, and a failure of the operating system's (a full disk, a lost mount)
+    is reported as a WriteError naming path and the cause."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the usual permissions, after the umask
+    except OSError as e:
+        raise write_error(path, e) from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, Exception) and not isinstance(e, WriteError) and _os_error(e) is not None:
+            raise write_error(path, e) from e
+        raise
+    fsync_dir(directory)
