@@ -1,6 +1,7 @@
 """Writing files whole or not at all: a crash, a kill or a full disk leaves the old file or the new one, never
 half of one, and an operating-system failure becomes a WriteError naming the file."""
 import os
+import re
 import uuid
 
 from errors import WriteError
@@ -27,11 +28,27 @@ def _os_error(error):
     return error
 
 
-def write_error(path, error):
-    """WriteError naming the file and the operating system's reason (e.g. 'No space left on device')."""
+def os_errno(error):
+    """The operating system's error number behind error: an OSError's in its chain, else the 'errno = N' that HDF5
+    writes into h5py's messages (some of which are RuntimeErrors); None if neither is there."""
     cause = _os_error(error)
-    reason = cause.strerror if cause is not None and cause.strerror else str(error)
-    return WriteError(getattr(cause, "errno", None), f"cannot write {path}: {reason}")
+    if cause is not None and cause.errno:
+        return cause.errno
+    found = re.search(r"\berrno = (\d+)", str(error))
+    return int(found.group(1)) if found else None
+
+
+def write_error(path, error):
+    """WriteError naming the file and the operating system's reason (e.g. 'No space left on device': the text of
+    the error number, as h5py's errors carry HDF5's whole report of several lines in their message)."""
+    cause, code = _os_error(error), os_errno(error)
+    if code:
+        reason = os.strerror(code)
+    elif cause is not None and cause.strerror:
+        reason = cause.strerror
+    else:
+        reason = str(error)
+    return WriteError(code, f"cannot write {path}: {reason}")
 
 
 def atomic_write(path, write):

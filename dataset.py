@@ -47,7 +47,7 @@ from datafiles import (CLASS_NAMES, H5_KEY, ROLES, check_counts, check_files_exi
 from errors import DataError, PhotoError, run_script
 from imagefiles import MEAN, PAD_MULTIPLE, STD, load_photo, resized_sizes
 from plots import class_colors
-from synthetic import write_synthetic_dataset
+from synthetic import write_synthetic_folder
 
 _WARNED = set()  # bboxes files whose clipped boxes were reported
 
@@ -606,12 +606,14 @@ def get_args_parser():
 
 
 def write_synthetic_if_missing(folder, num_images=400, seed=0, **options):
-    """Paths of the dataset in `folder`, first writing a synthetic one there if any file is missing.
+    """Paths of the dataset in `folder`, first writing a synthetic one there if any file is missing: whole or not
+    at all (synthetic.write_synthetic_folder: a failed or killed write leaves no partial set, runs that need the
+    set at once each write a copy and use the first in place, a full disk is a WriteError naming the folder).
     options: write_synthetic_dataset's scene settings (min_size, max_objects, ...)."""
     paths = dataset_paths(folder)
     if not all(os.path.isfile(p) for p in paths):
         print(f"writing a synthetic dataset ({num_images} images, seed {seed}) to {folder} ...")
-        paths = write_synthetic_dataset(folder, num_images=num_images, seed=seed, **options)
+        paths = write_synthetic_folder(folder, num_images=num_images, seed=seed, **options)
     return paths
 
 

@@ -49,8 +49,8 @@ from loss_log import LossLog
 from model import ARCHS, ModelConfig, build_model
 from run_folder import remove_old_epochs, run_folder, stopped_message
 from train_settings import RESUME_OVERRIDES, SETTABLE, TrainingArgumentParser, demo_description
-from utils import (autocast_settings, build_scheduler, device_name, init_distributed, is_main_process,
-                   prepare_device, scaled_lr, seed_everything, stop_on_sigterm)
+from utils import (autocast_settings, build_scheduler, deferred_stop, device_name, init_distributed,
+                   is_main_process, prepare_device, scaled_lr, seed_everything, stop_on_sigterm)
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
 
@@ -244,10 +244,12 @@ def train(args, rank, world_size, device):
                 log.test_map(epoch, metrics["AP"], metrics["AP50"], metrics["AP75"])
             if is_main_process():
                 epoch_path = os.path.join(args.output_dir, f"epoch_{epoch:03d}.pth")
-                save_checkpoint(training_checkpoint(model_without_ddp, model_cfg, optimizer, scheduler, scaler, epoch,
-                                                    log.history, args, iters_per_epoch, world_size), epoch_path)
-                link_checkpoint(epoch_path, os.path.join(args.output_dir, "checkpoint.pth"))
-                remove_old_epochs(args.output_dir, args.keep_epochs)
+                with deferred_stop():  # Ctrl-C or SIGTERM now stops the run once the checkpoint is whole
+                    save_checkpoint(training_checkpoint(model_without_ddp, model_cfg, optimizer, scheduler, scaler,
+                                                        epoch, log.history, args, iters_per_epoch, world_size),
+                                    epoch_path)
+                    link_checkpoint(epoch_path, os.path.join(args.output_dir, "checkpoint.pth"))
+                    remove_old_epochs(args.output_dir, args.keep_epochs)
                 log.plot()
             if world_size > 1:
                 dist.barrier()  # no process races ahead of the checkpoint

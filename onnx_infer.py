@@ -12,6 +12,31 @@ import numpy as np
 import onnxruntime
 
 from errors import DataError, ModelFileError
+from imagefiles import INPUT_MAX_SIDE, INPUT_MIN_SIDE
+
+META_KEYS = ("arch", "class_names", "num_grids", "strides", "input_height", "postprocess", "data")  # export.py's
+POSTPROCESS_KEYS = ("handout", "map")
+
+
+def read_metadata(text, path):
+    """The dict of an exported model's 'solo' metadata (json text): ModelFileError "PATH: not a model exported by
+    export.py (...)" naming what is wrong when it is not json, not a json object, or lacks keys export.py writes."""
+    def wrong(what):
+        return ModelFileError(f"{path}: not a model exported by export.py ({what})")
+    try:
+        meta = json.loads(text)
+    except ValueError as err:  # json.JSONDecodeError
+        raise wrong(f"its 'solo' metadata is not valid JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise wrong(f"its 'solo' metadata is a JSON {type(meta).__name__}, not an object")
+    missing = [key for key in META_KEYS if key not in meta]
+    if isinstance(meta.get("postprocess"), dict):
+        missing += [f"postprocess.{key}" for key in POSTPROCESS_KEYS if key not in meta["postprocess"]]
+    elif "postprocess" in meta:
+        missing += [f"postprocess.{key}" for key in POSTPROCESS_KEYS]
+    if missing:
+        raise wrong(f"its 'solo' metadata lacks {', '.join(repr(key) for key in missing)}")
+    return meta
 
 
 class ExportedSOLO:
@@ -27,7 +52,7 @@ class ExportedSOLO:
         meta = self.session.get_modelmeta().custom_metadata_map
         if "solo" not in meta:
             raise ModelFileError(f"{path} is not a model written by export.py (no 'solo' metadata)")
-        self.meta = json.loads(meta["solo"])
+        self.meta = read_metadata(meta["solo"], path)
         self.names = [o.name for o in self.session.get_outputs()]
 
     def forward(self, image):
@@ -35,9 +60,10 @@ class ExportedSOLO:
         post-processing would then misplace the masks, so the input is checked against export.py's contract."""
         image = np.ascontiguousarray(image, np.float32)
         if image.ndim != 4 or image.shape[0] < 1 or image.shape[1] != 3 or any(
-                s % 32 or not 64 <= s <= 2048 for s in image.shape[2:]):
-            raise DataError(f"the exported model takes (batch >= 1, 3, H, W) with H and W multiples of 32 from 64 to "
-                             f"2048 (imagefiles.photo_input makes it), got {image.shape}")
+                s % 32 or not INPUT_MIN_SIDE <= s <= INPUT_MAX_SIDE for s in image.shape[2:]):
+            raise DataError(f"the exported model takes (batch >= 1, 3, H, W) with H and W multiples of 32 from "
+                             f"{INPUT_MIN_SIDE} to {INPUT_MAX_SIDE} (imagefiles.photo_input makes it), got "
+                             f"{image.shape}")
         return dict(zip(self.names, self.session.run(None, {"image": image})))
 
     def infer(self, image, ori_size, cfg=None):

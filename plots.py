@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
+from atomic_files import atomic_write
 from errors import PhotoError
 from imagefiles import letterbox, load_photo, photo_input
 
@@ -57,11 +58,13 @@ def detections_figure(image, scores, labels, masks, class_names, color_list, sco
 
 
 def save_figure(fig, path):
-    """fig as a PNG at path (folders made), closed. Returns path."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """fig as a PNG at path (folders made), closed. Written whole or not at all (atomic_files.atomic_write): a
+    stopped script leaves the old file, never half of a new one. Returns path."""
+    try:
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -74,11 +77,15 @@ def overlay_name(photo):
 
 def photo_overlays(infer, class_names, folder, photos, input_height, figures_dir, score_thresh):
     """The overlay of each photo (relative paths under folder), written as <figures_dir>/<overlay_name>: the photo
-    letterboxed to at most 4:1, made into the network's input (imagefiles.photo_input), and infer(input (1, 3, H,
-    W) float32, size of the letterboxed photo) -> (scores (k,), labels (k,), masks (k, h, w)) of that image. A photo
-    that cannot be read is skipped with one warning line naming it and why. Returns (overlay paths, skipped)."""
+    letterboxed to at most 4:1 (and to the exported model's widest input at input_height), made into the network's
+    input (imagefiles.photo_input), and infer(input (1, 3, H, W) float32, size of the letterboxed photo) -> (scores
+    (k,), labels (k,), masks (k, h, w)) of that image. A photo that cannot be read is skipped with one warning line
+    naming it and why. Overlays already in figures_dir (an earlier run's) are replaced, and one line says how many.
+    Returns (overlay paths, skipped)."""
     colours = class_colors(len(class_names))
     out_paths, skipped = [], []
+    earlier = {name for name in photos if os.path.isfile(os.path.join(figures_dir, overlay_name(name)))}
+    replaced = 0
     for name in tqdm(photos, desc="photos", unit="image"):
         try:
             photo = load_photo(os.path.join(folder, name))  # (3, h, w) uint8
@@ -86,10 +93,13 @@ def photo_overlays(infer, class_names, folder, photos, input_height, figures_dir
             tqdm.write(f"warning: skipped {os.path.join(folder, name)}: {err}")
             skipped.append(name)
             continue
-        padded = letterbox(photo)
+        padded = letterbox(photo, input_height=input_height)
         scores, labels, masks = infer(photo_input(padded, input_height), padded.shape[-2:])
         masks = np.asarray(masks)[:, :photo.shape[1], :photo.shape[2]]  # the letterbox cut off again
         fig = detections_figure(photo.transpose(1, 2, 0) / 255, scores, labels, masks, class_names, colours,
                                 score_thresh)
         out_paths.append(save_figure(fig, os.path.join(figures_dir, overlay_name(name))))
+        replaced += name in earlier
+    if replaced:
+        print(f"{replaced} overlays in {figures_dir} replaced (an earlier run's)")
     return out_paths, skipped

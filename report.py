@@ -14,8 +14,16 @@ pr_curve.png, as main_infer.py writes them), then writes
   <out>/report.pdf   the same content, one section or figure per page (matplotlib's PdfPages): 3 * --num-figures
                      + 5 pages (title, settings, statistics, each figure, the losses, the mAP).
 A figure set is reused when <out>/figures/stages.json says it was made from the same checkpoint, data and options
-(--redo makes everything again). The data is the run's, rebuilt from the checkpoint (--data-dir if it moved).
+(--redo makes everything again) and each of its figures still loads: a missing, empty or cut-short one makes the
+set again. The data is the run's, rebuilt from the checkpoint (--data-dir if it moved).
 Default --out: a folder "report" beside the checkpoint.
+
+A stopped report.py (an error, Ctrl-C, SIGTERM, kill -9) leaves the previous report.html and report.pdf whole:
+they, stages.json and the figures drawn through plots.save_figure are written to a temporary '.NAME.<id>.tmp'
+beside the file and renamed over the old one (atomic_files.atomic_write), the temporary file removed on the way out
+(after kill -9, by the next run); a figure cut short anyway (dataset.py's and coco_eval.py's files are written in
+place) does not load, so its set is made again. The report folder and <out>/figures are made when the report
+starts and are left as they are, empty if it stopped before its first figure: they are the cache the next run fills.
 """
 import argparse
 import base64
@@ -23,6 +31,7 @@ import html
 import json
 import math
 import os
+import sys
 import textwrap
 
 import matplotlib
@@ -39,7 +48,7 @@ from errors import DataError, run_script
 from loss_log import plot_loss_curve
 from plots import save_figure
 from solo_head import REFERENCE_HEIGHT, plot_target_figures
-from utils import prepare_device
+from utils import prepare_device, stop_on_sigterm
 
 HEADS = dict(solo="SOLO", decoupled="Decoupled SOLO", solov2="SOLOv2")
 RUN_DATA = dict(DATA_SETTINGS, hflip=False, empty_images="skip")  # what rebuilds the run's two splits
@@ -126,15 +135,52 @@ class Stages:
                 self.done = json.load(f)
 
     def run(self, name, stamp, make, paths_of):
+        """The result of make(), or the stored one when it was made with the same stamp and every file of
+        paths_of(result) still loads (cached_file_loads)."""
         entry = self.done.get(name)
-        if entry and entry["stamp"] == stamp and all(os.path.exists(p) for p in paths_of(entry["result"])):
-            print(f"{name}: reused ({self.path})")
-            return entry["result"]
-        print(f"{name}: making ...")
+        if entry and entry["stamp"] == stamp:
+            broken = [p for p in paths_of(entry["result"]) if not cached_file_loads(p)]
+            if not broken:
+                print(f"{name}: reused ({self.path})")
+                return entry["result"]
+            print(f"{name}: {broken[0]} is missing or does not load: making it again ...")
+        else:
+            print(f"{name}: making ...")
         result = make()
         self.done[name] = dict(stamp=stamp, result=result)
         atomic_write(self.path, lambda f: f.write(json.dumps(self.done, indent=1).encode()))
         return result
+
+
+def cached_file_loads(path):
+    """Whether a file of the cache is whole: a PNG that matplotlib reads (a missing, empty or cut-short one does
+    not), a JSON file that parses, any other file not empty."""
+    try:
+        if path.endswith(".png"):
+            plt.imread(path)
+        elif path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        else:
+            return os.path.getsize(path) > 0
+    except Exception:  # OSError (missing, truncated), SyntaxError (PIL: not a PNG), ValueError (JSON) ...
+        return False
+    return True
+
+
+def remove_temporaries(out, figures):
+    """The temporary files a killed report.py left (kill -9; any other stop removes its own): every '.*.tmp' of
+    figures (the report's own folder), and those of report.html and report.pdf in out. Returns the names."""
+    removed = []
+    for folder, prefix in ((figures, "."), (out, ".report.")):
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and name.endswith(".tmp"):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed.append(name)
+                except FileNotFoundError:
+                    pass
+    return removed
 
 
 def dataset_statistics(train_set, test_set, scale_ranges):
@@ -198,7 +244,8 @@ def build_report(args):
     if args.data_dir:
         run["data_dir"] = args.data_dir
     figures = os.path.join(args.out or os.path.join(os.path.dirname(path) or ".", "report"), "figures")
-    os.makedirs(figures, exist_ok=True)
+    os.makedirs(figures, exist_ok=True)  # kept whatever happens next (the module's docstring)
+    remove_temporaries(os.path.dirname(figures), figures)
     train_set, test_set = build_datasets(run["data_dir"], run["synthetic"], run["input_height"], False,
                                          dict(min_size=run["synthetic_min_size"]), train_data=run["train_data"],
                                          val_data=run["val_data"], empty_images=run["empty_images"])
@@ -314,8 +361,8 @@ def write_html(report, path):
                          f"<figcaption>{esc(caption)}</figcaption></figure>")
         parts.append("</section>")
     parts.append("</body></html>\n")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
+    page = "\n".join(parts).encode("utf-8")
+    atomic_write(path, lambda f: f.write(page))  # whole or not at all: a stop leaves the previous page
     return path
 
 
@@ -364,23 +411,30 @@ def figure_page(pdf, pngs, caption):
 
 def write_pdf(report, path):
     """The report as PDF pages: title and summary, settings, dataset statistics, each figure of the three sets,
-    the loss curves, the mAP table with the PR curves. Returns the number of pages."""
+    the loss curves, the mAP table with the PR curves. Written whole or not at all (atomic_write): a failure or a
+    stop half-way leaves the previous report.pdf and no temporary file. Returns the number of pages."""
     s = report["sections"]
-    with PdfPages(path, metadata=dict(Title=report["title"], Creator="report.py")) as pdf:
-        table_page(pdf, report["title"], "", s["summary"]["tables"][0][1] + s["training"]["tables"][0][1])
-        table_page(pdf, "Settings", s["settings"]["text"], s["settings"]["tables"][0][1])
-        table_page(pdf, "Dataset statistics", s["dataset"]["text"], s["dataset"]["tables"][0][1],
-                   s["dataset"]["figures"][0][0])
-        for sid in ("dataset-figures", "targets"):
-            for png, caption in s[sid]["figures"]:
-                figure_page(pdf, [png], f"{caption}. {s[sid]['text']}")
-        figure_page(pdf, [png for png, _ in s["losses"]["figures"]],
-                    " ".join(caption + "." for _, caption in s["losses"]["figures"]))
-        table_page(pdf, "Mask mAP", s["map"]["text"], [row for _, rows in s["map"]["tables"] for row in rows],
-                   s["map"]["figures"][0][0])
-        for png, caption in s["inference"]["figures"]:
-            figure_page(pdf, [png], f"{caption}. {s['inference']['text']}")
-        return pdf.get_pagecount()
+    pages = []
+
+    def write(f):
+        with PdfPages(f, metadata=dict(Title=report["title"], Creator="report.py")) as pdf:
+            table_page(pdf, report["title"], "", s["summary"]["tables"][0][1] + s["training"]["tables"][0][1])
+            table_page(pdf, "Settings", s["settings"]["text"], s["settings"]["tables"][0][1])
+            table_page(pdf, "Dataset statistics", s["dataset"]["text"], s["dataset"]["tables"][0][1],
+                       s["dataset"]["figures"][0][0])
+            for sid in ("dataset-figures", "targets"):
+                for png, caption in s[sid]["figures"]:
+                    figure_page(pdf, [png], f"{caption}. {s[sid]['text']}")
+            figure_page(pdf, [png for png, _ in s["losses"]["figures"]],
+                        " ".join(caption + "." for _, caption in s["losses"]["figures"]))
+            table_page(pdf, "Mask mAP", s["map"]["text"], [row for _, rows in s["map"]["tables"] for row in rows],
+                       s["map"]["figures"][0][0])
+            for png, caption in s["inference"]["figures"]:
+                figure_page(pdf, [png], f"{caption}. {s['inference']['text']}")
+            pages.append(pdf.get_pagecount())
+
+    atomic_write(path, write)
+    return pages[0]
 
 
 def main(args):
@@ -395,4 +449,9 @@ def main(args):
 
 if __name__ == "__main__":
     matplotlib.use("Agg")  # a script saves its figures and never shows them
-    run_script(main, get_args_parser())
+    stop_on_sigterm()  # SIGTERM as Ctrl-C: the file being written is abandoned and its temporary file removed
+    try:
+        run_script(main, get_args_parser())
+    except KeyboardInterrupt as e:
+        sys.exit(f"error: report.py {e.args[0] if e.args else 'interrupted (Ctrl-C)'}; the files it had not "
+                 f"finished are as they were: run it again to finish (the figure sets it finished are reused)")

@@ -30,14 +30,25 @@ Usage (CPU only, a few seconds):
 """
 import argparse
 import colorsys
+import contextlib
+import errno
 import functools
 import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
 import time
+import traceback
+import uuid
 
 import numpy as np
 
+from atomic_files import fsync_dir, os_errno, write_error
 from cocofiles import write_coco
-from datafiles import CLASS_NAMES, split_indices, write_dataset
+from datafiles import CLASS_NAMES, FILE_NAMES, dataset_paths, split_indices, write_dataset
+from errors import WriteError
 
 CLASS_NAMES_5 = CLASS_NAMES + ("house", "balloon")  # --classes 5 (COCO format)
 ASPECT_RANGE = {1: (1.5, 2.3), 2: (0.35, 0.5), 3: (1.2, 1.7), 4: (0.8, 1.2), 5: (0.55, 0.75)}  # w / h per class
@@ -261,8 +272,15 @@ def _rendered_images(num_images, seed, workers, scene):
     if workers <= 1:
         yield from map(render, seeds)
         return
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=_leave_stopping_to_the_owner) as pool:
         yield from pool.imap(render, seeds, chunksize=4)
+
+
+def _leave_stopping_to_the_owner():
+    """A rendering worker's start: Ctrl-C is for the process that owns the pool to act on (no traceback from each
+    worker), and its terminate() (SIGTERM) ends the worker at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def write_synthetic_dataset(out_dir, num_images=200, seed=0, max_objects=5, min_size=14, max_size=240,
@@ -277,6 +295,143 @@ def write_synthetic_dataset(out_dir, num_images=200, seed=0, max_objects=5, min_
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     scene = dict(height=height, width=width, max_objects=max_objects, min_size=min_size, max_size=max_size)
     return write_dataset(out_dir, _rendered_images(num_images, seed, workers, scene), num_images, height, width)
+
+
+def write_synthetic_folder(folder, num_images=200, seed=0, **options):
+    """write_synthetic_dataset(folder, ...), whole or not at all, for a set that several runs may need at once
+    (dataset.write_synthetic_if_missing: --synthetic N). Returns its four paths.
+
+    The set is written into a temporary folder beside `folder` ('.NAME.<pid>@<host>.<id>.tmp', one per writer) and
+    then renamed into place, so that
+    - a failure or a kill leaves no partial set that a later run could take for a complete one (a dead writer's
+      temporary folder is removed by the next call on that machine);
+    - two runs that need the set at once do not write the same h5 files (h5py: 'unable to lock file'): each writes
+      its own, the first rename wins, and the other finds the complete set in place and discards its copy;
+    - an operating-system error (a full disk) is a WriteError naming `folder`, and the temporary folder is removed.
+    A child process writes the files: h5py cannot recover from an HDF5 file whose close failed (on a full disk the
+    close writes), and freeing that file's objects later crashes the process that wrote it (a segfault; h5py issues
+    914 and 2160). Where `folder` exists without the complete set (an empty folder, or one a version before this
+    wrote in place), the new files are moved into it one by one, the ones it lacks last.
+    options: write_synthetic_dataset's (max_objects, min_size, workers, ...)."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    parent, name = os.path.split(os.path.abspath(folder))
+    tmp = os.path.join(parent, f".{name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_abandoned(parent, name)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise write_error(folder, e) from e
+    try:
+        _write_in_child(tmp, folder, num_images, seed, options)
+        _move_into_place(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the loser's copy, or what a failed write left
+    return dataset_paths(folder)
+
+
+def _remove_abandoned(parent, name):
+    """Remove the temporary folders of writers of `name` on this machine whose process is gone (kill -9)."""
+    if os.name != "posix":  # os.kill(pid, 0) only asks on POSIX
+        return
+    prefix, host = f".{name}.", socket.gethostname()
+    for entry in os.listdir(parent):
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid, _, writer_host = entry[len(prefix):-len(".tmp")].rpartition(".")[0].partition("@")
+        if writer_host != host or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        except OSError:  # alive (another user's)
+            pass
+
+
+def _write_in_child(tmp, folder, num_images, seed, options):
+    """write_synthetic_dataset(tmp, ...) in a child process (forked on Linux: no imports, and what the parent
+    patched holds there too); WriteError naming `folder` when the operating system refuses a write."""
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child_write, args=(sender, tmp, num_images, seed, options),
+                            name="synthetic set writer")
+    child.start()
+    sender.close()
+    with contextlib.suppress(AttributeError, OSError):  # as the child does: whichever comes first
+        os.setpgid(child.pid, child.pid)
+    try:
+        try:
+            report = receiver.recv()
+        except EOFError:  # it ended without a word
+            report = ()
+        child.join()
+    finally:
+        # at once where this process was stopped (Ctrl-C, SIGTERM) while it waited; rendering workers that a failed
+        # write left behind in any case: what they were writing is discarded
+        with contextlib.suppress(AttributeError, OSError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.kill()
+        child.join()
+        receiver.close()
+    if report is None and child.exitcode == 0:
+        return
+    if report:
+        code, interrupted, message, trace = report
+        if interrupted:  # a stop signal sent to the child itself (it has this process's handlers)
+            raise KeyboardInterrupt(*([message] if message else []))
+        if code:
+            raise write_error(folder, OSError(code, os.strerror(code)))
+        raise RuntimeError(f"writing the synthetic set {folder} failed in its child process:\n{trace}")
+    how = f"with exit code {child.exitcode}"
+    if child.exitcode < 0:
+        how = f"by signal {-child.exitcode}"
+        with contextlib.suppress(ValueError):
+            how = f"by signal {signal.Signals(-child.exitcode).name}"
+    raise WriteError(None, f"cannot write {folder}: the process writing it ended {how}")
+
+
+def _child_write(sender, tmp, num_images, seed, options):
+    """The child process of _write_in_child: write the set into tmp and fsync its files, send None or what failed
+    (errno or None, whether it was a KeyboardInterrupt, its message, its traceback), and end at once (os._exit),
+    before h5py frees a file whose close failed. It runs in a process group of its own, with its rendering
+    workers: Ctrl-C is for the parent, which ends the group."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpgid(0, 0)
+    try:
+        for path in write_synthetic_dataset(tmp, num_images=num_images, seed=seed, **options):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sender.send(None)
+    except BaseException as e:  # a KeyboardInterrupt too (SIGTERM sent to this process)
+        try:
+            sender.send((os_errno(e), isinstance(e, KeyboardInterrupt), str(e), traceback.format_exc()))
+        finally:
+            os._exit(1)
+    os._exit(0)
+
+
+def _move_into_place(tmp, folder):
+    """Rename the written set tmp to folder. Where folder exists (another writer was first, or an empty or partial
+    folder is there): a complete set in it is kept (tmp is discarded), else tmp's files are moved into it, those it
+    lacks last, so that it looks complete only once it is."""
+    try:
+        try:
+            os.rename(tmp, folder)  # atomic; onto a missing or empty folder only
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if not all(os.path.isfile(p) for p in dataset_paths(folder)):
+                for name in sorted(FILE_NAMES, key=lambda n: not os.path.isfile(os.path.join(folder, n))):
+                    os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+                fsync_dir(folder)
+        fsync_dir(os.path.dirname(os.path.abspath(folder)))
+    except OSError as e:
+        raise write_error(folder, e) from e
 
 
 def write_synthetic_coco(out_dir, num_images=200, seed=0, max_objects=5, min_size=14, max_size=240, height=300,

@@ -1,15 +1,17 @@
 """Helpers the scripts share: devices and mixed precision, distributed set-up, RNG states, the lr schedule, and
 how an error or a signal ends a script."""
+import contextlib
 import os
 import platform
 import random
 import signal
+import threading
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import DeviceError
+from errors import DeviceError, UserError
 
 BASE_LR, BASE_BATCH = 0.01, 16  # the authors' lr for 16 images per iteration
 LR_GAMMA = 0.1  # the lr is multiplied by this at each of the lr steps (handout 7.1: divided by 10)
@@ -159,8 +161,71 @@ def build_scheduler(optimizer, iters_per_epoch, lr_steps, warmup_iters):
 # ----------------------------------------------------------------------------------------------------
 def stop_on_sigterm():
     """Make SIGTERM (what a scheduler or a notebook's stop sends) end the run as Ctrl-C does: a KeyboardInterrupt,
-    so that a checkpoint being written is abandoned cleanly (its temporary file removed) and the script can say
-    which checkpoint to resume from."""
+    so that the script can say which checkpoint to resume from (a checkpoint being written is finished first:
+    deferred_stop)."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
     signal.signal(signal.SIGTERM, interrupt)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def deferred_stop():
+    """Let a stop signal (SIGINT, SIGTERM) that arrives while the block runs take effect only after it: the block
+    (writing a checkpoint) finishes, then the signal is delivered as it would have been (Ctrl-C's or
+    stop_on_sigterm's KeyboardInterrupt; without a handler, the end of the process). A second stop signal during
+    the block is delivered at once: the block is abandoned (atomic_write removes its temporary file), and an error
+    that this causes inside the block is reported as the stop, chained to it, unless it is a UserError (a full
+    disk), which says more.
+
+    Why wait rather than let the signal interrupt the write: torch.save's zip writer turns a KeyboardInterrupt
+    raised inside its file's write() into 'RuntimeError: [enforce fail at inline_container.cc] unexpected pos',
+    which no script catches, so a stop during a checkpoint write ended in a traceback. Waiting costs at most one
+    checkpoint's write (SIGTERM's senders wait longer before SIGKILL) and leaves that checkpoint whole, so the
+    stopped run resumes from it. Only in the main thread (the one where Python runs signal handlers); signals that
+    are ignored or handled outside Python are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous, received = {}, []
+
+    def record(signum, frame):
+        if received:  # the second: now
+            _deliver(signum, previous[signum], frame)
+        received.append(signum)
+
+    for signum in STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None and handler != signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, record)
+    try:
+        yield
+    except Exception as e:
+        if not received or isinstance(e, UserError):
+            raise
+        _restore(previous)
+        try:
+            _deliver(received[0], previous[received[0]], None)
+        except BaseException as stop:
+            raise stop from e
+        raise
+    finally:
+        _restore(previous)
+    if received:
+        _deliver(received[0], previous[received[0]], None)
+
+
+def _restore(handlers):
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def _deliver(signum, handler, frame):
+    """Act on signum as `handler` (the signal's disposition before deferred_stop) would have."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:  # the default action: the process ends by the signal
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)

@@ -495,3 +495,185 @@ class TestPhotos:
         result = infer_photos(checkpoint_dir, folder, tmp_path / "out2", "--recursive")
         assert sorted(os.path.relpath(p, tmp_path / "out2") for p in result["overlays"]) == [
             "same_jpg_infer.png", "same_png_infer.png", os.path.join("trip", "beach_jpg_infer.png")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reliability, second round (issue 24): a stop signal inside a checkpoint write, a full disk at the run folder's
+# lock and inside the synthetic set, two runs writing one synthetic set, DataLoader workers outliving kill -9
+# ----------------------------------------------------------------------------------------------------
+import contextlib  # noqa: E402  (this section's)
+import socket  # noqa: E402
+
+from dataset import resolve_data_dir, write_synthetic_if_missing  # noqa: E402
+
+
+def patched_script(preamble, name, *argv, timeout=240):
+    """Run the script `name` as a user does, after the Python code `preamble` (a fault probe's patches) ran in the
+    same process: (return code, stdout, stderr)."""
+    code = (f"{preamble}\nimport runpy, sys\nsys.argv = {[name, *map(str, argv)]!r}\n"
+            f"runpy.run_path({name!r}, run_name='__main__')")
+    return script("-c", code, timeout=timeout)
+
+
+# torch.save sends its own process SIGTERM (once or twice) half-way through writing epoch 1's checkpoint
+SIGNAL_WHILE_SAVING = """
+import os, signal, torch
+real_save = torch.save
+
+class Halfway:
+    def __init__(self, f, signals):
+        self.f, self.written, self.signals = f, 0, signals
+
+    def write(self, data):
+        self.written += len(memoryview(data).cast("B"))
+        if self.signals and self.written > (3 - self.signals) << 20:  # the last at 2 MiB, a first of two at 1
+            self.signals -= 1
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+def save(obj, f, *args, **kwargs):
+    if isinstance(obj, dict) and obj.get("epoch") == 1:
+        f = Halfway(f, SIGNALS)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+"""
+
+
+class TestRoundTwoTraining:
+    @pytest.mark.parametrize("signals", [1, 2], ids=["one signal", "a second signal"])
+    def test_a_stop_signal_while_a_checkpoint_is_written_ends_with_one_line(self, data_dir, tmp_path, signals):
+        # one signal waits for the checkpoint being written; a second abandons it (torch's zip writer turns the
+        # KeyboardInterrupt into 'RuntimeError: [enforce fail at inline_container.cc] unexpected pos')
+        run = tmp_path / "run"
+        code, _, stderr = patched_script(f"SIGNALS = {signals}\n" + SIGNAL_WHILE_SAVING, "main_train.py", *TINY,
+                                         "--data-dir", data_dir, "--output-dir", run, "--epochs", 3)
+        newest = latest_checkpoint(str(run))
+        assert code == 1, stderr
+        assert error_line(stderr) == (f"error: stopped by signal SIGTERM; the newest checkpoint is {newest}: continue "
+                                      f"with python main_train.py --resume {newest}")
+        assert not [n for n in os.listdir(run) if n.endswith(".tmp")]
+        assert load_checkpoint(run / "epoch_000.pth")["epoch"] == 0  # the previous checkpoint, intact
+        # one signal: epoch 1's checkpoint is finished, then the run stops; two: it is abandoned
+        assert load_checkpoint(newest)["epoch"] == (1 if signals == 1 else 0)
+        assert (run / "epoch_001.pth").exists() == (signals == 1) and not (run / "epoch_002.pth").exists()
+
+    @pytest.mark.parametrize("failing", ["creating", "writing"])
+    def test_a_full_disk_at_the_lock_names_the_lock_file_and_leaves_none(self, tmp_path, monkeypatch, failing):
+        lock = tmp_path / "run" / ".lock"
+        real_open, real_write = os.open, os.write
+
+        def no_space():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(lock))
+
+        def open_(path, flags, *args, **kwargs):
+            if failing == "creating" and os.fspath(path) == str(lock) and flags & os.O_CREAT:
+                no_space()
+            return real_open(path, flags, *args, **kwargs)
+
+        def write(fd, data):  # an empty file is created on a full disk, its first block is not
+            if failing == "writing" and lock.exists() and os.path.samestat(os.fstat(fd), os.stat(lock)):
+                no_space()
+            return real_write(fd, data)
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "write", write)
+        with pytest.raises(WriteError) as raised:
+            with run_folder(str(tmp_path / "run")):
+                pass
+        assert str(raised.value) == f"cannot write {lock}: No space left on device"
+        assert not lock.exists()
+        monkeypatch.undo()
+        with run_folder(str(tmp_path / "run")):  # nothing stuck
+            assert lock.exists()
+
+    def test_main_train_says_one_line_when_the_lock_cannot_be_written(self, data_dir, tmp_path):
+        run = tmp_path / "run"
+        preamble = (f"import errno, os\nreal_write = os.write\nlock = {str(run / '.lock')!r}\n"
+                    f"def write(fd, data):\n"
+                    f"    if os.path.exists(lock) and os.path.samestat(os.fstat(fd), os.stat(lock)):\n"
+                    f"        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), lock)\n"
+                    f"    return real_write(fd, data)\n"
+                    f"os.write = write")
+        code, _, stderr = patched_script(preamble, "main_train.py", *TINY, "--data-dir", data_dir, "--output-dir",
+                                         run, "--epochs", 1)
+        assert code == 1
+        assert error_line(stderr) == (f"error: cannot write {run / '.lock'}: No space left on device; no checkpoint "
+                                      f"was written")
+        assert os.listdir(run) == []
+
+    def test_forked_workers_do_not_inherit_the_run_folders_lock(self, tmp_path):
+        # a DataLoader worker is a fork of the run; after kill -9 of the run it lives on for seconds
+        hold = (f"import os, time, run_folder\nwith run_folder.run_folder({str(tmp_path)!r}):\n"
+                f"    worker = os.fork()\n    if worker == 0:\n        time.sleep(120)\n        os._exit(0)\n"
+                f"    print(worker, flush=True)\n    time.sleep(120)")
+        holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        worker = None
+        try:
+            worker = int(holder.stdout.readline())
+            with pytest.raises(RunFolderError, match=f"in use by a training run \\(process {holder.pid} on "):
+                with run_folder(str(tmp_path)):
+                    pass
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(timeout=30)
+            os.kill(worker, 0)  # the worker still lives ...
+            with run_folder(str(tmp_path)):  # ... and holds nothing
+                pass
+        finally:
+            holder.kill()
+            holder.wait(timeout=30)
+            holder.stdout.close()
+            if worker:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+
+
+class TestRoundTwoSyntheticSet:
+    def test_a_full_disk_while_the_synthetic_set_is_written_leaves_no_partial_set(self, tmp_path, monkeypatch):
+        import synthetic
+        real_write = synthetic.write_dataset
+
+        def full_disk(out_dir, items, *args, **kwargs):
+            def failing():  # two images into the h5 files, then the disk is full
+                for i, item in enumerate(items):
+                    if i == 2:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    yield item
+            return real_write(out_dir, failing(), *args, **kwargs)
+        monkeypatch.setattr(synthetic, "write_dataset", full_disk)
+        folder = tmp_path / "synthetic_4"
+        with pytest.raises(WriteError) as raised:
+            resolve_data_dir(str(tmp_path), 4)
+        assert str(raised.value) == f"cannot write {folder}: No space left on device"
+        assert os.listdir(tmp_path) == []  # no set, no temporary folder
+        monkeypatch.undo()
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a writer killed with kill -9 left its copy
+        gone.wait(timeout=60)
+        (tmp_path / f".synthetic_4.{gone.pid}@{socket.gethostname()}.0123abcd.tmp").mkdir()
+        assert resolve_data_dir(str(tmp_path), 4) == str(folder)
+        assert len(BuildDataset(write_synthetic_if_missing(str(folder), 4))) == 4
+        assert os.listdir(tmp_path) == ["synthetic_4"]
+
+    def test_two_processes_writing_one_synthetic_set_at_once_both_use_it(self, tmp_path):
+        marks, folder = tmp_path / "marks", tmp_path / "data" / "synthetic_4"
+        marks.mkdir()
+        # each writer waits, its h5 files open, until the other is writing too
+        code = (f"import os, sys, time, numpy, dataset, synthetic\nreal = synthetic._rendered_images\n"
+                f"def together(*args):\n    items = real(*args)\n    yield next(items)\n"
+                f"    open(os.path.join({str(marks)!r}, sys.argv[1]), 'w').close()\n"
+                f"    deadline = time.time() + 60\n"
+                f"    while len(os.listdir({str(marks)!r})) < 2 and time.time() < deadline:\n"
+                f"        time.sleep(0.05)\n    yield from items\n"
+                f"synthetic._rendered_images = together\n"
+                f"paths = dataset.write_synthetic_if_missing({str(folder)!r}, num_images=4, workers=1)\n"
+                f"data = dataset.BuildDataset(paths)\n"
+                f"print(len(data), [label.tolist() for label in data.labels])")
+        writers = [subprocess.Popen([sys.executable, "-c", code, name], cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+        results = [writer.communicate(timeout=180) for writer in writers]
+        assert [writer.returncode for writer in writers] == [0, 0], results
+        assert sorted(os.listdir(marks)) == ["a", "b"]  # they did write at the same time
+        outputs = [out.splitlines()[-1] for out, _ in results]
+        assert outputs[0] == outputs[1] and outputs[0].startswith("4 [")
+        assert os.listdir(tmp_path / "data") == ["synthetic_4"]  # the loser's temporary folder is gone
