@@ -51,13 +51,39 @@ def write_error(path, error):
     return WriteError(code, f"cannot write {path}: {reason}")
 
 
+def temporary_path(path):
+    """Where a write of path goes first: '.NAME.<id>.tmp' in path's folder (hidden, and unique per write)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def is_temporary(name, of=None):
+    """Whether a file name is a temporary_path's (of: of one of these file names only)."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    return of is None or any(name.startswith(f".{target}.") for target in of)
+
+
+def remove_temporaries(directory, of=None):
+    """Remove the temporary files (is_temporary) that interrupted writes left in directory; returns their names.
+    Call it where no write of this process is under way there."""
+    removed = []
+    for name in os.listdir(directory):
+        if is_temporary(name, of):
+            try:
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+            except FileNotFoundError:  # another process removed it first
+                pass
+    return removed
+
+
 def atomic_write(path, write):
     """Call write(file) on a temporary file in path's folder, fsync it, then rename it onto path: a crash leaves
-    either the old file or the new one, never half of one. Temporary names start with '.' and end with '.tmp'; the
+    either the old file or the new one, never half of one. The temporary file (temporary_path) is
     temporary file is removed on any failure, and a failure of the operating system's (a full disk, a lost mount)
     is reported as a WriteError naming path and the cause."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temporary_path(path)
     try:
         os.makedirs(directory, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the usual permissions, after the umask

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_pdf import PdfPages
 
-from atomic_files import atomic_write
+from atomic_files import atomic_write, remove_temporaries
 from checkpoint import check_classes, load_checkpoint, load_model, model_config, resolve_checkpoint, stored_settings
 from dataset import DATA_SETTINGS, build_datasets, object_sizes, plot_dataset_figures
 from engine import evaluate_and_save, plot_test_overlays
@@ -168,21 +168,6 @@ def cached_file_loads(path):
     return True
 
 
-def remove_temporaries(out, figures):
-    """The temporary files a killed report.py left (kill -9; any other stop removes its own): every '.*.tmp' of
-    figures (the report's own folder), and those of report.html and report.pdf in out. Returns the names."""
-    removed = []
-    for folder, prefix in ((figures, "."), (out, ".report.")):
-        for name in os.listdir(folder):
-            if name.startswith(prefix) and name.endswith(".tmp"):
-                try:
-                    os.remove(os.path.join(folder, name))
-                    removed.append(name)
-                except FileNotFoundError:
-                    pass
-    return removed
-
-
 def dataset_statistics(train_set, test_set, scale_ranges):
     """Images, objects per class, object sizes (sqrt(w * h) of the box, 800-pixel units) and the objects each FPN
     level trains, per split."""
@@ -245,7 +230,10 @@ def build_report(args):
         run["data_dir"] = args.data_dir
     figures = os.path.join(args.out or os.path.join(os.path.dirname(path) or ".", "report"), "figures")
     os.makedirs(figures, exist_ok=True)  # kept whatever happens next (the module's docstring)
-    remove_temporaries(os.path.dirname(figures), figures)
+    # what a killed report.py left (kill -9; any other stop removes its own): its figures', and report.html's
+    # and report.pdf's beside them (the folder may be the run's, whose files are training's business)
+    remove_temporaries(figures)
+    remove_temporaries(os.path.dirname(figures), of=("report.html", "report.pdf"))
     train_set, test_set = build_datasets(run["data_dir"], run["synthetic"], run["input_height"], False,
                                          dict(min_size=run["synthetic_min_size"]), train_data=run["train_data"],
                                          val_data=run["val_data"], empty_images=run["empty_images"])

@@ -7,9 +7,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import uuid
 
-from atomic_files import write_error
+from atomic_files import remove_temporaries, temporary_path, write_error
 from checkpoint import checkpoint_progress, is_checkpoint_name, latest_checkpoint
 from errors import RunFolderError
 
@@ -73,9 +72,7 @@ def run_folder(directory, resumed_from=None, overwrite=False):
             logs = [] if ours else [n for n in LOG_NAMES if os.path.exists(os.path.join(directory, n))]
             for name in found + logs:  # a resumed run rewrites its logs from the checkpoint's history
                 os.remove(os.path.join(directory, name))
-        for name in os.listdir(directory):
-            if name.startswith(".") and name.endswith(".tmp"):
-                os.remove(os.path.join(directory, name))
+        remove_temporaries(directory)
         yield
 
 
@@ -153,28 +150,11 @@ def _open_lock_file(path):
         raise write_error(path, e) from e
 
 
-def is_temporary(name):
-    """A temporary file of an unfinished write: '.NAME.<id>.tmp' (atomic_files.atomic_write, mirror_folder)."""
-    return name.startswith(".") and name.endswith(".tmp")
-
-
-def remove_temporaries(directory):
-    """Remove the temporary files ('.NAME.<id>.tmp') that interrupted copies left in directory (on Drive each can be
-    a whole checkpoint). Returns the names removed."""
-    removed = []
-    for name in os.listdir(directory):
-        if is_temporary(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, name))
-                removed.append(name)
-    return removed
-
-
 def copy_if_present(source, target):
     """shutil.copy2(source, target) through a temporary file in target's folder and os.replace, so an interrupted
     copy leaves target's old file whole and no temporary file (except after kill -9: the next mirror_folder removes
     it). Returns False, copying nothing, when source vanished (the run removed it, --keep-epochs)."""
-    partial = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{uuid.uuid4().hex}.tmp")
+    partial = temporary_path(target)
     try:
         shutil.copy2(source, partial)
         os.replace(partial, target)
