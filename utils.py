@@ -64,8 +64,8 @@ def prepare_device(device, fixed_input_size):
 
 def autocast_settings(device, amp):
     """(autocast dtype or None, use a GradScaler): bfloat16 on CPUs (native with AVX512-BF16 or AMX, emulated
-    otherwise: README says when --amp pays) and on GPUs of compute capability 8+ (A100, H100); float16 + GradScaler
-    on older GPUs (T4, V100: torch.cuda.is_bf16_supported() says True there too, for emulated bfloat16)."""
+    otherwise: docs/demo.md says when --amp pays) and on GPUs of compute capability 8+ (A100, H100); float16 +
+    GradScaler on older GPUs (T4, V100: torch.cuda.is_bf16_supported() says True there too, for emulated bfloat16)."""
     if not amp:
         return None, False
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:

@@ -1,4 +1,4 @@
-"""What a run survives and what bad input gets (README, "Reliability"): a run folder belongs to one run, an
+"""What a run survives and what bad input gets (docs/reliability.md): a run folder belongs to one run, an
 interrupted or failed write leaves the newest checkpoint intact and says which to resume from, data files cannot
 run code and every read error names the file and the image, and bad photos are skipped one by one.
 

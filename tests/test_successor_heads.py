@@ -321,7 +321,7 @@ def test_each_head_trains_resumes_and_runs_through_main_infer(arch, three_images
 
 
 # ---------------------------------------------------------------- every head learns
-# iterations of batch 8 (the same 8 images) after which each head clears the floor with a margin (README, Tests);
+# iterations of batch 8 (the same 8 images) after which each head clears the floor with a margin (docs/tests.md);
 # SOLOv2 trains at the demo's 6x lower lr (utils.DEMO_ARCH_LR)
 OVERFIT_ITERATIONS = dict(solo=160, decoupled=200, solov2=280)
 
