@@ -5,12 +5,12 @@ import contextlib
 import io
 import json
 import math
-import os
 
 import matplotlib.pyplot as plt
 import numpy as np
 from pycocotools.cocoeval import COCOeval
 
+from atomic_files import atomic_write
 from cocofiles import coco_object, det_annotations, gt_annotations
 from datafiles import CLASS_NAMES
 from plots import class_colors
@@ -116,9 +116,7 @@ def save_results_json(det_anns, path):
                                       if isinstance(a["segmentation"]["counts"], bytes)
                                       else a["segmentation"]["counts"]))
                for a in det_anns]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f)
+    atomic_write(path, lambda f: f.write(json.dumps(results).encode()))
     return path
 
 
@@ -132,9 +130,8 @@ def _json_ready(obj):
 
 
 def save_map_json(metrics, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(_json_ready(metrics), f, indent=2)
+    """metrics as JSON at path (nan as null), written atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(_json_ready(metrics), indent=2).encode()))
     return path
 
 
@@ -158,9 +155,10 @@ def pr_figure(curves, iou=0.5, class_names=None):
 
 
 def plot_pr_curves(curves, path, iou=0.5, class_names=None):
-    """pr_figure saved as a PNG at path."""
+    """pr_figure saved as a PNG at path, atomically."""
     fig = pr_figure(curves, iou, class_names)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from atomic_files import atomic_write
 from cocofiles import (coco_object, gt_annotations, object_boxes, object_masks, pack, read_coco, segmentation_area,
                        unpack, write_coco)
 from datafiles import (CLASS_NAMES, H5_KEY, ROLES, check_counts, check_files_exist, check_masks_not_all_empty,
@@ -706,12 +707,14 @@ def item_figure(img, label, mask, bbox, title, class_names=CLASS_NAMES):
 
 
 def plot_item(img, label, mask, bbox, title, path, class_names=CLASS_NAMES):
-    """item_figure saved as a PNG at path."""
+    """item_figure saved as a PNG at path, atomically."""
     import matplotlib.pyplot as plt
 
     fig = item_figure(img, label, mask, bbox, title, class_names)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def main(args):

@@ -14,11 +14,11 @@ import torch
 from checkpoint import load_checkpoint, load_model, model_config, stored_settings
 from dataset import DATA_SETTINGS
 from decoupled_solo_head import DecoupledSOLOHead
+from imagefiles import INPUT_MAX_SIDE, INPUT_MIN_SIDE
 from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP
 from solov2_head import SOLOv2Head
 
 OPSET = 18
-MAX_SIDE = 2048  # the largest input side the exported graph admits (a multiple of 32)
 
 
 class ExportGraph(torch.nn.Module):
@@ -70,7 +70,8 @@ def export_model(model, arch, data_settings, out_path, opset=OPSET):
     """Write the ONNX model of a SOLO model (CPU, eval mode) with the run's data settings; returns its metadata."""
     example = torch.zeros(2, 3, 128, 192)
     batch = torch.export.Dim("batch", min=1, max=256)
-    height, width = (torch.export.Dim(name, min=2, max=MAX_SIDE // 32) for name in ("height32", "width32"))
+    height, width = (torch.export.Dim(name, min=INPUT_MIN_SIDE // 32, max=INPUT_MAX_SIDE // 32)
+                     for name in ("height32", "width32"))
     meta = metadata(model, arch, data_settings)
     chatter = io.StringIO()  # the exporter's progress lines, warnings and log records, shown only if it fails
     handler = logging.StreamHandler(chatter)  # with a handler, their log records skip logging's last resort
