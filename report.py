@@ -20,9 +20,9 @@ Default --out: a folder "report" beside the checkpoint.
 
 A stopped report.py (an error, Ctrl-C, SIGTERM, kill -9) leaves the previous report.html and report.pdf whole:
 they, stages.json and the figures drawn through plots.save_figure are written to a temporary '.NAME.<id>.tmp'
-beside the file and renamed over the old one (atomic_files.atomic_write), the temporary file removed on the way out
-(after kill -9, by the next run); a figure cut short anyway (dataset.py's and coco_eval.py's files are written in
-place) does not load, so its set is made again. The report folder and <out>/figures are made when the report
+beside the file and renamed over the old one (atomic_files.atomic_write; dataset.py's and coco_eval.py's files too),
+the temporary file removed on the way out (after kill -9, by the next run); a figure that does not load anyway (an
+emptied or cut-short file) makes its set again. The report folder and <out>/figures are made when the report
 starts and are left as they are, empty if it stopped before its first figure: they are the cache the next run fills.
 """
 import argparse

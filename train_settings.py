@@ -106,7 +106,7 @@ def resolve_args(parser, argv):
         preset = {**DEMO_DATA, **DEMO_RUN, **DEMO_MODEL, "lr": DEMO_ARCH_LR.get(args.arch, DEMO_RUN["lr"])}
         for key, value in preset.items():
             if key not in given and key not in model_settings:
-                setattr(args, key, list(value) if key in ("lr_steps",) else value)
+                setattr(args, key, list(value) if isinstance(value, list) else value)  # the preset's list stays its own
     defaults = ModelConfig()
     for field in SETTABLE:  # one attribute per model setting: --set's, a flag's, the preset's or the default
         value = model_settings.get(field, getattr(args, field, getattr(defaults, field)))
