@@ -2,7 +2,9 @@
 
 The course hands out the backbone of torchvision's COCO-trained Mask R-CNN (`maskrcnn_resnet50_fpn`): a
 ResNet-50 body with a 256-channel feature pyramid. `Resnet50Backbone` returns exactly that module
-(torchvision's `BackboneWithFPN`); `build_backbone` also offers a small ResNet-18 FPN for fast CPU demos.
+(torchvision's `BackboneWithFPN`); `build_backbone` also offers a small ResNet-18 FPN for fast CPU demos, and the
+ResNet-34 and ResNet-101 FPNs of the published SOLO models (convert.py; their weights come with the converted
+checkpoint).
 
 Output contract (every backbone here), for an input (bz, 3, H, W) with H and W multiples of 32:
     OrderedDict  "0"    (bz, 256, H/4,  W/4)    stride 4
@@ -60,7 +62,9 @@ COCO_WEIGHTS = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
 COCO_FILE_NAME = os.path.basename(COCO_WEIGHTS.url)  # maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
 # ImageNet weights of the ResNet body alone, used only when already cached (the FPN on top is random anyway).
 IMAGENET_WEIGHTS = {"resnet18": ResNet18_Weights.IMAGENET1K_V1}
-ARCHITECTURES = ("resnet50", "resnet18")
+ARCHITECTURES = ("resnet50", "resnet18", "resnet34", "resnet101")
+# the bodies whose trained weights come only with a converted published SOLO checkpoint (convert.py)
+CHECKPOINT_ONLY = ("resnet34", "resnet101")
 FINETUNE_STAGES = 3  # trainable=True on trained weights: layer2-layer4 (+ FPN), torchvision's Mask R-CNN default
 DOWNLOAD_TIMEOUT_S = 30  # per socket operation: a stalled download fails instead of hanging
 
@@ -149,11 +153,13 @@ def _coco_backbone_state() -> tuple:
 
 def build_backbone(name: str = "resnet50", pretrained: bool = True, checkpoint_file: str | None = None,
                    trainable: bool | None = None, device="cpu", eval: bool = True,
-                   load_weights: bool = True) -> BackboneWithFPN:
+                   load_weights: bool = True, weights_in_checkpoint: bool = False) -> BackboneWithFPN:
     """Build a ResNet FPN backbone: backbone(img (bz, 3, H, W)) -> OrderedDict of 5 maps, 256 channels each.
 
     Args:
-        name: "resnet50" (the course's Mask R-CNN backbone) or "resnet18" (small, for CPU demos).
+        name: "resnet50" (the course's Mask R-CNN backbone), "resnet18" (small, for CPU demos), "resnet34" or
+            "resnet101" (the published SOLO models' bodies: trained weights only from checkpoint_file or a SOLO
+            checkpoint, load_weights=False).
         pretrained: resnet50: COCO Mask R-CNN weights (cache or download; WeightsUnavailableError when
             neither works). resnet18: ImageNet weights for the ResNet body if already cached, otherwise random
             with a warning (its FPN is random either way). False: random weights.
@@ -168,18 +174,27 @@ def build_backbone(name: str = "resnet50", pretrained: bool = True, checkpoint_f
         load_weights: False builds the trained backbone's architecture (FrozenBatchNorm2d with torchvision's
             eps 0, same frozen/trainable split) without reading any file: for a SOLO checkpoint that already
             holds the backbone's weights, so inference and resuming need no COCO file.
+        weights_in_checkpoint: with load_weights=False, the trained architecture whatever `name` (a converted
+            published model's backbone, whose weights its SOLO checkpoint holds: model.py's 'checkpoint' weights).
 
     Returns:
         torchvision BackboneWithFPN; its output keys are FEATURE_KEYS with strides FEATURE_STRIDES.
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {ARCHITECTURES}")
+    if weights_in_checkpoint and load_weights:
+        raise ValueError("weights_in_checkpoint=True builds the architecture only: pass load_weights=False")
+    if pretrained and load_weights and checkpoint_file is None and name in CHECKPOINT_ONLY:
+        raise ValueError(f"{name}: no downloadable trained weights here; a {name} FPN gets its weights from a "
+                         "converted published SOLO checkpoint (convert.py), from checkpoint_file, or is random "
+                         "(pretrained=False)")
     if checkpoint_file is not None and not pretrained:
         raise ValueError(f"checkpoint_file={checkpoint_file!r} gives trained weights but pretrained=False asks for "
                          "random ones: drop one of the two")
 
     source = state = None
-    if not load_weights and (checkpoint_file is not None or (pretrained and name == "resnet50")):
+    if not load_weights and (checkpoint_file is not None or weights_in_checkpoint or
+                             (pretrained and name == "resnet50")):
         source, state, eps = "<architecture only>", {}, 0.0
     elif checkpoint_file is not None:
         source = str(checkpoint_file)

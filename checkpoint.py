@@ -45,6 +45,17 @@ def training_checkpoint(model, model_cfg, optimizer, scheduler, scaler, epoch, h
             "iters_per_epoch": iters_per_epoch, "world_size": world_size}
 
 
+def converted_checkpoint(model, model_cfg, data_settings, converted_from):
+    """The checkpoint of a converted published model (convert.py): CHECKPOINT_KEYS with no training state (no
+    optimizer, epoch 0, empty history), the data settings inference needs (input_height, max_long_side), and
+    'converted_from' (the source file, its naming scheme) that marks it: it predicts and starts new runs
+    (main_train.py --init-from) but cannot be resumed."""
+    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_cfg": vars(model_cfg).copy(),
+            "optimizer": None, "scheduler": None, "scaler": None, "epoch": 0, "iteration": 0,
+            "history": {"train": [], "test": [], "test_map": [], "epoch_iters": [], "epoch_times": []},
+            "rng": get_rng_state(), "args": dict(data_settings), "converted_from": dict(converted_from)}
+
+
 def restore_training(checkpoint, source, model, optimizer, scheduler, scaler):
     """training_checkpoint's state back into the model, optimizer, scheduler, scaler and the RNGs (CheckpointError
     naming `source` when the model does not fit). Returns (history, the next epoch)."""

@@ -19,6 +19,10 @@ Two data paths give the same batch (the same tensors, bit for bit on the CPU):
                                  training on a GPU uses, so that the loader's workers only decode.
 Both use the helpers resize_images, resize_masks, scale_boxes, flip_boxes, normalize_ and pad_to.
 
+Multi-scale training (the SOLO authors' 3x recipe, docs/training.md): BuildDataLoader(..., heights=
+multiscale_heights(input_height)) draws one input height per batch (MultiScaleBatchSampler); a dataset asked for an
+(index, height) pair gives its item at that height, on either path.
+
 Your own data: COCODataset(json, image_folder) reads a COCO-format instance-segmentation set (cocofiles.py) into
 the same items as BuildDataset's float items, images of any size each resized to input_height keeping its
 aspect; collect_fn pads a batch to its largest image.
@@ -38,7 +42,7 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, Subset
 
 from atomic_files import atomic_write
 from cocofiles import (coco_object, gt_annotations, object_boxes, object_masks, pack, read_coco, segmentation_area,
@@ -68,6 +72,20 @@ def check_input_height(input_height):
         raise ValueError(f"input_height {input_height} is not a multiple of {PAD_MULTIPLE}: the image is "
                          f"padded only on the right, so the SOLO head can read the resized height off the "
                          f"padded input (800, the handout's, is)")
+
+
+def multiscale_heights(input_height):
+    """The input heights multi-scale training draws from (one per batch, MultiScaleBatchSampler): the SOLO authors'
+    3x recipe (solo_r50_fpn_8gpu_3x.py: 640, 672, ..., 800 with 1333 as the longer side's cap) scaled to
+    input_height, i.e. input_height * k / 25 for k = 20..25, each rounded down to a multiple of PAD_MULTIPLE and
+    at least PAD_MULTIPLE. Sorted, without repeats: 800 -> (640, 672, 704, 736, 768, 800), 128 -> (96, 128).
+    ValueError naming input_height unless it is a positive multiple of PAD_MULTIPLE."""
+    check_input_height(input_height)
+    if input_height <= 0:
+        raise ValueError(f"input_height {input_height} is not positive: expected a positive multiple of "
+                         f"{PAD_MULTIPLE} (800, the handout's)")
+    return tuple(sorted({max(PAD_MULTIPLE, input_height * k // 25 // PAD_MULTIPLE * PAD_MULTIPLE)
+                         for k in range(20, 26)}))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,12 +147,12 @@ def pad_to(x, size):
     return F.pad(x, (0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2]))
 
 
-def preprocess_item(img, label, mask, bbox, flip, input_height):
+def preprocess_item(img, label, mask, bbox, flip, input_height, max_long_side=None):
     """One item of get_raw's form (img uint8 (3, H, W), label, mask uint8 (n, H, W), bbox (n, 4) original pixels)
     and its flip decision -> the network's (img float32 (3, Hp, Wp) normalised, label, mask float32 (n, Hp, Wp),
-    bbox (n, 4) input pixels), handout 4.3."""
+    bbox (n, 4) input pixels), handout 4.3; in mmdetection's frame with max_long_side (imagefiles.resized_sizes)."""
     ori_size = tuple(img.shape[-2:])
-    scaled_size, input_size = resized_sizes(*ori_size, input_height)
+    scaled_size, input_size = resized_sizes(*ori_size, input_height, max_long_side)
     img = resize_images(img[None], scaled_size)[0]  # (3, Hs, Ws)
     mask = resize_masks(mask, scaled_size)  # (n, Hs, Ws)
     bbox = scale_boxes(bbox, ori_size, scaled_size)  # (n, 4)
@@ -148,6 +166,7 @@ class ItemsDataset(Dataset):
     item, and what evaluation asks of a dataset (class_names, category_ids, image_id, image_size, coco_gt)."""
     raw = False
     hflip = False
+    max_long_side = None  # the handout's frame; COCODataset may take mmdetection's (a converted published model)
 
     def _index(self, index):
         index = operator.index(index)
@@ -156,12 +175,23 @@ class ItemsDataset(Dataset):
         return index % len(self)
 
     def __getitem__(self, index):
+        """Item `index` at input_height. An (index, height) pair, as MultiScaleBatchSampler's batches ask, gives the
+        item at that height instead: the item of this dataset built with input_height=height; a raw item then
+        carries the height as a sixth part, for preprocess_batch (engine.batch_to_device)."""
+        index, height = index if isinstance(index, tuple) else (index, None)
+        if height is not None:
+            check_input_height(height)
         img, label, mask, bbox = self.get_raw(index)
         # the one RNG draw per item, in both modes, so raw and float datasets flip the same items
         flip = torch.rand(()) < 0.5 if self.hflip else torch.tensor(False)  # bool ()
         if self.raw:
-            return img, label, mask, bbox, flip
-        return preprocess_item(img, label, mask, bbox, flip, self.input_height)
+            return (img, label, mask, bbox, flip) + (() if height is None else (height,))
+        return preprocess_item(img, label, mask, bbox, flip, self.input_height if height is None else height,
+                               self.max_long_side)
+
+    def scaled_size_of(self, index):
+        """(H_s, W_s) of image `index` resized inside the padded input (PostProcess crops the padding to it)."""
+        return resized_sizes(*self.image_size(index), self.input_height, self.max_long_side)[0]
 
 
 class BuildDataset(ItemsDataset):
@@ -299,7 +329,7 @@ class COCODataset(ItemsDataset):
     the annotated size. Attributes: image_ids (N,), sizes (N, 2) as annotated, num_objects (N,), num_crowd (N,).
     """
 
-    def __init__(self, json_path, images_dir, input_height=800, hflip=False):
+    def __init__(self, json_path, images_dir, input_height=800, hflip=False, max_long_side=None):
         check_input_height(input_height)
         data = read_coco(json_path, images_dir)
         for warning in data.warnings:
@@ -313,7 +343,7 @@ class COCODataset(ItemsDataset):
         self.num_objects = np.array([len(c) for c in crowd], dtype=np.int64) - self.num_crowd  # (N,)
         self._label_of = {cat_id: k + 1 for k, cat_id in enumerate(self.category_ids)}
         self._records = pack(data.images)  # one buffer: workers share it (cocofiles.pack)
-        self.input_height, self.hflip = input_height, hflip
+        self.input_height, self.hflip, self.max_long_side = input_height, hflip, max_long_side
         skipped = len(self.listed_ids) - len(self)
         print(f"COCO json {data.path}: {len(self)} images ({skipped} skipped, not trained on or evaluated), "
               f"{self.num_objects.sum()} objects, {self.num_crowd.sum()} crowd regions, {len(self.class_names)} "
@@ -448,15 +478,60 @@ def preprocess_batch(batch, input_height, device="cpu", non_blocking=True):
     return img, list(label.split(counts)), list(mask.split(counts)), list(bbox.split(counts))
 
 
+class MultiScaleBatchSampler(Sampler):
+    """Multi-scale batches: `sampler`'s indices in batches of batch_size (the last one may be smaller, as a
+    DataLoader's), each a list of (index, height) pairs with one height per batch, drawn uniformly from `heights`
+    (multiscale_heights) by `generator` (a torch.Generator; the draws are a function of its seed).
+    ItemsDataset, and ScaledSubset for a Subset, read a pair as the item preprocessed at that height."""
+
+    def __init__(self, sampler, batch_size, heights, generator):
+        if not heights:
+            raise ValueError("heights is empty: expected the input heights to draw from (multiscale_heights)")
+        for height in heights:
+            check_input_height(height)
+            if height <= 0:
+                raise ValueError(f"height {height} is not positive: expected positive multiples of {PAD_MULTIPLE}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: expected at least 1 image per batch")
+        self.sampler, self.batch_size, self.heights, self.generator = sampler, batch_size, tuple(heights), generator
+
+    def __iter__(self):
+        indices = iter(self.sampler)
+        while batch := list(itertools.islice(indices, self.batch_size)):
+            height = self.heights[int(torch.randint(len(self.heights), (), generator=self.generator))]
+            yield [(index, height) for index in batch]
+
+    def __len__(self):
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+
+class ScaledSubset(Subset):
+    """A Subset whose items may also be asked for as (index, height) pairs (MultiScaleBatchSampler's): the base
+    dataset's item self.indices[index] at that height."""
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            index, height = idx
+            return self.dataset[self.indices[index], height]
+        return super().__getitem__(idx)
+
+    def __getitems__(self, indices):
+        return [self[idx] for idx in indices]
+
+
 class BuildDataLoader:
     """Batches of (img (B, 3, Hp, Wp), label_list [(n,)], mask_list [(n, Hp, Wp)], bbox_list [(n, 4)]);
     of a raw dataset (BuildDataset(raw=True)): (img uint8 (B, 3, H, W), label_list, mask_list [(n, H, W) uint8],
     bbox_list, flip bool (B,)), for preprocess_batch.
 
     Pass either `shuffle=True` or a `sampler` (e.g. a DistributedSampler), not both.
+    heights (multi-scale training, multiscale_heights): each batch is drawn at one of these input heights
+    (MultiScaleBatchSampler, seeded by one draw of torch's RNG when the loader is built: main_train seeds that RNG
+    every epoch from (seed, epoch, rank), so a resumed run draws the same heights); a raw batch then has a sixth
+    part, its height, for engine.batch_to_device. None: every batch at the dataset's input_height.
     """
 
-    def __init__(self, dataset, batch_size, shuffle, num_workers, sampler=None):
+    def __init__(self, dataset, batch_size, shuffle, num_workers, sampler=None, heights=None):
         if sampler is not None and shuffle:
             raise ValueError("shuffle must be False when a sampler is given (the sampler sets the order)")
         self.dataset = dataset
@@ -464,6 +539,7 @@ class BuildDataLoader:
         self.shuffle = shuffle
         self.num_workers = num_workers
         self.sampler = sampler
+        self.heights = heights
 
     @staticmethod
     def collect_fn(batch):
@@ -472,9 +548,15 @@ class BuildDataLoader:
         lengths = {len(item) for item in batch}
         if len(lengths) != 1:
             raise ValueError(f"items of one batch differ in length ({sorted(lengths)}): raw and float items mixed?")
-        if lengths == {5}:  # raw items: (img, label, mask, bbox, flip)
-            imgs, labels, masks, bboxes, flips = zip(*batch)
-            return torch.stack(imgs, dim=0), list(labels), list(masks), list(bboxes), torch.stack(flips, dim=0)
+        if lengths in ({5}, {6}):  # raw items: (img, label, mask, bbox, flip[, height])
+            imgs, labels, masks, bboxes, flips, *heights = zip(*batch)
+            raw = torch.stack(imgs, dim=0), list(labels), list(masks), list(bboxes), torch.stack(flips, dim=0)
+            if not heights:
+                return raw
+            if len(set(heights[0])) != 1:
+                raise ValueError(f"raw items of one batch asked for at different heights {sorted(set(heights[0]))}: "
+                                 f"expected one height per batch (MultiScaleBatchSampler)")
+            return raw + (heights[0][0],)
         imgs, labels, masks, bboxes = zip(*batch)
         size = tuple(max(s) for s in zip(*(img.shape[-2:] for img in imgs)))  # images of a COCO set differ in size
         if any(img.shape[-2:] != size for img in imgs):
@@ -482,9 +564,18 @@ class BuildDataLoader:
         return torch.stack(imgs, dim=0), list(labels), list(masks), list(bboxes)
 
     def loader(self):
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, sampler=self.sampler,
-                          num_workers=self.num_workers, collate_fn=self.collect_fn,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+        common = dict(num_workers=self.num_workers, collate_fn=self.collect_fn, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=self.num_workers > 0)
+        if self.heights is None:
+            return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, sampler=self.sampler,
+                              **common)
+        sampler = self.sampler or (RandomSampler(self.dataset) if self.shuffle else SequentialSampler(self.dataset))
+        generator = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))  # one draw of torch's RNG
+        dataset = self.dataset
+        if isinstance(dataset, Subset):  # whose indexing takes no (index, height) pairs
+            dataset = ScaledSubset(dataset.dataset, dataset.indices)
+        return DataLoader(dataset, batch_sampler=MultiScaleBatchSampler(sampler, self.batch_size, self.heights,
+                                                                        generator), **common)
 
 
 def split_dataset(dataset, train_frac=0.8, seed=0):
@@ -548,7 +639,7 @@ def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, 
 
 # the training run's data settings that inference reads from a checkpoint, with main_train.py's defaults (types)
 DATA_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_min_size=14, train_data=None,
-                     val_data=None)
+                     val_data=None, max_long_side=None)  # max_long_side: a converted model's frame (convert.py)
 
 
 def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):
@@ -561,7 +652,7 @@ def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):
                       train_data=None, val_data=None)
     val_data = val_data or stored["val_data"]
     if val_data is not None:  # a validation json: only it is read
-        test = COCODataset(*val_data, input_height=stored["input_height"])
+        test = COCODataset(*val_data, input_height=stored["input_height"], max_long_side=stored["max_long_side"])
         return Subset(test, list(range(len(test))))
     _, test_set = build_datasets(stored["data_dir"], stored["synthetic"], stored["input_height"],
                                  synthetic_options=dict(min_size=stored["synthetic_min_size"]),

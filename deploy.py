@@ -45,11 +45,11 @@ def run_photos(model, args):
     photos, subfolders = list_photos(args.images, args.recursive)
     meta = model.meta
 
-    def infer(image, size):
-        scores, labels, masks = model.infer(image, size, meta["postprocess"]["handout"])
+    def infer(image, size, scaled_size):
+        scores, labels, masks = model.infer(image, size, meta["postprocess"]["handout"], scaled_size)
         return scores[0], labels[0], masks[0]
     paths, skipped = photo_overlays(infer, meta["class_names"], args.images, photos, meta["input_height"],
-                                    args.figures_dir, args.plot_score_thresh)
+                                    args.figures_dir, args.plot_score_thresh, meta["data"].get("max_long_side"))
     print(f"wrote {len(paths)} overlays to {args.figures_dir}, skipped {len(skipped)} photos"
           + (f"; {subfolders} subfolders not searched (--recursive)" if subfolders else ""))
     return dict(overlays=paths, skipped=skipped)
@@ -71,7 +71,7 @@ def run_evaluation(model, args):
                         f"trained on {meta['class_names']}")
     coco_eval = evaluate_map(None, test_set, torch.device("cpu"), args.batch_size, workers=0,
                              cfg=meta["postprocess"]["map"],
-                             infer=lambda img, sizes, cfg: model.infer(img.numpy(), sizes, cfg))
+                             infer=lambda img, sizes, cfg, scaled: model.infer(img.numpy(), sizes, cfg, scaled))
     metrics = map_summary(coco_eval)
     print(format_map_table(metrics))
     metrics.update(model=args.model, map_json=os.path.join(args.figures_dir, "map.json"),

@@ -18,9 +18,12 @@ from utils import autocast, is_distributed, is_main_process
 
 def batch_to_device(batch, device, input_height):
     """A loader batch (img, label_list, mask_list, bbox_list) on `device`; a raw batch (BuildDataset(raw=True),
-    five parts) is preprocessed there for input_height (dataset.preprocess_batch). The loader pins its batches
+    five parts) is preprocessed there for input_height (dataset.preprocess_batch), a raw multi-scale batch (six
+    parts, dataset.MultiScaleBatchSampler's) for its own height, its sixth part. The loader pins its batches
     when CUDA is present (dataset.to_device pins any other host tensor), so the copies are asynchronous: the host
     goes on to launch the forward while they run."""
+    if len(batch) == 6:
+        batch, input_height = batch[:5], batch[5]
     if len(batch) == 5:
         return preprocess_batch(batch, input_height, device)
     img, label_list, mask_list, bbox_list = batch
@@ -120,9 +123,9 @@ def evaluate(model, loader, device, args):
 def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cfg=POSTPROCESS_MAP, infer=None):
     """Run model.infer (post-processing cfg) over the test split (a Subset of a BuildDataset or COCODataset) and
     compare with its ground truth in each image's original frame (the dataset's coco_gt: the json's own image and
-    category ids for COCO-format data) by COCOeval. infer: another function of (img, ori_sizes, cfg) giving what
-    model.infer gives, per image scores, labels and masks (tensors or numpy: deploy.py's exported model); model
-    is then None. Returns the accumulated COCOeval; its cocoDt holds the detections."""
+    category ids for COCO-format data) by COCOeval. infer: another function of (img, ori_sizes, cfg, scaled_sizes)
+    giving what model.infer gives, per image scores, labels and masks (tensors or numpy: deploy.py's exported
+    model); model is then None. Returns the accumulated COCOeval; its cocoDt holds the detections."""
     if infer is None:
         model.eval()
         infer = model.infer
@@ -136,7 +139,8 @@ def evaluate_map(model, test_set, device, batch_size=4, workers=2, amp=False, cf
                else to_device(loaded[0], device))
         batch = indices[position:position + img.shape[0]]
         with autocast(device, amp):
-            results = infer(img, [dataset.image_size(i) for i in batch], cfg)
+            results = infer(img, [dataset.image_size(i) for i in batch], cfg,
+                            [dataset.scaled_size_of(i) for i in batch])
         for b, i in enumerate(batch):
             scores, labels, masks = (torch.as_tensor(r[b]).cpu() for r in results)  # one copy each
             det_anns += det_annotations(dataset.image_id(i), scores, category_ids[labels - 1], masks,
@@ -171,9 +175,10 @@ def plot_test_overlays(model, test_set, device, figures_dir, num_figures, score_
     for i in range(min(num_figures, len(test_set))):
         index = test_set.indices[i]
         raw = dataset.get_raw(index)  # (img uint8 (3, ori_H, ori_W), label, mask, bbox)
-        img = preprocess_item(*raw, False, dataset.input_height)[0][None]  # (1, 3, Hp, Wp): raw datasets too
+        img = preprocess_item(*raw, False, dataset.input_height, dataset.max_long_side)[0][None]  # (1, 3, Hp, Wp)
         with autocast(device, amp):
-            results = model.infer(to_device(img, device), dataset.image_size(index), POSTPROCESS_HANDOUT)
+            results = model.infer(to_device(img, device), dataset.image_size(index), POSTPROCESS_HANDOUT,
+                                  dataset.scaled_size_of(index))
         paths += model.head.PlotInfer(*results, colours, raw[0][None], score_thresh=score_thresh,
                                       save_prefix=os.path.join(figures_dir, "infer"), start_index=i)
     return paths

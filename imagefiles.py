@@ -108,10 +108,17 @@ def load_photo(path, max_side=PHOTO_MAX_SIDE, upright=True):
 # ----------------------------------------------------------------------------------------------------
 # The network's input frame
 # ----------------------------------------------------------------------------------------------------
-def resized_sizes(height, width, input_height):
-    """Sizes of an height x width image as the network sees it: scaled (input_height, int(input_height * width /
-    height)) and padded to multiples of PAD_MULTIPLE (300 x 400 at 800 -> 800 x 1066 -> 800 x 1088)."""
-    scaled = (input_height, int(input_height * width / height))
+def resized_sizes(height, width, input_height, max_long_side=None):
+    """Sizes of an height x width image as the network sees it, (scaled, padded to multiples of PAD_MULTIPLE).
+    The handout's frame (max_long_side None): height input_height, width int(input_height * width / height)
+    (300 x 400 at 800 -> 800 x 1066 -> 800 x 1088). mmdetection's keep-ratio frame, that of the published models
+    (convert.py): the shorter side input_height unless the longer would exceed max_long_side, each side rounded
+    as mmcv's rescale_size rounds it (480 x 640 at 800 / 1333 -> 800 x 1067 -> 800 x 1088)."""
+    if max_long_side is None:
+        scaled = (input_height, int(input_height * width / height))
+    else:
+        scale = min(input_height / min(height, width), max_long_side / max(height, width))
+        scaled = (int(height * scale + 0.5), int(width * scale + 0.5))
     return scaled, tuple(math.ceil(s / PAD_MULTIPLE) * PAD_MULTIPLE for s in scaled)
 
 
@@ -127,13 +134,14 @@ def letterbox(photo, max_aspect=PHOTO_MAX_ASPECT, input_height=None):
     return np.pad(photo, ((0, 0), (0, height - h), (0, width - w)))
 
 
-def photo_input(photo, input_height):
-    """uint8 (3, h, w) -> float32 (1, 3, Hp, Wp) network input in BuildDataset's frame: resized to height
-    input_height keeping the aspect ratio (bilinear, antialiased when shrinking: a photo is usually shrunk several
-    times; Pillow on float channels, no rounding), normalised, zero-padded right/bottom to multiples of 32, and on
-    the right to a width of at least INPUT_MIN_SIDE (a 1:4 photo at height 64 is 16 wide: the exported model takes
-    64 at least; post-processing crops the padding on the right by the aspect ratio, whatever its width)."""
-    (scaled_h, scaled_w), padded = resized_sizes(*photo.shape[-2:], input_height)
+def photo_input(photo, input_height, max_long_side=None):
+    """uint8 (3, h, w) -> float32 (1, 3, Hp, Wp) network input in BuildDataset's frame (resized_sizes: the
+    handout's, or with max_long_side mmdetection's): resized keeping the aspect ratio (bilinear, antialiased when
+    shrinking: a photo is usually shrunk several times; Pillow on float channels, no rounding), normalised,
+    zero-padded right/bottom to multiples of 32, and on the right to a width of at least INPUT_MIN_SIDE (a 1:4
+    photo at height 64 is 16 wide: the exported model takes 64 at least; post-processing crops the padding to the
+    resized size, resized_sizes(h, w, ...)[0])."""
+    (scaled_h, scaled_w), padded = resized_sizes(*photo.shape[-2:], input_height, max_long_side)
     padded = (padded[0], max(padded[1], INPUT_MIN_SIDE))
     out = np.zeros((1, 3) + padded, np.float32)
     for c in range(3):

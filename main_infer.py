@@ -44,12 +44,14 @@ from utils import autocast, prepare_device
 # Your own photos
 # ----------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def infer_photos(model, folder, photos, input_height, device, figures_dir, score_thresh):
-    """plots.photo_overlays with the model (handout post-processing). Returns (overlay paths, skipped photos)."""
-    def infer(image, size):
-        scores, labels, masks = model.infer(torch.from_numpy(image).to(device), size, POSTPROCESS_HANDOUT)
+def infer_photos(model, folder, photos, input_height, device, figures_dir, score_thresh, max_long_side=None):
+    """plots.photo_overlays with the model (handout post-processing) in the frame of input_height and
+    max_long_side (a converted published model's). Returns (overlay paths, skipped photos)."""
+    def infer(image, size, scaled_size):
+        scores, labels, masks = model.infer(torch.from_numpy(image).to(device), size, POSTPROCESS_HANDOUT, scaled_size)
         return scores[0].float().cpu().numpy(), labels[0].cpu().numpy(), masks[0].cpu().numpy()
-    return photo_overlays(infer, model.head.class_names, folder, photos, input_height, figures_dir, score_thresh)
+    return photo_overlays(infer, model.head.class_names, folder, photos, input_height, figures_dir, score_thresh,
+                          max_long_side)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -95,13 +97,20 @@ def main(args):
     model = load_model(checkpoint, device, source=checkpoint_path)  # eval mode
     train_args = stored_settings(checkpoint, checkpoint_path, DATA_SETTINGS, required=("input_height",))
     arch = model_config(checkpoint, checkpoint_path).arch
-    print(f"checkpoint {checkpoint_path} (epoch {checkpoint['epoch']}, head {arch}), input height "
-          f"{train_args['input_height']}")
+    converted = checkpoint.get("converted_from")
+    origin = (f"converted from {converted.get('file')}" if isinstance(converted, dict)
+              else f"epoch {checkpoint['epoch']}")
+    frame = (f"input: shorter side {train_args['input_height']}, longer at most {train_args['max_long_side']}"
+             if train_args.get("max_long_side") else f"input height {train_args['input_height']}")
+    print(f"checkpoint {checkpoint_path} ({origin}, head {arch}), {frame}")
+    if converted and not photos and args.val_data is None and args.data_dir is None and args.synthetic is None:
+        raise DataError(f"checkpoint {checkpoint_path} is a converted published model: it has no test split of its "
+                        f"own; pass --val-data instances_val2017.json val2017/ (COCO mask AP) or --images FOLDER")
 
     if photos:
         with autocast(device, args.amp):
             paths, skipped = infer_photos(model, args.images, photos, train_args["input_height"], device,
-                                          args.figures_dir, args.plot_score_thresh)
+                                          args.figures_dir, args.plot_score_thresh, train_args.get("max_long_side"))
         print(f"wrote {len(paths)} overlays to {args.figures_dir}, skipped {len(skipped)} photos"
               + (f"; {subfolders} subfolders not searched (--recursive)" if subfolders else ""))
         return dict(checkpoint=checkpoint_path, overlays=paths, skipped=skipped)

@@ -8,6 +8,8 @@
       python main_train.py --data-dir data --amp --arch solov2 --output-dir checkpoints/solov2
   your own COCO-format data (a json and an image folder per split; without --val-data 20% of the training images):
       python main_train.py --train-data train.json train_images/ --val-data val.json val_images/ --amp
+  fine-tune a trained or converted SOLO checkpoint on your data (its architecture; new classes, new category output):
+      python main_train.py --init-from solo_r50.pth --train-data train.json train_images/ --output-dir runs/mine
   several GPUs on one machine (N processes, one per GPU; batch size is per GPU):
       torchrun --nproc_per_node=N main_train.py --data-dir data --amp
   continue an interrupted run with its stored settings (newest checkpoint of the folder, or a file):
@@ -26,6 +28,7 @@ Outputs in --output-dir: checkpoint.pth (the newest, a hard link to its epoch fi
 epoch), loss_curve.png; with --tensorboard, tensorboard/ (view with `tensorboard --logdir <output-dir>`).
 The write-up of a run (figures, settings, mAP; report.html and report.pdf): python report.py --checkpoint-dir DIR
 """
+import argparse
 import contextlib
 import dataclasses
 import math
@@ -42,13 +45,14 @@ from backbone import ARCHITECTURES
 from checkpoint import (check_classes, link_checkpoint, load_checkpoint, model_config, restore_training,
                         save_checkpoint, training_checkpoint)
 from coco_eval import map_summary
-from dataset import BuildDataLoader, build_datasets
+from dataset import BuildDataLoader, build_datasets, multiscale_heights
 from engine import evaluate, evaluate_map, train_one_epoch
 from errors import NonFiniteLossError, RunFolderError, UserError, WriteError, error_message
+from finetune import load_init_weights
 from loss_log import LossLog
 from model import ARCHS, ModelConfig, build_model
 from run_folder import remove_old_epochs, run_folder, stopped_message
-from train_settings import RESUME_OVERRIDES, SETTABLE, TrainingArgumentParser, demo_description
+from train_settings import AUGMENTATIONS, RESUME_OVERRIDES, SETTABLE, TrainingArgumentParser, demo_description
 from utils import (autocast_settings, build_scheduler, deferred_stop, device_name, init_distributed,
                    is_main_process, prepare_device, scaled_lr, seed_everything, stop_on_sigterm)
 
@@ -74,10 +78,16 @@ def get_args_parser(add_help=True):
     data.add_argument("--input-height", default=800, type=int,
                       help="network input height, a multiple of 32; the width keeps the 4:3 aspect (800 -> "
                            "800x1066, padded 800x1088)")
-    data.add_argument("--hflip", action="store_true", help="random horizontal flips of the train split (p = 0.5)")
+    data.add_argument("--augment", default=None, nargs="+", action="extend", choices=AUGMENTATIONS,
+                      help="train-split augmentation: hflip, random horizontal flips (p = 0.5); multiscale, the SOLO "
+                           "authors' 3x recipe, each batch at an input height drawn from 0.8-1 x --input-height in "
+                           "steps of 32 (800: 640, 672, ..., 800). Default: none, the handout's")
+    # --hflip: the older spelling of --augment hflip, kept working for existing commands (not listed in --help)
+    data.add_argument("--hflip", dest="augment", action="append_const", const="hflip", help=argparse.SUPPRESS)
     data.add_argument("--workers", default=2, type=int, help="data loading worker processes per training process")
-    # the smallest object of a newly written synthetic set (sqrt(w*h), 300x400 pixels): the --demo preset's 30
-    parser.set_defaults(synthetic_min_size=14)
+    # the smallest object of a newly written synthetic set (sqrt(w*h), 300x400 pixels): the --demo preset's 30;
+    # hflip and multiscale: --augment's two switches (train_settings.resolve_args sets them)
+    parser.set_defaults(synthetic_min_size=14, hflip=False, multiscale=False)
 
     model = parser.add_argument_group("model (model.ModelConfig; every field settable with --set)")
     model.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS,
@@ -85,6 +95,10 @@ def get_args_parser(add_help=True):
     model.add_argument("--backbone", default=ModelConfig.backbone, choices=ARCHITECTURES, help="FPN backbone")
     model.add_argument("--backbone-weights", default=ModelConfig.backbone_weights, type=str,
                        help="'coco' (torchvision's COCO Mask R-CNN weights), 'none' (random) or a weights file")
+    model.add_argument("--init-from", default=None, type=str, metavar="FILE",
+                       help="start from this SOLO checkpoint's weights (a run's or convert.py's): its architecture, "
+                            "every tensor whose shape fits, a new category output when the data's classes differ "
+                            "(docs/training.md)")
     model.add_argument("--set", default=None, nargs="+", action="extend", metavar="FIELD=VALUE",
                        help="model settings, repeatable: " + ", ".join(SETTABLE[3:]) + " (e.g. --set stacked_convs=4 "
                             "num_grids=40,36,24,16,12 init=xavier cate_norm=mean trainable_backbone=true; "
@@ -165,7 +179,13 @@ def train(args, rank, world_size, device):
     model_cfg = model_config(checkpoint, args.resume) if checkpoint else dataclasses.replace(
         ModelConfig.from_args(args), num_classes=len(class_names) + 1, class_names=class_names)
     check_classes(class_names, model_cfg.class_names, args.resume)  # a resumed run's data
-    model = build_model(model_cfg, load_backbone_weights=checkpoint is None).to(device)
+    init_from = None if checkpoint else getattr(args, "init_from", None)  # a resumed run has its own weights
+    model = build_model(model_cfg, load_backbone_weights=checkpoint is None and not init_from)
+    if init_from:
+        report = load_init_weights(model, model_cfg, init_from)
+        if is_main_process():
+            print(report)
+    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     scheduler = build_scheduler(optimizer, iters_per_epoch, args.lr_steps, args.warmup_iters)
@@ -222,8 +242,9 @@ def train(args, rank, world_size, device):
             seed_everything(args.seed + epoch + 1000 * rank)
             train_sampler.set_epoch(epoch)  # shuffles with seed + epoch, the same order on every process
             # a fresh loader per epoch: its workers draw their seeds from the RNG just seeded
-            train_loader = BuildDataLoader(train_set, args.batch_size, False, args.workers,
-                                           sampler=train_sampler).loader()
+            train_loader = BuildDataLoader(train_set, args.batch_size, False, args.workers, sampler=train_sampler,
+                                           heights=multiscale_heights(args.input_height) if args.multiscale
+                                           else None).loader()
             started = time.perf_counter()
             train_one_epoch(model, optimizer, scheduler, scaler, train_loader, device, epoch, args, log)
             del train_loader

@@ -94,15 +94,16 @@ def read_ranges(matrix):
 
 
 @full_precision
-def masks_to_original(masks, ori_size):
+def masks_to_original(masks, ori_size, scaled_size=None):
     """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) in {0, 1}, the authors' way: bilinear upsampling
-    to the padded input (H, W), crop of the padding (the image was resized to height H and width
-    H * ori_W / ori_H), bilinear resize to ori_size, threshold 0.5. Both resizes are linear and separable, so
+    to the padded input (H, W), crop of the padding to scaled_size (Hs, Ws), the image's size inside the input
+    (default the handout's frame: height H, width int(H * ori_W / ori_H)), bilinear resize to ori_size,
+    threshold 0.5. Both resizes are linear and separable, so
     they compose into one (ori_H, H/4) matrix on the rows and one (ori_W, W/4) on the columns (the same values
     up to float rounding, with no (k, H, W) intermediate)."""
     k, h4, w4 = masks.shape
-    crop_w = int(4 * h4 * ori_size[1] / ori_size[0])
-    rows = resize_matrix(h4, 4 * h4, 4 * h4, ori_size[0], masks.device)  # (ori_H, H/4)
+    crop_h, crop_w = scaled_size or (4 * h4, int(4 * h4 * ori_size[1] / ori_size[0]))
+    rows = resize_matrix(h4, 4 * h4, crop_h, ori_size[0], masks.device)  # (ori_H, H/4)
     cols = resize_matrix(w4, 4 * w4, crop_w, ori_size[1], masks.device)  # (ori_W, W/4)
     masks = masks.float()
     if masks.device.type != "cpu":  # one batched product: on a GPU, launches cost more than arithmetic

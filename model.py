@@ -5,7 +5,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from backbone import ARCHITECTURES, build_backbone
+from backbone import ARCHITECTURES, CHECKPOINT_ONLY, build_backbone
 from datafiles import default_class_names
 from decoupled_solo_head import DecoupledSOLOHead
 from solo_head import SOLOHead, head_setting_problems
@@ -20,8 +20,11 @@ class ModelConfig:
     """Every setting of a SOLO model: main_train.py's model flags are these fields, checkpoints store them
     (dataclasses.asdict) and build_model builds from them. The defaults are the handout's model."""
     arch: str = "solo"  # the head: 'solo' (the handout's), 'decoupled' (Decoupled SOLO) or 'solov2' (SOLOv2)
-    backbone: str = "resnet50"  # 'resnet50' (the course's COCO Mask R-CNN backbone) or 'resnet18' (CPU demos)
-    backbone_weights: str = "coco"  # 'coco', 'none' (random, always trained) or a weights file
+    # 'resnet50' (the course's), 'resnet18' (CPU demos); 'resnet34', 'resnet101' (published models, convert.py)
+    backbone: str = "resnet50"
+    # 'coco' (torchvision's COCO Mask R-CNN), 'none' (random, always trained), a weights file, or 'checkpoint':
+    # trained weights that come with the SOLO checkpoint itself (a converted published model, convert.py)
+    backbone_weights: str = "coco"
     trainable_backbone: bool = False  # fine-tune a pretrained backbone (default frozen, the handout's)
     num_classes: int = 4  # C: the object classes and the background (from the data)
     class_names: tuple = None  # the C - 1 classes' names, label k is class_names[k - 1] (default: the course's)
@@ -41,6 +44,9 @@ class ModelConfig:
             problems.append(f"arch {self.arch!r} is not one of {ARCHS}")
         if self.backbone not in ARCHITECTURES:
             problems.append(f"backbone {self.backbone!r} is not one of {ARCHITECTURES}")
+        if self.backbone in CHECKPOINT_ONLY and self.backbone_weights == "coco":
+            problems.append(f"backbone {self.backbone!r} has no COCO Mask R-CNN weights (resnet50 has): use "
+                            f"backbone_weights 'none', a weights file, or a converted checkpoint (convert.py)")
         if len(self.num_grids) != 5 or min(self.num_grids) < 1:
             problems.append(f"num_grids {list(self.num_grids)} must be 5 grid sizes >= 1, one per FPN level")
         if self.seg_feat_channels < 32 or self.seg_feat_channels % 32:
@@ -82,11 +88,12 @@ class SOLO(nn.Module):
         return self.head(fpn_feat_list, eval=eval)
 
     @torch.no_grad()
-    def infer(self, img, ori_size, cfg=None):
+    def infer(self, img, ori_size, cfg=None, scaled_size=None):
         """Detections of img (bz, 3, H, W): forward(eval=True), then head.PostProcess with cfg (a POSTPROCESS_*
-        dict, default the head's). Per image scores (k,), labels (k,), masks (k, ori_H, ori_W)."""
+        dict, default the head's) and scaled_size (see PostProcess). Per image scores (k,), labels (k,), masks
+        (k, ori_H, ori_W)."""
         cate_pred_list, ins_pred_list = self(img, eval=True)
-        return self.head.PostProcess(ins_pred_list, cate_pred_list, ori_size, cfg)
+        return self.head.PostProcess(ins_pred_list, cate_pred_list, ori_size, cfg, scaled_size)
 
     def train(self, mode=True):
         super().train(mode)
@@ -99,14 +106,19 @@ class SOLO(nn.Module):
 def build_model(cfg=None, load_backbone_weights=True):
     """SOLO from a ModelConfig (or a dict of its fields; None: the defaults). backbone_weights: 'coco'
     (torchvision's COCO Mask R-CNN weights, frozen unless trainable_backbone), 'none' (random weights, always
-    trained) or a checkpoint file path. load_backbone_weights=False builds the same architecture without reading
-    the weights (a SOLO checkpoint about to be loaded holds them)."""
+    trained), a checkpoint file path, or 'checkpoint' (the SOLO checkpoint's own). load_backbone_weights=False
+    builds the same architecture without reading the weights (a SOLO checkpoint about to be loaded holds them);
+    'checkpoint' weights are built that way only."""
     cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**(cfg or {}))
     weights = cfg.backbone_weights
+    if weights == "checkpoint" and load_backbone_weights:
+        raise ValueError("backbone_weights 'checkpoint': the backbone's weights come with a SOLO checkpoint; load "
+                         "it with checkpoint.load_model, or start a run from it with main_train.py --init-from FILE")
     pretrained = weights != "none"
     backbone = build_backbone(cfg.backbone, pretrained=pretrained,
-                              checkpoint_file=weights if weights not in ("coco", "none") else None,
-                              trainable=cfg.trainable_backbone or not pretrained, load_weights=load_backbone_weights)
+                              checkpoint_file=weights if weights not in ("coco", "none", "checkpoint") else None,
+                              trainable=cfg.trainable_backbone or not pretrained, load_weights=load_backbone_weights,
+                              weights_in_checkpoint=weights == "checkpoint")
     extra = dict(mask_feat_channels=cfg.mask_feat_channels) if cfg.arch == "solov2" else {}
     head = HEADS[cfg.arch](cfg.num_classes, seg_feat_channels=cfg.seg_feat_channels, stacked_convs=cfg.stacked_convs,
                            num_grids=cfg.num_grids, init=cfg.init,

@@ -66,9 +66,9 @@ class ExportedSOLO:
                              f"{image.shape}")
         return dict(zip(self.names, self.session.run(None, {"image": image})))
 
-    def infer(self, image, ori_size, cfg=None):
+    def infer(self, image, ori_size, cfg=None, scaled_size=None):
         outputs = self.forward(image)
-        return postprocess(outputs, self.meta, ori_size, cfg or self.meta["postprocess"]["handout"])
+        return postprocess(outputs, self.meta, ori_size, cfg or self.meta["postprocess"]["handout"], scaled_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,14 +165,15 @@ def cell_masks(outputs, b, cell, meta):
     return np.concatenate(masks).astype(np.float32) if masks else np.zeros((0, *mask_size), np.float32)
 
 
-def masks_to_original(masks, ori_size):
-    """(k, H/4, W/4) probabilities -> (k, ori_H, ori_W) bool, as SOLOHead._masks_to_original: upsampling to the
-    padded input, the crop of the padding, the resize to ori_size, threshold 0.5, composed into one matrix per
-    axis. Each mask is resized only over the output rows and columns that read one of its pixels above 0.5 (no
-    other output can pass the threshold: each is a convex combination of the pixels it reads)."""
+def masks_to_original(masks, ori_size, scaled_size=None):
+    """(k, H/4, W/4) probabilities -> (k, ori_H, ori_W) bool, as mask_ops.masks_to_original: upsampling to the
+    padded input, the crop of the padding to scaled_size (default the handout's frame), the resize to ori_size,
+    threshold 0.5, composed into one matrix per axis. Each mask is resized only over the output rows and columns
+    that read one of its pixels above 0.5 (no other output can pass the threshold: each is a convex combination of
+    the pixels it reads)."""
     k, h4, w4 = masks.shape
-    crop_w = int(4 * h4 * ori_size[1] / ori_size[0])
-    rows = linear_matrix(4 * h4, ori_size[0]) @ linear_matrix(h4, 4 * h4)  # (ori_H, H/4)
+    crop_h, crop_w = scaled_size or (4 * h4, int(4 * h4 * ori_size[1] / ori_size[0]))
+    rows = linear_matrix(crop_h, ori_size[0]) @ linear_matrix(h4, 4 * h4)[:crop_h]  # (ori_H, H/4)
     cols = linear_matrix(crop_w, ori_size[1]) @ linear_matrix(w4, 4 * w4)[:crop_w]  # (ori_W, W/4)
     out = np.zeros((k, *ori_size), bool)
     for mask, out_mask in zip(masks, out):
@@ -191,8 +192,9 @@ def masks_to_original(masks, ori_size):
 # ----------------------------------------------------------------------------------------------------
 # Post-processing
 # ----------------------------------------------------------------------------------------------------
-def postprocess(outputs, meta, ori_size, cfg):
-    """SOLOHead.PostProcess on an exported model's outputs: ori_size (H, W) for every image or one per image.
+def postprocess(outputs, meta, ori_size, cfg, scaled_size=None):
+    """SOLOHead.PostProcess on an exported model's outputs: ori_size (H, W) for every image or one per image, and
+    scaled_size likewise (None: the handout's frame).
     Returns per image scores (k,) float32, labels (k,) int64 in 1..C-1, masks (k, ori_H, ori_W) bool."""
     grids, strides = meta["num_grids"], meta["strides"]
     bz = outputs["cate_0"].shape[0]
@@ -202,14 +204,15 @@ def postprocess(outputs, meta, ori_size, cfg):
     sizes = [tuple(s) for s in ori_size] if np.ndim(ori_size) == 2 else [tuple(ori_size)] * bz
     if len(sizes) != bz:
         raise ValueError(f"postprocess: {len(sizes)} image sizes for a batch of {bz} images")
+    scaled = [tuple(s) for s in scaled_size] if np.ndim(scaled_size) == 2 else [scaled_size] * bz
     results = ([], [], [])
-    for b, size in enumerate(sizes):
-        for out, part in zip(results, postprocess_image(outputs, b, cate[b], cell_stride, meta, size, cfg)):
+    for b, (size, frame) in enumerate(zip(sizes, scaled)):
+        for out, part in zip(results, postprocess_image(outputs, b, cate[b], cell_stride, meta, size, frame, cfg)):
             out.append(part)
     return results
 
 
-def postprocess_image(outputs, b, cate, cell_stride, meta, ori_size, cfg):
+def postprocess_image(outputs, b, cate, cell_stride, meta, ori_size, scaled_size, cfg):
     """One image (SOLOHead.PostProcessImg)."""
     cell, cls = np.nonzero(cate > cfg["cate_thresh"])  # (k,), (k,): cells ascending
     masks = cell_masks(outputs, b, cell, meta)  # (k, H/4, W/4)
@@ -227,6 +230,6 @@ def postprocess_image(outputs, b, cate, cell_stride, meta, ori_size, cfg):
                          cfg["nms_sigma"]).astype(np.float32)
     keep = np.flatnonzero(decayed >= cfg["update_thresh"])
     keep = keep[np.argsort(-decayed[keep], kind="stable")[:cfg["keep_instance"]]]
-    masks = masks_to_original(masks[idx[keep]], ori_size)
+    masks = masks_to_original(masks[idx[keep]], ori_size, scaled_size and tuple(scaled_size))
     visible = masks.any((1, 2))  # a mask wholly in the padding is no detection
     return decayed[keep][visible], labels[keep][visible], masks[visible]

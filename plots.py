@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from atomic_files import atomic_write
 from errors import PhotoError
-from imagefiles import letterbox, load_photo, photo_input
+from imagefiles import letterbox, load_photo, photo_input, resized_sizes
 
 CLASS_COLORS = ((1.0, 0.85, 0.0), (0.0, 0.9, 0.9), (1.0, 0.2, 1.0))  # overlay colours: vehicle, person, animal
 
@@ -75,11 +75,12 @@ def overlay_name(photo):
     return f"{stem}_{ext[1:]}_infer.png"
 
 
-def photo_overlays(infer, class_names, folder, photos, input_height, figures_dir, score_thresh):
+def photo_overlays(infer, class_names, folder, photos, input_height, figures_dir, score_thresh, max_long_side=None):
     """The overlay of each photo (relative paths under folder), written as <figures_dir>/<overlay_name>: the photo
     letterboxed to at most 4:1 (and to the exported model's widest input at input_height), made into the network's
-    input (imagefiles.photo_input), and infer(input (1, 3, H, W) float32, size of the letterboxed photo) -> (scores
-    (k,), labels (k,), masks (k, h, w)) of that image. A photo that cannot be read is skipped with one warning line
+    input (imagefiles.photo_input, the frame of input_height and max_long_side), and infer(input (1, 3, H, W)
+    float32, size of the letterboxed photo, its resized size inside the input) -> (scores (k,), labels (k,), masks
+    (k, h, w)) of that image. A photo that cannot be read is skipped with one warning line
     naming it and why. Overlays already in figures_dir (an earlier run's) are replaced, and one line says how many.
     Returns (overlay paths, skipped)."""
     colours = class_colors(len(class_names))
@@ -94,7 +95,8 @@ def photo_overlays(infer, class_names, folder, photos, input_height, figures_dir
             skipped.append(name)
             continue
         padded = letterbox(photo, input_height=input_height)
-        scores, labels, masks = infer(photo_input(padded, input_height), padded.shape[-2:])
+        scaled_size = resized_sizes(*padded.shape[-2:], input_height, max_long_side)[0]
+        scores, labels, masks = infer(photo_input(padded, input_height, max_long_side), padded.shape[-2:], scaled_size)
         masks = np.asarray(masks)[:, :photo.shape[1], :photo.shape[2]]  # the letterbox cut off again
         fig = detections_figure(photo.transpose(1, 2, 0) / 255, scores, labels, masks, class_names, colours,
                                 score_thresh)

@@ -51,7 +51,7 @@ from solo_head import REFERENCE_HEIGHT, plot_target_figures
 from utils import prepare_device, stop_on_sigterm
 
 HEADS = dict(solo="SOLO", decoupled="Decoupled SOLO", solov2="SOLOv2")
-RUN_DATA = dict(DATA_SETTINGS, hflip=False, empty_images="skip")  # what rebuilds the run's two splits
+RUN_DATA = dict(DATA_SETTINGS, hflip=False, multiscale=False, empty_images="skip")  # what rebuilds the run's two splits
 SECTIONS = (("summary", "Summary"), ("settings", "Settings"), ("dataset", "Dataset statistics"),
             ("dataset-figures", "Dataset visual check (dataset.py)"), ("targets", "FPN targets (solo_head.py)"),
             ("losses", "Loss curves"), ("map", "Mask mAP"), ("inference", "Inference (main_infer.py)"),
@@ -280,7 +280,9 @@ def build_report(args):
                      f"{', frozen' if cfg.backbone_weights != 'none' and not cfg.trainable_backbone else ''})"),
             ("data", data_description(run)), ("classes", ", ".join(cfg.class_names)),
             ("checkpoint", f"{path} (epoch {checkpoint['epoch']}, iteration {checkpoint['iteration']})"),
-            ("augmentation", "horizontal flips (p = 0.5)" if run["hflip"] else "none"),
+            ("augmentation", ", ".join(["horizontal flips (p = 0.5)"] * bool(run["hflip"]) + [
+                "multi-scale (an input height per batch, the authors' 3x recipe)"] * bool(run["multiscale"]))
+             or "none"),
             ("mask mAP (test split)", f"AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f}, "
                                       f"AP75 {metrics['AP75']:.3f}")])]),
         settings=dict(text="Every argument the run was trained with (main_train.py, as stored in the checkpoint), "

@@ -460,22 +460,27 @@ class SOLOHead(nn.Module):
         return fl.sum() / ((cate_gts > 0).sum() + 1)
 
     # ---------------------------------------------------------------- post-processing (6.10)
-    def PostProcess(self, ins_pred_list, cate_pred_list, ori_size, cfg=None):
+    def PostProcess(self, ins_pred_list, cate_pred_list, ori_size, cfg=None, scaled_size=None):
         """ins_pred_list (SOLO: [(bz, c, H_f, W_f)]; the successors' mask predictions) and cate_pred_list
         [(bz, S, S, C-1)] as forward(eval=True) returns them, ori_size (ori_H, ori_W) of the images before
         resizing, or a list of one such size per image (a batch of images of different sizes, each resized to the
         input height and padded on the right). cfg: POSTPROCESS_HANDOUT / POSTPROCESS_MAP style dict (default
         self.postprocess_cfg). Returns per image: scores (k,), labels (k,) in 1..C-1 and masks (k, ori_H, ori_W)
-        in {0, 1}, sorted by score; k = 0 gives empty tensors."""
+        in {0, 1}, sorted by score; k = 0 gives empty tensors. scaled_size: each image's (H_s, W_s) inside the
+        padded input, one for all or one per image (default: the handout's frame, the image filling the input's
+        height; mmdetection's frame, that of the published models, also pads at the bottom)."""
         bz = cate_pred_list[0].shape[0]
         cate_pred_all = torch.cat([c.reshape(bz, -1, self.cate_out_channels) for c in cate_pred_list], 1)
         ins_imgs = [[image_of(level, b) for level in ins_pred_list] for b in range(bz)]  # per image, per level
         sizes = [tuple(s) for s in ori_size] if isinstance(ori_size[0], (tuple, list)) else [tuple(ori_size)] * bz
         if len(sizes) != bz:
             raise ValueError(f"PostProcess: {len(sizes)} image sizes for a batch of {bz} images")
-        return self.MultiApply(self.PostProcessImg, ins_imgs, cate_pred_all, sizes, cfg=cfg or self.postprocess_cfg)
+        scaled = [tuple(s) for s in scaled_size] if scaled_size is not None and isinstance(
+            scaled_size[0], (tuple, list)) else [scaled_size and tuple(scaled_size)] * bz
+        return self.MultiApply(self.PostProcessImg, ins_imgs, cate_pred_all, sizes, scaled,
+                               cfg=cfg or self.postprocess_cfg)
 
-    def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, cfg):
+    def PostProcessImg(self, ins_pred_img, cate_pred_img, ori_size, scaled_size, cfg):
         """One image: ins_pred_img the head's mask predictions per level (SOLO: (c, H_f, W_f)), cate_pred_img
         (sum S^2, C-1)."""
         # filter: every (cell, class) above the category threshold is a candidate; cells come out ascending
@@ -499,7 +504,7 @@ class SOLOHead(nn.Module):
         keep = (scores >= cfg["update_thresh"]).nonzero()[:, 0]
         keep = keep[scores[keep].argsort(descending=True)[:cfg["keep_instance"]]]  # (m,) into the n
         # the authors' resize: to the padded input, crop the padding, to the original size
-        masks = masks_to_original(masks[idx[keep]], ori_size)  # (m, ori_H, ori_W) in {0, 1}
+        masks = masks_to_original(masks[idx[keep]], ori_size, scaled_size)  # (m, ori_H, ori_W) in {0, 1}
         scores, labels = scores[keep], labels[keep]
         visible = masks.flatten(1).amax(1) > 0  # a mask lying wholly in the padding is no detection
         if visible.all():  # the usual case: no copy of the masks

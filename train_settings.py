@@ -9,6 +9,7 @@ import sys
 from checkpoint import latest_checkpoint, load_checkpoint, stored_settings
 from dataset import check_input_height
 from errors import CheckpointError
+from finetune import init_settings
 from model import ModelConfig
 
 # The reduced configuration that learns on a CPU in minutes (docs/demo.md): the same target, loss and
@@ -25,6 +26,8 @@ DEMO_RUN = dict(batch_size=8, epochs=8, lr=0.06, lr_steps=[7], warmup_iters=30, 
 # features within a few iterations, every mask goes to 0 and the dice loss stays at 1 (docs/departures.md)
 DEMO_ARCH_LR = dict(solov2=0.01)
 DEMO = {**DEMO_DATA, **DEMO_MODEL, **DEMO_RUN}  # the whole preset, as bench.py's demo rows read it
+
+AUGMENTATIONS = ("hflip", "multiscale")  # main_train.py --augment's choices: args.hflip, args.multiscale
 
 # ModelConfig fields --set may set: the classes come from the data
 SETTABLE = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("num_classes", "class_names"))
@@ -98,12 +101,18 @@ def resolve_args(parser, argv):
     RESUME_OVERRIDES may be given another value). A bad value is a parser error (usage, exit 2)."""
     args = argparse.ArgumentParser.parse_args(parser, argv)
     given = given_flags(parser, argv)
+    args.augment = [name for name in AUGMENTATIONS if name in (args.augment or [])]  # in a fixed order, once each
+    args.hflip, args.multiscale = "hflip" in args.augment, "multiscale" in args.augment
     try:
         model_settings = parse_model_settings(args.set)
     except ValueError as e:
         parser.error(str(e))
+    given |= set(model_settings)
+    if getattr(args, "init_from", None):  # the model settings are the file's: the preset's give way (finetune.py)
+        model_settings = init_settings(args, given, model_settings)
     if args.demo:
-        preset = {**DEMO_DATA, **DEMO_RUN, **DEMO_MODEL, "lr": DEMO_ARCH_LR.get(args.arch, DEMO_RUN["lr"])}
+        arch = model_settings.get("arch", args.arch)
+        preset = {**DEMO_DATA, **DEMO_RUN, **DEMO_MODEL, "lr": DEMO_ARCH_LR.get(arch, DEMO_RUN["lr"])}
         for key, value in preset.items():
             if key not in given and key not in model_settings:
                 setattr(args, key, list(value) if isinstance(value, list) else value)  # the preset's list stays its own
@@ -111,7 +120,6 @@ def resolve_args(parser, argv):
     for field in SETTABLE:  # one attribute per model setting: --set's, a flag's, the preset's or the default
         value = model_settings.get(field, getattr(args, field, getattr(defaults, field)))
         setattr(args, field, list(value) if isinstance(value, tuple) else value)
-    given |= set(model_settings)
     if args.train_data and not args.resume:
         if "synthetic" in given and args.synthetic:
             parser.error("--synthetic and --train-data choose the data twice: give one of them")
@@ -130,6 +138,9 @@ def resolve_args(parser, argv):
         ModelConfig.from_args(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.backbone_weights == "checkpoint" and not args.resume and not getattr(args, "init_from", None):
+        parser.error("--backbone-weights checkpoint: the backbone's weights come with a SOLO checkpoint; start "
+                     "from one with --init-from FILE (convert.py makes one from a published model)")
     return args
 
 
@@ -137,7 +148,7 @@ def given_flags(parser, argv):
     """The names of the settings the command line sets itself (not by a default)."""
     not_given = object()
     blank = argparse.Namespace(**{name: not_given for name in vars(argparse.ArgumentParser.parse_args(parser, []))})
-    blank.set = None  # --set extends the list it finds
+    blank.set = blank.augment = None  # --set and --augment extend the list they find
     parsed = vars(argparse.ArgumentParser.parse_args(parser, argv, blank))
     return {name for name, value in parsed.items() if value is not not_given and value is not None}
 
@@ -152,7 +163,11 @@ def resume_args(parser, args, given):
                                   f"and epoch_NNN.pth): start a run with main_train.py, or pass a checkpoint file")
     defaults = {**vars(argparse.ArgumentParser.parse_args(parser, [])), **dataclasses.asdict(ModelConfig())}
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
-    stored = stored_settings(load_checkpoint(path, mmap=True), path, defaults)
+    checkpoint = load_checkpoint(path, mmap=True)
+    if "converted_from" in checkpoint:
+        raise CheckpointError(f"--resume {path}: a converted published model (convert.py), not a training run: "
+                              f"start a new run from its weights with --init-from {path}")
+    stored = stored_settings(checkpoint, path, defaults)
     refused = [f"{_flag(k)} (the run has {stored[k]!r}, the command line {getattr(args, k)!r})"
                for k in sorted(given) if k in stored and k not in RESUME_OVERRIDES and k not in ("demo", "set")
                and getattr(args, k) != stored[k]]

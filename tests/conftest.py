@@ -48,3 +48,13 @@ class ReportsCuda(torch.Tensor):
 def learning_history(history):
     """A checkpoint's history without the wall-clock times: what a resumed run must repeat exactly."""
     return {key: value for key, value in history.items() if key != "epoch_times"}
+
+
+def assert_same_training_state(straight, resumed):
+    """Two checkpoints of the same run, one resumed: the same weights, momentum and learning history, bit for bit."""
+    assert straight["model"].keys() == resumed["model"].keys()
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert learning_history(straight["history"]) == learning_history(resumed["history"])

@@ -197,7 +197,7 @@ def test_category_ids_of_any_values_map_to_labels_and_back(tmp_path):
     assert [int(label) for r in raw for label in r[1]] == [[3, 7, 12].index(a["category_id"]) + 1
                                                            for a in by_id.values()]
 
-    def oracle(model, img, ori_size, cfg=None):  # the ground truth as detections
+    def oracle(model, img, ori_size, cfg=None, scaled_size=None):  # the ground truth as detections
         assert [tuple(size) for size in ori_size] == [(300, 400)] * len(img)
         found = [raw[k] for k in range(len(img))]
         return [torch.linspace(1, 0.5, len(r[1])) for r in found], [r[1] for r in found], [r[2] for r in found]

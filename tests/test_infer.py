@@ -90,9 +90,9 @@ def test_amp_runs_the_network_in_bfloat16(setup, monkeypatch, tmp_path):
     seen = []
     infer = SOLO.infer
 
-    def recording_infer(model, img, ori_size, cfg=None):
+    def recording_infer(model, img, ori_size, cfg=None, scaled_size=None):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return infer(model, img, ori_size, cfg)
+        return infer(model, img, ori_size, cfg, scaled_size)
 
     monkeypatch.setattr(SOLO, "infer", recording_infer)
     metrics = main_infer.main(parse("--checkpoint", str(ckpt_dir / "checkpoint.pth"), "--num-figures", "0",
@@ -111,7 +111,7 @@ def test_ground_truth_as_predictions_scores_one(setup, monkeypatch, tmp_path):
     inputs = [test_set[k][0] for k in range(len(test_set))]  # (3, 64, 96) each
     raw = [test_set.dataset.get_raw(i) for i in test_set.indices]
 
-    def oracle(model, img, ori_size, cfg=None):
+    def oracle(model, img, ori_size, cfg=None, scaled_size=None):
         assert [tuple(size) for size in ori_size] == [(300, 400)] * len(img)  # one size per image
         scores_list, labels_list, masks_list = [], [], []
         for x in img:

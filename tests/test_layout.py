@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = {"main_train", "main_infer", "resume_train", "report", "export", "deploy", "bench", "to_coco"}
+SCRIPTS = {"main_train", "main_infer", "resume_train", "report", "export", "deploy", "bench", "to_coco", "convert"}
 
 
 def python_files():

@@ -152,7 +152,7 @@ def test_a_second_run_into_the_same_folder_says_its_overlays_replace_the_earlier
     for name in ("a.png", "b.jpg"):
         Image.new("RGB", (40, 30), (200, 100, 50)).save(photos / name)
 
-    def infer(image, size):  # no detections: only the files matter here
+    def infer(image, size, scaled_size):  # no detections: only the files matter here
         return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros((0, *size), bool)
 
     def run(names):
