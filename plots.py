@@ -94,7 +94,9 @@ def photo_overlays(infer, class_names, folder, photos, input_height, figures_dir
             tqdm.write(f"warning: skipped {os.path.join(folder, name)}: {err}")
             skipped.append(name)
             continue
-        padded = letterbox(photo, input_height=input_height)
+        # the exported model's 2048-pixel width limit binds only in the handout's frame (mmdetection's caps the
+        # longer side itself)
+        padded = letterbox(photo, input_height=None if max_long_side else input_height)
         scaled_size = resized_sizes(*padded.shape[-2:], input_height, max_long_side)[0]
         scores, labels, masks = infer(photo_input(padded, input_height, max_long_side), padded.shape[-2:], scaled_size)
         masks = np.asarray(masks)[:, :photo.shape[1], :photo.shape[2]]  # the letterbox cut off again

@@ -9,7 +9,7 @@ WXinlong/SOLO's mmdet/models/anchor_heads/*solo*_head.py and mask_heads/mask_fea
     backbone.<ResNet>                                             backbone.body.<the same names>
     neck.lateral_convs.i.conv / neck.fpn_convs.i.conv             backbone.fpn.inner_blocks.i.0 / layer_blocks.i.0
     mask_head. | bbox_head.  cls_convs | cate_convs  .i.conv/.gn  head.cate_convs.i.0 / .1  (conv, GroupNorm)
-                             conv_cls | solo_cate                 head.cate_out
+                             conv_cls | solo_cate (dsolo_cate)    head.cate_out
     SOLO:                    mask_convs | ins_convs               head.ins_convs
                              conv_mask_list | solo_ins_list .l    head.ins_out_list.l
     Decoupled SOLO:          mask_convs_x | ins_convs_x (and _y)  head.ins_convs_x (and _y)
@@ -27,7 +27,9 @@ import importlib
 import math
 import os
 import re
+import warnings
 
+import numpy as np
 import torch
 
 from errors import CheckpointError, MissingFileError
@@ -53,8 +55,8 @@ COCO_CLASSES = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
     "hair drier", "toothbrush")
 
-# The two naming schemes: the head's prefix and its layers' names. Rules are (their name pattern, ours);
-# "{conv}" stands for a conv-GN layer's two parts (ConvModule's .conv and .gn, our Sequential's .0 and .1).
+# The two naming schemes: the head's prefix and its layers' names (a dict where a name differs by head: the
+# authors call Decoupled SOLO's category output dsolo_cate).
 SCHEMES = {
     "mmdetection 2.x/3.x": dict(
         head="mask_head.", feat_head="mask_head.mask_feature_head.", conv_pred=r"conv_pred",
@@ -64,7 +66,8 @@ SCHEMES = {
                    kernel_out="conv_kernel")),
     "the SOLO authors' (mmdetection 1.x)": dict(
         head="bbox_head.", feat_head="mask_feat_head.", conv_pred=r"conv_pred\.0",
-        names=dict(cate_tower="cate_convs", cate_out="solo_cate", solo_tower="ins_convs",
+        names=dict(cate_tower="cate_convs", cate_out=dict(solo="solo_cate", decoupled="dsolo_cate",
+                                                         solov2="solo_cate"), solo_tower="ins_convs",
                    solo_out="solo_ins_list", x_tower="ins_convs_x", y_tower="ins_convs_y",
                    x_out="dsolo_ins_list_x", y_out="dsolo_ins_list_y", kernel_tower="kernel_convs",
                    kernel_out="solo_kernel")),
@@ -96,11 +99,15 @@ def state_dict_of(obj, source):
 
 def class_names_of(obj, num_classes):
     """The class names a published file stores (mmdetection 1.x/2.x meta['CLASSES'], 3.x
-    meta['dataset_meta']['classes']), else COCO's 80 when it has 80 classes, else class_1, class_2, ..."""
+    meta['dataset_meta']['classes']), else COCO's 80 when it has 80 classes, else class_1, class_2, ...
+    COCO's names as mmdetection 1.x spells them ('traffic_light') become COCO's own ('traffic light', the names
+    instances_val2017.json has)."""
     meta = obj.get("meta") if isinstance(obj, dict) else None
     meta = meta if isinstance(meta, dict) else {}
     names = meta.get("CLASSES") or (meta.get("dataset_meta") or {}).get("classes")
     if names and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        if tuple(n.replace("_", " ") for n in names) == COCO_CLASSES:
+            return COCO_CLASSES
         return tuple(names)
     if num_classes == len(COCO_CLASSES):
         return COCO_CLASSES
@@ -109,8 +116,11 @@ def class_names_of(obj, num_classes):
 
 def test_scale_of(obj, light):
     """(shorter side, longer side at most) of the file's test-time resize: read off the config text mmdetection
-    stores in meta['config'] (its test pipeline's img_scale), else the published one for the model."""
-    config = ((obj.get("meta") or {}).get("config") if isinstance(obj, dict) else None) or ""
+    stores in meta['config'] (mmengine: meta['cfg']; its test pipeline's img_scale), else the published one for
+    the model."""
+    meta = (obj.get("meta") if isinstance(obj, dict) else None) or {}
+    config = meta.get("config") or meta.get("cfg") or "" if isinstance(meta, dict) else ""
+    config = config if isinstance(config, str) else ""
     test = config[config.find("test_pipeline"):] if "test_pipeline" in config else ""
     match = re.search(r"img_scale\s*=\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)", test)
     if match:
@@ -144,6 +154,12 @@ def refuse_unsupported(state, source, head):
     if head == "decoupled" and light:
         raise ConversionError(f"{source}: a Decoupled SOLO light head (one mask tower shared by X and Y, key "
                               f"{light[0]!r}); this project builds Decoupled SOLO's two towers only")
+
+
+def layer_name(scheme, layer, head):
+    """Their name of one of our layers (OURS' keys) in a scheme, for a head."""
+    name = SCHEMES[scheme]["names"][layer]
+    return name[head] if isinstance(name, dict) else name
 
 
 def head_of(state, scheme, source):
@@ -183,7 +199,7 @@ def architecture(state, source):
     if depth is None:
         raise ConversionError(f"{source}: a ResNet body with {blocks} {'bottleneck' if bottleneck else 'basic'} "
                               f"blocks in layer3 (backbone.layer3.*); ResNet-18, 34, 50 and 101 are supported")
-    cate_out = f"{prefix}{names['cate_out']}.weight"
+    cate_out = f"{prefix}{layer_name(scheme, 'cate_out', head)}.weight"
     num_classes = _shape(state, cate_out, source)[0] + 1
     stacked_convs = _count(state, re.escape(f"{prefix}{names['cate_tower']}.") + r"{}\.conv\.weight")
     seg_feat_channels = _shape(state, f"{prefix}{names['cate_tower']}.0.conv.weight", source)[0]
@@ -206,12 +222,12 @@ def architecture(state, source):
 def rename_rules(scheme, head):
     """[(compiled pattern of their key, replacement giving ours)] for a scheme and head."""
     spec = SCHEMES[scheme]
-    head_prefix, names = re.escape(spec["head"]), spec["names"]
+    head_prefix = re.escape(spec["head"])
     rules = [(r"backbone\.(.+)", r"backbone.body.\1"),
              (r"neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)", r"backbone.fpn.inner_blocks.\1.0.\2"),
              (r"neck\.fpn_convs\.(\d+)\.conv\.(weight|bias)", r"backbone.fpn.layer_blocks.\1.0.\2")]
     for layer in HEAD_LAYERS[head]:
-        theirs, ours = f"{head_prefix}{re.escape(names[layer])}", f"head.{OURS[layer]}"
+        theirs, ours = f"{head_prefix}{re.escape(layer_name(scheme, layer, head))}", f"head.{OURS[layer]}"
         if layer in TOWERS:  # ConvModule: .conv (no bias: GN follows) and .gn -> our Sequential's 0 and 1
             rules += [(theirs + r"\.(\d+)\.conv\.weight", ours + r".\1.0.weight"),
                       (theirs + r"\.(\d+)\.gn\.(weight|bias)", ours + r".\1.1.\2")]
@@ -267,9 +283,9 @@ def convert_state(state, scheme, head, expected, source):
 
 
 def read_published(path):
-    """The object a published .pth file holds, read without running pickled code (torch.load weights_only).
-    mmdetection's files may hold numpy scalars and dtypes in their meta: those globals, and only those, are
-    allowed too."""
+    """The object a published .pth file holds, read without running pickled code (torch.load weights_only, in
+    the zip format or the legacy one mmdetection's publish_model.py writes). Their meta may hold numpy scalars:
+    numpy's scalar and dtype classes, and only those, are allowed as well."""
     if not os.path.isfile(path):
         raise MissingFileError(f"published checkpoint {path!r}: no such file")
     try:
@@ -277,23 +293,28 @@ def read_published(path):
     except Exception as e:
         error = e
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with torch.serialization.safe_globals(numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        names = None
-    if names and all(name.split(".")[0] == "numpy" for name in names):
-        allowed = [_numpy_global(name) for name in names]
-        if all(allowed):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True)
+        pass
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise ConversionError(f"published checkpoint {path!r} cannot be read as a PyTorch checkpoint without running "
                           f"code it holds ({type(error).__name__}: {reason})")
 
 
+def numpy_globals():
+    """What a pickled numpy scalar needs: numpy's scalar reconstructor, np.dtype and its dtype classes."""
+    scalar = _numpy_global("numpy._core.multiarray.scalar") or _numpy_global("numpy.core.multiarray.scalar")
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [np.dtype, *dtypes] + ([scalar] if scalar is not None else [])
+
+
 def _numpy_global(name):
-    """The numpy object a pickle names ("numpy.core.multiarray.scalar", "numpy.dtype", ...), or None."""
+    """The numpy object a pickle names ("numpy._core.multiarray.scalar"), or None where this numpy lacks it."""
     module, _, attr = name.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), attr)
+        with warnings.catch_warnings():  # numpy 2 warns on importing numpy.core
+            warnings.simplefilter("ignore")
+            return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError):
         return None

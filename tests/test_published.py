@@ -22,8 +22,9 @@ MMDET = dict(head="mask_head.", feat="mask_head.mask_feature_head.", conv_pred="
              cate_tower="cls_convs", cate_out="conv_cls", solo_tower="mask_convs", solo_out="conv_mask_list",
              x_tower="mask_convs_x", y_tower="mask_convs_y", x_out="conv_mask_list_x", y_out="conv_mask_list_y",
              kernel_tower="kernel_convs", kernel_out="conv_kernel")
-AUTHORS = dict(head="bbox_head.", feat="mask_feat_head.", conv_pred="conv_pred.0",
-               cate_tower="cate_convs", cate_out="solo_cate", solo_tower="ins_convs", solo_out="solo_ins_list",
+AUTHORS = dict(head="bbox_head.", feat="mask_feat_head.", conv_pred="conv_pred.0",  # decoupled_solo_head: dsolo_cate
+               cate_tower="cate_convs", cate_out=dict(solo="solo_cate", decoupled="dsolo_cate", solov2="solo_cate"),
+               solo_tower="ins_convs", solo_out="solo_ins_list",
                x_tower="ins_convs_x", y_tower="ins_convs_y", x_out="dsolo_ins_list_x", y_out="dsolo_ins_list_y",
                kernel_tower="kernel_convs", kernel_out="solo_kernel")
 SCHEMES = dict(mmdet=MMDET, authors=AUTHORS)
@@ -89,9 +90,14 @@ def _conv_module(state, name, out, inp, k, gen):
     state[f"{name}.gn.bias"] = 0.1 * torch.randn(out, generator=gen)
 
 
+def names(scheme, head):
+    """Their layer names for one head (the authors name Decoupled SOLO's category output apart)."""
+    return {k: v[head] if isinstance(v, dict) else v for k, v in SCHEMES[scheme].items()}
+
+
 def published_state(scheme, head, depth=18, seed=0, **small):
     """A whole published state dict, their names and shapes, random weights."""
-    cfg, n = {**SMALL, **small}, SCHEMES[scheme]
+    cfg, n = {**SMALL, **small}, names(scheme, head)
     gen = torch.Generator().manual_seed(seed)
     state = resnet_fpn_state(depth, gen)
     p, c = n["head"], cfg["channels"]
@@ -174,7 +180,7 @@ def _coords(x):
 
 def their_forward(s, scheme, head, img, depth=18, **small):
     """Training-mode outputs of their head, sigmoids applied as our forward returns them."""
-    cfg, n = {**SMALL, **small}, SCHEMES[scheme]
+    cfg, n = {**SMALL, **small}, names(scheme, head)
     p = n["head"]
     feats = their_backbone(s, img, depth)
     resized = [F.interpolate(feats[0], size=feats[1].shape[-2:], mode="bilinear", align_corners=False),
@@ -325,6 +331,7 @@ def test_renamed_key_is_named(tmp_path):
 
 def test_missing_key_is_named(tmp_path):
     state = published_state("authors", "decoupled")
+    assert "bbox_head.dsolo_cate.weight" in state
     del state["bbox_head.dsolo_ins_list_y.2.bias"]
     with pytest.raises(ConversionError, match=r"missing .*head\.ins_out_y\.2\.bias"):
         convert_file(tmp_path, save_published(tmp_path, state))
@@ -506,3 +513,23 @@ def test_a_bad_input_scale_is_named(tmp_path):
     path = save_published(tmp_path, published_state("mmdet", "solo"))
     with pytest.raises(ConversionError, match="--input-scale 100 1333: the shorter side must be a multiple of 32"):
         convert_file(tmp_path, path, "--input-scale", "100", "1333")
+
+
+def test_mmdetection_1x_class_names_become_cocos_own(tmp_path):
+    """The authors' files spell COCO's names as mmdetection 1.x did ('traffic_light'); instances_val2017.json
+    has 'traffic light', and main_infer compares the names."""
+    state = published_state("authors", "solo", classes=80)
+    old_names = tuple(name.replace(" ", "_") for name in COCO_CLASSES)
+    result, _ = convert_file(tmp_path, save_published(tmp_path, state, meta={"CLASSES": old_names}))
+    assert result["model_cfg"].class_names == COCO_CLASSES
+
+
+def test_legacy_format_files_with_numpy_metadata_convert(tmp_path):
+    """mmdetection's publish_model.py writes the legacy (non-zip) format; its meta may hold numpy scalars; an
+    mmengine file keeps its config under meta['cfg']."""
+    import numpy as np
+    path = os.path.join(tmp_path, "legacy.pth")
+    meta = {"seed": np.int64(7), "lr": np.float64(0.01), "cfg": "test_pipeline = [dict(img_scale=(1333, 640))]"}
+    torch.save({"meta": meta, "state_dict": published_state("mmdet", "solo")}, path,
+               _use_new_zipfile_serialization=False)
+    assert convert_file(tmp_path, path)[0]["input_scale"] == (640, 1333)
