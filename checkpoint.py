@@ -163,12 +163,17 @@ def stored_settings(checkpoint, source, defaults, required=()):
     return stored
 
 
+def without_module_prefix(state):
+    """A state dict without the 'module.' prefix DataParallel and DistributedDataParallel put on every key."""
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
 def load_model_state(model, state, source):
     """model.load_state_dict(state) after checking every key and shape; CheckpointError naming `source` and the
     first mismatches otherwise. A 'module.' prefix (a state dict saved from DistributedDataParallel) is dropped."""
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {source}: 'model' is a {type(state).__name__}, not a state dict")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = without_module_prefix(state)
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]

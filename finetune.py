@@ -4,7 +4,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint, model_config
+from checkpoint import load_checkpoint, model_config, without_module_prefix
 from errors import CheckpointError
 from model import ModelConfig
 from solo_head import PRIOR_BIAS
@@ -117,7 +117,7 @@ def load_init_weights(model, model_cfg, path):
     if not isinstance(state, dict):
         raise CheckpointError(f"--init-from {path}: 'model' is a {type(state).__name__}, not a state dict; "
                               f"{EXPECTED}")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = without_module_prefix(state)
     new_classes = tuple(file_cfg.class_names) != tuple(model_cfg.class_names)
     fitting, not_loaded = {}, {}
     for key, value in model.state_dict().items():

@@ -32,6 +32,7 @@ import warnings
 import numpy as np
 import torch
 
+from checkpoint import without_module_prefix
 from errors import CheckpointError, MissingFileError
 
 # mmdetection's and the authors' ResNet and GroupNorm layers: BatchNorm2d's default eps
@@ -94,7 +95,7 @@ def state_dict_of(obj, source):
                                                       for k, v in obj.items()):
         raise ConversionError(f"{source}: not a model checkpoint (expected a dict of tensors, or one under "
                               f"'state_dict', as mmdetection saves them)")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return without_module_prefix(obj)
 
 
 def class_names_of(obj, num_classes):
@@ -259,7 +260,7 @@ def convert_state(state, scheme, head, expected, source):
     ConversionError naming the key for a key no rule knows, a shape that does not fit, or a key ours needs that
     the file lacks."""
     rules = rename_rules(scheme, head)
-    out, origin = {}, {}
+    out = {}
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
@@ -274,7 +275,7 @@ def convert_state(state, scheme, head, expected, source):
                                   f"layers give")
         if key.startswith("backbone.") and key.endswith("running_var"):
             value = value + THEIR_BN_EPS  # our FrozenBatchNorm2d of a converted backbone has eps 0
-        out[ours], origin[ours] = value.detach().to(expected[ours].dtype).clone(), key
+        out[ours] = value.detach().to(expected[ours].dtype).clone()
     missing = [k for k in expected if k not in out]
     if missing:
         raise ConversionError(f"{source}: {len(missing)} weights missing for a {scheme} {head} model, e.g. our "
