@@ -11,6 +11,10 @@ Every figure is the median of --repeats runs after --warmup runs (--quick: 1 run
 torch.cuda.synchronize() around each phase on CUDA. On the CPU the 800x1088 rows run less often (the top line
 says how often). Inputs come from a synthetic dataset (300x400 images, 1-5 objects each) written to a temp dir.
 Rows:
+  GEMM            the rate of a 2048 x 2048 x 2048 matrix product (2 n^3 FLOPs) in float32 and bfloat16 (and
+                  float16 where --amp uses it), timed in the same run: the practical limit of a dtype on this device.
+                  The training and inference rows below give their achieved GFLOP/s (FLOPs counted once by
+                  torch.utils.flop_counter) as a share of the rate of the dtype they compute in.
   train demo      one training step of the --demo model (random ResNet-18 FPN, 2 x 64-channel towers) at 128x192,
                   batch 8, as engine.train_step runs it, split into data to device (on CUDA the raw uint8 batch
                   preprocessed there, as main_train.py does), forward, target, loss, backward and optimizer step;
@@ -152,10 +156,19 @@ def bench_train(cfg, run, batch, device, args, repeats, warmup):
     """Median ms of each phase of engine.train_step and of the whole step. run: the main_train.py settings it
     reads (amp, input_height, clip_grad). The phases are engine.train_step's parts (batch_to_device, the forward
     under autocast, SOLOHead.target and loss, optimizer_step) called one by one, with the device's clock read
-    between them."""
+    between them. result["gflop"]: the FLOPs of one forward and backward, counted once before the timed runs."""
     model = bench_model(cfg, device, args).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=run.lr, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_settings(device, args.amp)[1])
+
+    def forward_backward():
+        img, label_list, mask_list, bbox_list = batch_to_device(batch, device, run.input_height)
+        with autocast(device, run.amp):
+            cate_pred_list, ins_pred_list = model(img)
+        targets = model.head.target(ins_pred_list, bbox_list, label_list, mask_list, compact=True)
+        model.head.loss(cate_pred_list, ins_pred_list, *targets)[2].backward()
+    gflop, _ = counted_gflop(forward_backward)
+    optimizer.zero_grad(set_to_none=True)
     runs = []
     for _ in range(warmup + repeats):
         marks = [clock(device)]
@@ -173,6 +186,7 @@ def bench_train(cfg, run, batch, device, args, repeats, warmup):
         runs.append({name: 1000 * (end - start) for name, start, end in zip(PHASES, marks, marks[1:])})
     result = {name: statistics.median(r[name] for r in runs[warmup:]) for name in PHASES}
     result["step"] = statistics.median(sum(r.values()) for r in runs[warmup:])
+    result["gflop"] = gflop
     return result
 
 
@@ -209,6 +223,29 @@ class BlobHead(SOLOHead):
         return self.blobs[cell]
 
 
+GEMM_SIZE = 2048  # the matrix product whose rate stands for a dtype's practical limit on the device
+
+
+def gemm_gflops(device, dtype, repeats, warmup):
+    """GFLOP/s of a GEMM_SIZE^3 matrix product in dtype on device (2 n^3 FLOPs), the median of at least 3 runs."""
+    a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE, device=device).to(dtype) for _ in range(2))
+    ms, _ = median_ms(lambda: a @ b, device, max(repeats, 3), max(warmup, 1))
+    return 2 * GEMM_SIZE ** 3 / ms / 1e6
+
+
+def counted_gflop(fn):
+    """(GFLOPs fn() computes, as torch.utils.flop_counter counts them (a multiply-add is 2), its result)."""
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return counter.get_total_flops() / 1e9, out
+
+
+def limit_share(gflop, ms, rate):
+    """'achieved GFLOP/s, % of rate' of gflop computed in ms."""
+    achieved = gflop / ms * 1000
+    return f"{achieved:.0f}, {100 * achieved / rate:.0f}"
+
+
 def row(name, value, unit="", digits=1):
     value = f"{value:.{digits}f}" if isinstance(value, float) else value
     print(f"  {name:<62} {value:>10} {unit}", flush=True)
@@ -230,6 +267,13 @@ def main(args):
     print(f"torch {torch.__version__}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}; "
           f"median of {light[0]} runs after {light[1]} warm-up (800x1088 inference {heavy[0]} after {heavy[1]}, "
           f"training {train_800[0]} after {train_800[1]})")
+    # the limit each path is measured against: a matrix product's rate in the dtype the network computes in
+    dtype = autocast_settings(device, args.amp)[0] or torch.float32
+    rates = {d: gemm_gflops(device, d, *light) for d in dict.fromkeys((torch.float32, torch.bfloat16, dtype))}
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"limits: a {GEMM_SIZE} x {GEMM_SIZE} x {GEMM_SIZE} matrix product on this device, per dtype")
+    for d, rate in rates.items():
+        row(f"{str(d).removeprefix('torch.')} matrix product", rate, "GFLOP/s", 0)
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory(prefix="solo_bench_")
     num_images = 20 if args.quick else args.data_images
@@ -253,6 +297,8 @@ def main(args):
         row(phase, demo[phase], "ms")
     row("whole step", DEMO["batch_size"] * 1000 / demo["step"], "images/s", 2)
     row("target + loss share of the step", 100 * (demo["target"] + demo["loss"]) / demo["step"], "%")
+    row(f"whole step: {demo['gflop']:.1f} GFLOP at GFLOP/s, % of the {dtype_name} GEMM",
+        limit_share(demo["gflop"], demo["step"], rates[dtype]))
 
     if args.quick:
         print("train 800: skipped (--quick)")
@@ -265,6 +311,8 @@ def main(args):
         for phase in PHASES:
             row(phase, big[phase], "ms")
         row("whole step", args.batch_800 * 1000 / big["step"], "images/s", 3)
+        row(f"whole step: {big['gflop']:.0f} GFLOP at GFLOP/s, % of the {dtype_name} GEMM",
+            limit_share(big["gflop"], big["step"], rates[dtype]))
 
     # 2. target building at 800x1088; the head's training layout is (bz, S^2, 2H_f, 2W_f) = (.., H/s * 2, ..)
     model = bench_model(handout_cfg, device, args).eval()
@@ -301,8 +349,12 @@ def main(args):
         lambda: head.PostProcess(ins_pred_list, cate_pred_list, ori_size, POSTPROCESS_MAP), light)
     print(f"infer 800: {big_model} (random weights: {len(scores_list[0])} detections), batch 1, "
           f"800x1088")
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        forward_gflop, _ = counted_gflop(lambda: head(model.backbone(img), eval=True))
     row("backbone", backbone_ms, "ms")
     row("head (forward eval=True)", head_ms, "ms")
+    row(f"backbone + head: {forward_gflop:.0f} GFLOP at GFLOP/s, % of the {dtype_name} GEMM",
+        limit_share(forward_gflop, backbone_ms + head_ms, rates[dtype]))
     row("PostProcess (MAP cfg)", post_ms, "ms")
     row("total", backbone_ms + head_ms + post_ms, "ms/image")
     # made-up category maps with k (cell, class) scores in (cate_thresh, 1), a trained model's load: on the random
