@@ -499,7 +499,8 @@ def compare_heads(args, data_dir):
 
 def onnx_costs(arch, data_dir, input_height, model_settings, args):
     """In a fresh process: SOLO.infer in PyTorch eager and the exported model in onnxruntime (onnx_infer) on one
-    image at input_height, POSTPROCESS_MAP, median ms of each; the export's seconds."""
+    image at input_height, POSTPROCESS_MAP, median ms of each; the export's seconds. Eager runs in --channels-last's
+    layout and under --amp's autocast, the exported model as exported (float32)."""
     from onnx_export import export_model
     from onnx_infer import ExportedSOLO
 
@@ -511,7 +512,9 @@ def onnx_costs(arch, data_dir, input_height, model_settings, args):
         export_model(model, arch, dict(input_height=input_height), os.path.join(tmp, "model.onnx"))
         seconds = time.perf_counter() - start
         session = ExportedSOLO(os.path.join(tmp, "model.onnx"))
-        with torch.inference_mode():
+        model = model.to(memory_format=model_format(args))
+        dtype = autocast_settings(torch.device("cpu"), args.amp)[0]
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             eager = median_ms(lambda: model.infer(img, (300, 400), POSTPROCESS_MAP), torch.device("cpu"),
                               args.repeats, args.warmup)[0]
         onnx = median_ms(lambda: session.infer(img.numpy(), (300, 400), POSTPROCESS_MAP), torch.device("cpu"),
