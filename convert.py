@@ -52,8 +52,7 @@ def main(args):
     scheme, fields = architecture(state, source)
     cfg = ModelConfig(**fields, class_names=class_names_of(obj, fields["num_classes"] - 1),
                       backbone_weights="checkpoint")
-    light = cfg.arch == "solov2" and (cfg.stacked_convs, cfg.mask_feat_channels) == (2, 128)  # the light models
-    short, long = args.input_scale or test_scale_of(obj, light)
+    short, long = args.input_scale or test_scale_of(obj, fields)
     if short % 32 or short < 64 or long < short:
         raise ConversionError(f"--input-scale {short} {long}: the shorter side must be a multiple of 32 (at least "
                               f"64) and the longer at least the shorter")

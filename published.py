@@ -115,10 +115,10 @@ def class_names_of(obj, num_classes):
     return tuple(f"class_{k}" for k in range(1, num_classes + 1))
 
 
-def test_scale_of(obj, light):
+def test_scale_of(obj, fields):
     """(shorter side, longer side at most) of the file's test-time resize: read off the config text mmdetection
     stores in meta['config'] (mmengine: meta['cfg']; its test pipeline's img_scale), else the published one for
-    the model."""
+    the model whose architecture() fields these are (the SOLOv2 light models: 2 convs per tower, E 128)."""
     meta = (obj.get("meta") if isinstance(obj, dict) else None) or {}
     config = meta.get("config") or meta.get("cfg") or "" if isinstance(meta, dict) else ""
     config = config if isinstance(config, str) else ""
@@ -127,6 +127,7 @@ def test_scale_of(obj, light):
     if match:
         a, b = int(match.group(1)), int(match.group(2))
         return min(a, b), max(a, b)
+    light = fields["arch"] == "solov2" and (fields["stacked_convs"], fields.get("mask_feat_channels")) == (2, 128)
     return LIGHT_TEST_SCALE if light else TEST_SCALE
 
 
