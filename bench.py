@@ -47,6 +47,7 @@ forward GFLOPs at 800x1088 of the training outputs and of eval (torch.utils.flop
 --channels-last puts the model in the NHWC layout; --compile compiles the backbone and the head (nn.Module.compile).
 """
 import argparse
+import math
 import multiprocessing
 import os
 import resource
@@ -58,10 +59,12 @@ from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_inputs import model_settings, shape_only_preds
+from compute_path import autocast, autocast_settings, choose_path, device_name
 from datafiles import dataset_paths
 from dataset import BuildDataLoader, BuildDataset, COCODataset, course_to_coco
 from engine import batch_to_device, optimizer_step
@@ -70,7 +73,7 @@ from model import ARCHS, ModelConfig, build_model
 from solo_head import POSTPROCESS_MAP, SOLOHead, image_of
 from synthetic import write_synthetic_dataset
 from train_settings import DEMO
-from utils import autocast, autocast_settings, device_name, prepare_device, scaled_lr
+from utils import prepare_device, scaled_lr
 
 PHASES = ("data to device", "forward", "target", "loss", "backward and optimizer step")
 
@@ -206,21 +209,38 @@ def made_up_cate(cate_pred_list, k, thresh):
     return [f.view(c.shape) for f, c in zip(cate_all.split(sizes), cate_pred_list)]
 
 
-def blobs(n, size, device):
-    """n soft round blobs (n, *size) of radius 4-40 pixels, probabilities 0.02 to ~1: object-like masks."""
+def blob_logits(n, size, device):
+    """n soft round blobs (n, *size) as logits, radius 4-40 pixels, probabilities 0.02 to ~1: object-like masks."""
     ys, xs = torch.meshgrid(*(torch.arange(s, dtype=torch.float32, device=device) for s in size), indexing="ij")
     cy, cx, radius = (torch.rand(3, n, 1, 1, device=device) * torch.tensor([size[0], size[1], 1.0],
                                                                            device=device).view(3, 1, 1, 1))
     dist = ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt()  # (n, *size)
-    return (torch.sigmoid((4 + 36 * radius - dist) / 2)).clamp(min=0.02)
+    return ((4 + 36 * radius - dist) / 2).clamp(min=math.log(0.02 / 0.98))
 
 
-class BlobHead(SOLOHead):
-    """A head whose cell masks are made-up blobs (`self.blobs` (sum S^2, H/4, W/4)): PostProcess on the masks a
-    trained model gives, without a trained model."""
+def blobs(n, size, device):
+    """blob_logits' probabilities."""
+    return torch.sigmoid(blob_logits(n, size, device))
 
-    def cell_masks(self, ins_pred_img, cell):
-        return self.blobs[cell]
+
+def blob_model(num_grids, ins_pred_list, device):
+    """(a SOLO head, mask features like ins_pred_list in its dtype and layout) whose every cell's mask is an
+    object-like blob, so that PostProcess runs its real candidates' masks on what a trained model gives: each
+    level's c features are the logits of c blobs (blob_logits at stride 4, resized to the level) and each cell's
+    1x1 output conv picks one (cell i, feature i mod c)."""
+    head = SOLOHead(num_grids=num_grids).to(device).eval()
+    c, size = head.seg_feat_channels, tuple(2 * s for s in ins_pred_list[0].shape[-2:])
+    logits = blob_logits(c, size, device)[None]  # (1, c, H/4, W/4)
+    nhwc = ins_pred_list[0].is_contiguous(memory_format=torch.channels_last) and not ins_pred_list[0].is_contiguous()
+    features = [F.interpolate(logits, size=level.shape[-2:], mode="bilinear", align_corners=False).to(
+        level.dtype, memory_format=torch.channels_last if nhwc else torch.contiguous_format) for level in ins_pred_list]
+    with torch.no_grad():
+        for conv in head.ins_out_list:
+            cells = torch.arange(conv.weight.shape[0], device=device)
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.weight[cells, cells % c] = 1
+    return head, features
 
 
 GEMM_SIZE = 2048  # the matrix product whose rate stands for a dtype's practical limit on the device
@@ -263,7 +283,7 @@ def main(args):
     if args.compile:  # the first call compiles: never time it
         light, heavy, train_800 = [(repeats, max(warmup, 1)) for repeats, warmup in (light, heavy, train_800)]
     start = time.perf_counter()
-    print(f"device {device}: {device_name(device)}")
+    print(f"device {device}: {device_name(device)}; main_infer.py and main_train.py choose {choose_path(device)}")
     print(f"torch {torch.__version__}, amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}; "
           f"median of {light[0]} runs after {light[1]} warm-up (800x1088 inference {heavy[0]} after {heavy[1]}, "
           f"training {train_800[0]} after {train_800[1]})")
@@ -359,15 +379,14 @@ def main(args):
     row("total", backbone_ms + head_ms + post_ms, "ms/image")
     # made-up category maps with k (cell, class) scores in (cate_thresh, 1), a trained model's load: on the random
     # weights' mask features (noise over the whole image, the worst case for the resize to the original frame)
-    # and on object-like blobs at stride 4
-    blob_head = BlobHead(num_grids=head.seg_num_grids).to(device).eval()
-    blob_head.blobs = blobs(sum(s * s for s in head.seg_num_grids), (height // 4, width // 4), device)
+    # and on object-like blobs (SOLO's cell masks, computed as PostProcess computes them)
+    blob_head, blob_features = blob_model(head.seg_num_grids, ins_pred_list, device)
     for k in (100, args.candidates):
         fake_cate = made_up_cate(cate_pred_list, k, POSTPROCESS_MAP["cate_thresh"])
         noise_ms, (noise_scores, _, _) = timed(
             lambda: head.PostProcess(ins_pred_list, fake_cate, ori_size, POSTPROCESS_MAP), light)
         blob_ms, (blob_scores, _, _) = timed(
-            lambda: blob_head.PostProcess(ins_pred_list, fake_cate, ori_size, POSTPROCESS_MAP), light)
+            lambda: blob_head.PostProcess(blob_features, fake_cate, ori_size, POSTPROCESS_MAP), light)
         row(f"PostProcess, {k} candidates, noise masks ({len(noise_scores[0])} kept): ms, % of backbone",
             f"{noise_ms:.1f}, {100 * noise_ms / backbone_ms:.1f}")
         row(f"PostProcess, {k} candidates, blob masks ({len(blob_scores[0])} kept): ms, % of backbone",

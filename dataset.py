@@ -642,6 +642,12 @@ DATA_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_m
                      val_data=None, max_long_side=None)  # max_long_side: a converted model's frame (convert.py)
 
 
+def synthetic_options(settings):
+    """The scene options of a run's synthetic set from its stored settings: the smallest object and the palette.
+    A run stored before the shared palette has none: its set had per-class hues (synthetic.py's 'class')."""
+    return dict(min_size=settings["synthetic_min_size"], palette=settings.get("synthetic_palette", "class"))
+
+
 def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):
     """The test Subset of the data the checkpoint was trained on, built as training builds it (its args data_dir,
     synthetic, input_height, train_data, val_data). data_dir alone means the real files in that folder; synthetic
@@ -655,7 +661,7 @@ def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):
         test = COCODataset(*val_data, input_height=stored["input_height"], max_long_side=stored["max_long_side"])
         return Subset(test, list(range(len(test))))
     _, test_set = build_datasets(stored["data_dir"], stored["synthetic"], stored["input_height"],
-                                 synthetic_options=dict(min_size=stored["synthetic_min_size"]),
+                                 synthetic_options=synthetic_options(stored),
                                  train_data=stored["train_data"])
     return test_set
 
@@ -711,10 +717,13 @@ def write_synthetic_if_missing(folder, num_images=400, seed=0, **options):
 
 def resolve_data_dir(data_dir, synthetic=0, **options):
     """Folder of the four data files for the training scripts: data_dir itself (the real data) when
-    synthetic == 0, else data_dir/synthetic_<N>[_<option><value>...], holding a synthetic dataset of N images
-    (seed 0, scene settings `options` such as min_size=30) written there on first use."""
+    synthetic == 0, else data_dir/synthetic_<N>_<option><value>..., holding a synthetic dataset of N images
+    (seed 0, scene settings `options` such as min_size=30) written there on first use. The name always holds the
+    palette (synthetic.py; 'shared' unless options name another), so a set of another palette, or one written
+    before there were palettes (synthetic_<N>..., each class its own hues), is never taken for it."""
     if synthetic <= 0:
         return data_dir
+    options = {"palette": "shared", **options}
     suffix = "".join(f"_{key}{value}" for key, value in sorted(options.items()))
     folder = os.path.join(data_dir, f"synthetic_{synthetic}{suffix}")
     write_synthetic_if_missing(folder, num_images=synthetic, **options)

@@ -13,7 +13,8 @@ from dataset import BuildDataLoader, preprocess_batch, preprocess_item, to_devic
 from errors import NonFiniteLossError
 from plots import class_colors
 from solo_head import POSTPROCESS_HANDOUT, POSTPROCESS_MAP
-from utils import autocast, is_distributed, is_main_process
+from compute_path import autocast
+from utils import is_distributed, is_main_process
 
 
 def batch_to_device(batch, device, input_height):

@@ -45,7 +45,7 @@ from backbone import ARCHITECTURES
 from checkpoint import (check_classes, link_checkpoint, load_checkpoint, model_config, restore_training,
                         save_checkpoint, training_checkpoint)
 from coco_eval import map_summary
-from dataset import BuildDataLoader, build_datasets, multiscale_heights
+from dataset import BuildDataLoader, build_datasets, multiscale_heights, synthetic_options
 from engine import evaluate, evaluate_map, train_one_epoch
 from errors import NonFiniteLossError, RunFolderError, UserError, WriteError, error_message
 from finetune import load_init_weights
@@ -53,7 +53,8 @@ from loss_log import LossLog
 from model import ARCHS, ModelConfig, build_model
 from run_folder import remove_old_epochs, run_folder, stopped_message
 from train_settings import AUGMENTATIONS, RESUME_OVERRIDES, SETTABLE, TrainingArgumentParser, demo_description
-from utils import (autocast_settings, build_scheduler, deferred_stop, device_name, init_distributed,
+from compute_path import SWITCHES, ComputePath, autocast_settings, device_name
+from utils import (build_scheduler, deferred_stop, init_distributed,
                    is_main_process, prepare_device, scaled_lr, seed_everything, stop_on_sigterm)
 
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
@@ -86,8 +87,9 @@ def get_args_parser(add_help=True):
     data.add_argument("--hflip", dest="augment", action="append_const", const="hflip", help=argparse.SUPPRESS)
     data.add_argument("--workers", default=2, type=int, help="data loading worker processes per training process")
     # the smallest object of a newly written synthetic set (sqrt(w*h), 300x400 pixels): the --demo preset's 30;
-    # hflip and multiscale: --augment's two switches (train_settings.resolve_args sets them)
-    parser.set_defaults(synthetic_min_size=14, hflip=False, multiscale=False)
+    # and its palette (synthetic.py: one for all classes); hflip and multiscale: --augment's two switches
+    # (train_settings.resolve_args sets them)
+    parser.set_defaults(synthetic_min_size=14, synthetic_palette="shared", hflip=False, multiscale=False)
 
     model = parser.add_argument_group("model (model.ModelConfig; every field settable with --set)")
     model.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS,
@@ -114,9 +116,11 @@ def get_args_parser(add_help=True):
                        help="0-based epochs at whose start the lr is divided by 10")
     optim.add_argument("--warmup-iters", default=500, type=int, help="linear warm-up iterations from lr/3 (0 = none)")
     optim.add_argument("--clip-grad", default=35.0, type=float, help="gradient-norm clipping (0 = off)")
-    optim.add_argument("--amp", action="store_true",
-                       help="mixed precision: bfloat16 on CPUs (fast with AVX512-BF16 or AMX) and on GPUs from the "
-                            "A100 on, float16 with a GradScaler on older GPUs (T4, V100)")
+    optim.add_argument("--amp", default="auto", nargs="?", const="on", choices=SWITCHES,
+                       help="mixed precision: bfloat16 on CPUs and on GPUs from the A100 on, float16 with a GradScaler "
+                            "on older GPUs (T4, V100). auto (the default): on, with the channels_last layout, where "
+                            "the CPU computes bfloat16 natively (AMX, AVX512-BF16); off elsewhere and on GPUs. A bare "
+                            "--amp is on. The run stores the path it took (docs/performance.md)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=str,
@@ -164,7 +168,7 @@ def train(args, rank, world_size, device):
     if rank > 0:
         dist.barrier()
     train_set, test_set = build_datasets(args.data_dir, args.synthetic, args.input_height, args.hflip,
-                                         dict(min_size=args.synthetic_min_size), raw=device.type == "cuda",
+                                         synthetic_options(vars(args)), raw=device.type == "cuda",
                                          train_data=args.train_data, val_data=args.val_data,
                                          empty_images=args.empty_images)
     if rank == 0 and world_size > 1:
@@ -185,7 +189,7 @@ def train(args, rank, world_size, device):
         report = load_init_weights(model, model_cfg, init_from)
         if is_main_process():
             print(report)
-    model = model.to(device)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     scheduler = build_scheduler(optimizer, iters_per_epoch, args.lr_steps, args.warmup_iters)
@@ -230,7 +234,7 @@ def train(args, rank, world_size, device):
         if is_main_process():
             print(f"SOLO training: {len(train_set)} train / {len(test_set)} test images, {world_size} process(es) "
                   f"x batch {args.batch_size}, {iters_per_epoch} iterations per epoch, lr {args.lr:g}, device "
-                  f"{device}, epochs {start_epoch}..{args.epochs - 1}")
+                  f"{device} ({ComputePath(args.amp, args.channels_last)}), epochs {start_epoch}..{args.epochs - 1}")
             if start_epoch >= args.epochs:
                 print(f"nothing to train: the checkpoint has finished epoch {start_epoch - 1} of 0..{args.epochs - 1}"
                       f" (pass a larger --epochs to go on)")

@@ -4,7 +4,9 @@ under torch.autocast. solo_head.py states the rules; this module holds how they 
 """
 import bisect
 import functools
+import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -93,30 +95,222 @@ def read_ranges(matrix):
     return read
 
 
+def original_matrices(size, ori_size, scaled_size=None, device=None):
+    """(rows (ori_H, H/4), cols (ori_W, W/4)): masks_to_original's two resizes composed, per axis, for masks of
+    size (H/4, W/4)."""
+    h4, w4 = size
+    crop_h, crop_w = scaled_size or (4 * h4, int(4 * h4 * ori_size[1] / ori_size[0]))
+    return (resize_matrix(h4, 4 * h4, crop_h, ori_size[0], device), resize_matrix(w4, 4 * w4, crop_w, ori_size[1],
+                                                                                    device))
+
+
 @full_precision
 def masks_to_original(masks, ori_size, scaled_size=None):
-    """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) in {0, 1}, the authors' way: bilinear upsampling
+    """(k, H/4, W/4) mask probabilities -> (k, ori_H, ori_W) bool, the authors' way: bilinear upsampling
     to the padded input (H, W), crop of the padding to scaled_size (Hs, Ws), the image's size inside the input
     (default the handout's frame: height H, width int(H * ori_W / ori_H)), bilinear resize to ori_size,
     threshold 0.5. Both resizes are linear and separable, so
     they compose into one (ori_H, H/4) matrix on the rows and one (ori_W, W/4) on the columns (the same values
     up to float rounding, with no (k, H, W) intermediate)."""
-    k, h4, w4 = masks.shape
-    crop_h, crop_w = scaled_size or (4 * h4, int(4 * h4 * ori_size[1] / ori_size[0]))
-    rows = resize_matrix(h4, 4 * h4, crop_h, ori_size[0], masks.device)  # (ori_H, H/4)
-    cols = resize_matrix(w4, 4 * w4, crop_w, ori_size[1], masks.device)  # (ori_W, W/4)
+    rows, cols = original_matrices(masks.shape[-2:], ori_size, scaled_size, masks.device)
     masks = masks.float()
     if masks.device.type != "cpu":  # one batched product: on a GPU, launches cost more than arithmetic
-        return ((rows @ masks @ cols.T) > 0.5).float()
-    # CPU: every output pixel is a convex combination (weights >= 0, summing to 1) of the source pixels it
-    # reads, so only one reading a source pixel above 0.5 can pass the threshold. Each mask is resized over
-    # the box of its pixels above 0.5, with the margin of source pixels that the outputs there also read;
-    # the rest stays 0: the same values for a fraction of the multiply-adds of an object-sized mask.
-    out = masks.new_zeros(k, *ori_size)
+        return (rows @ masks @ cols.T) > 0.5
+    return resize_boxes(mask_boxes(masks, 0.5), lambda j, y0, y1, x0, x1: masks[j, y0:y1, x0:x1], rows, cols)
+
+
+def resize_boxes(boxes, window, rows, cols):
+    """masks_to_original on the CPU, for masks given by their boxes (k, 4) of pixels above 0.5 and a function
+    window(j, y0, y1, x0, x1) -> mask j's probabilities there. Every output pixel is a convex combination
+    (weights >= 0, summing to 1) of the source pixels it reads, so only one reading a source pixel above 0.5 can
+    pass the threshold. Each mask is resized over its box, with the margin of source pixels that the outputs
+    there also read; the rest stays 0: the same values for a fraction of the multiply-adds of an object-sized
+    mask. The output comes from numpy's zeros, whose memory the OS hands over already cleared."""
+    out = torch.from_numpy(np.zeros((len(boxes), len(rows), len(cols)), dtype=bool))  # (k, ori_H, ori_W)
     row_reads, col_reads = read_ranges(rows), read_ranges(cols)
-    for mask, out_mask, (top, bottom, left, right) in zip(masks, out, mask_boxes(masks, 0.5).tolist()):
+    for j, (top, bottom, left, right) in enumerate(boxes.tolist()):
         if bottom < top:  # no pixel above 0.5
             continue
         (y0, y1, oy0, oy1), (x0, x1, ox0, ox1) = row_reads(top, bottom), col_reads(left, right)
-        out_mask[oy0:oy1, ox0:ox1] = rows[oy0:oy1, y0:y1] @ mask[y0:y1, x0:x1] @ cols[ox0:ox1, x0:x1].T > 0.5
+        out[j, oy0:oy1, ox0:ox1] = rows[oy0:oy1, y0:y1] @ window(j, y0, y1, x0, x1) @ cols[ox0:ox1, x0:x1].T > 0.5
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The candidates' masks as post-processing reads them: maskness sums, pairwise intersections, probabilities
+# ----------------------------------------------------------------------------------------------------
+class DenseMasks:
+    """Candidates' mask probabilities held as one (k, H, W) tensor (any head, any device). mass and area (k,):
+    the sum of the probabilities above thresh and the number of those pixels (the authors' maskness)."""
+
+    def __init__(self, probs, thresh):
+        self.probs = probs
+        self.hard = F.threshold(probs, thresh, 0)  # (k, H, W): the probabilities above thresh, else 0
+        self.mass = self.hard.sum((1, 2))  # (k,)
+        self.area = self.hard.sign_().sum((1, 2))  # (k,); hard now holds the 0/1 masks
+        self.size = tuple(probs.shape[-2:])
+
+    def intersections(self, idx, labels=None):
+        """Pairwise intersections (n, n) of the binary masks of the candidates idx (n,) (mask_intersections)."""
+        return mask_intersections(self.hard[idx], labels)
+
+    def probabilities(self, idx):
+        """(m, H, W) probabilities of the candidates idx (m,)."""
+        return self.probs[idx]
+
+    def to_original(self, idx, ori_size, scaled_size=None):
+        """masks_to_original of the candidates idx (m,): (m, ori_H, ori_W) bool."""
+        return masks_to_original(self.probs[idx], ori_size, scaled_size)
+
+
+def linear_matrix(size_in, size_out, device=None):
+    """(size_out, size_in) matrix of F.interpolate's 1-D bilinear resize (align_corners=False), read off by resizing
+    the identity: the weights along each axis of a 2-D bilinear resize between these sizes."""
+    eye = torch.eye(size_in, device=device)[None]  # (1, size_in, size_in): row j is source pixel j
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0].T
+
+
+class Resize:
+    """A 1-D bilinear resize (align_corners=False) from size_in to size_out as a matrix (linear_matrix), with the
+    sources [s0, s1) that any run of outputs o0..o1-1 reads (each output reads consecutive sources)."""
+
+    def __init__(self, size_in, size_out):
+        self.matrix = linear_matrix(size_in, size_out)  # (size_out, size_in)
+        self.first, self.last = extent(self.matrix > 0).T.tolist()  # (size_out,) each, both non-decreasing
+
+    def sources(self, o0, o1):
+        return self.first[o0], self.last[o1 - 1] + 1
+
+
+class MaskChain:
+    """SOLO's way from a level's mask logits (h, w) to probabilities at (H, W), as its cell masks compute it:
+    bilinear x2 upsampling, the sigmoid, and a bilinear resize to (H, W) where 2h != H; each resize as a Resize per
+    axis, so that any window of the output is computed from the logits it reads."""
+
+    def __init__(self, level_size, size):
+        up_size = tuple(2 * n for n in level_size)
+        self.up = [Resize(n, 2 * n) for n in level_size]  # rows, columns
+        self.down = None if up_size == tuple(size) else [Resize(u, n) for u, n in zip(up_size, size)]
+
+    def _reads(self, y0, y1, x0, x1):
+        """The upsampled window ((p0, p1), (q0, q1)) and the level's ((s0, s1), (t0, t1)) that the output window
+        [y0, y1) x [x0, x1) reads."""
+        mids = ((y0, y1), (x0, x1)) if self.down is None else [r.sources(*w) for r, w in zip(self.down,
+                                                                                             ((y0, y1), (x0, x1)))]
+        return mids, [r.sources(*w) for r, w in zip(self.up, mids)]
+
+    def sources(self, y0, y1, x0, x1):
+        """((s0, s1), (t0, t1)): the level's rows and columns that the output window reads."""
+        return self._reads(y0, y1, x0, x1)[1]
+
+    def window(self, logits, which, y0, y1, x0, x1):
+        """(m, y1 - y0, x1 - x0) float32 probabilities over that output window of the masks `which` (m,) of the
+        level's logits (k_l, h, w); only the logits the window reads are gathered."""
+        ((p0, p1), (q0, q1)), ((s0, s1), (t0, t1)) = self._reads(y0, y1, x0, x1)
+        rows, cols = self.up[0].matrix[p0:p1, s0:s1], self.up[1].matrix[q0:q1, t0:t1]
+        probs = (rows @ logits[which, s0:s1, t0:t1].float() @ cols.T).sigmoid_()  # (m, p1 - p0, q1 - q0)
+        if self.down is None:
+            return probs
+        return self.down[0].matrix[y0:y1, p0:p1] @ probs @ self.down[1].matrix[x0:x1, q0:q1].T
+
+
+class TiledMasks:
+    """SOLO's candidate masks on the CPU: the probabilities of its dense cell masks (MaskChain), computed and held
+    only where they can exceed thresh. A probability above thresh needs an upsampled logit above logit(thresh),
+    and every upsampled or resized value is a convex combination of the values it reads, so it needs a logit
+    above logit(thresh) among them: each mask is computed only in the tiles of a `tile`-pixel grid whose
+    sources its box of such logits reaches (an object is a few tiles of the image). mass, area (k,) as
+    DenseMasks'. levels: [(ids (k_l,), logits (k_l, h, w), any float dtype)], the ids of all levels 0..k-1;
+    size (H, W); float32 arithmetic throughout."""
+    MARGIN = 1e-3  # the box test takes logits above logit(thresh) - MARGIN: float rounding never loses a pixel
+
+    @full_precision
+    def __init__(self, levels, size, thresh, tile=64):
+        self.size = tuple(size)
+        self.count = sum(len(ids) for ids, _ in levels)
+        self.levels = [(ids, logits, MaskChain(logits.shape[-2:], size)) for ids, logits in levels]
+        tiles = [(y, min(y + tile, size[0]), x, min(x + tile, size[1]))
+                 for y in range(0, size[0], tile) for x in range(0, size[1], tile)]
+        bound = math.log(thresh / (1 - thresh)) - self.MARGIN
+        reach = [self._reach(logits, chain, tiles, bound) for _, logits, chain in self.levels]  # [[(m,)] per tile]
+        if sum(len(r) for level in reach for r in level) > TILED_SHARE * self.count * len(tiles):
+            # most masks in most tiles (a random model's noise): one tile, the whole frame, and no box test
+            tiles = [(0, size[0], 0, size[1])]
+            reach = [[torch.arange(len(ids))] for ids, _ in levels]
+        self.tiles, self.thresh = tiles, thresh
+        self.pieces = [[] for _ in tiles]  # per tile: (ids (m,), 0/1 masks (m, th, tw)) of each level reaching it
+        self.mass, self.area = torch.zeros(self.count), torch.zeros(self.count)
+        for (ids, logits, chain), level_reach in zip(self.levels, reach):
+            for pieces, window, which in zip(self.pieces, tiles, level_reach):
+                if len(which):
+                    hard = F.threshold(chain.window(logits, which, *window), thresh, 0)  # (m, th, tw)
+                    self.mass.index_add_(0, ids[which], hard.sum((1, 2)))
+                    self.area.index_add_(0, ids[which], hard.sign_().sum((1, 2)))
+                    pieces.append((ids[which], hard))
+
+    @full_precision
+    def to_original(self, idx, ori_size, scaled_size=None):
+        """masks_to_original of the candidates idx (m,): (m, ori_H, ori_W) bool, each mask's probabilities
+        computed only over the box of its pixels above 0.5, which its tiles' binary masks give where thresh is
+        0.5 (the authors' ins_thresh; at another every probability is computed)."""
+        if self.thresh != 0.5:
+            return masks_to_original(self.probabilities(idx), ori_size, scaled_size)
+        rows, cols = original_matrices(self.size, ori_size, scaled_size)
+        position, boxes = self._positions(idx), torch.tensor([[self.size[0], -1, self.size[1], -1]] * len(idx))
+        for (y0, _, x0, _), pieces in zip(self.tiles, self.pieces):
+            for ids, hard in pieces:
+                where = position[ids]
+                chosen = (where >= 0).nonzero()[:, 0]
+                box = mask_boxes(hard[chosen], 0) + torch.tensor([y0, y0, x0, x0])  # (m', 4) in the frame
+                here = (box[:, 1] >= box[:, 0]).nonzero()[:, 0]  # the masks with a pixel in this tile
+                for column, reduce in enumerate(("amin", "amax", "amin", "amax")):
+                    boxes[:, column].scatter_reduce_(0, where[chosen[here]], box[here, column], reduce)
+        owner = {}  # candidate -> (its level's logits, its index there, the level's chain)
+        for ids, logits, chain in self.levels:
+            owner.update((c, (logits, i, chain)) for i, c in enumerate(ids.tolist()))
+        chosen = [owner[c] for c in idx.tolist()]
+
+        def window(j, y0, y1, x0, x1):
+            logits, i, chain = chosen[j]
+            return chain.window(logits, [i], y0, y1, x0, x1)[0]
+        return resize_boxes(boxes, window, rows, cols)
+
+    @staticmethod
+    def _reach(logits, chain, tiles, bound):
+        """Per tile, the masks (m,) of a level whose box of logits above bound reaches the logits it reads."""
+        top, bottom, left, right = mask_boxes(logits, bound).T  # (k_l,) each, at the level's resolution
+        out = []
+        for window in tiles:
+            (s0, s1), (t0, t1) = chain.sources(*window)
+            out.append(((top < s1) & (bottom >= s0) & (left < t1) & (right >= t0)).nonzero()[:, 0])
+        return out
+
+    def _positions(self, idx):
+        """(k,) each candidate's position in idx, -1 for the others."""
+        position = torch.full((self.count,), -1, dtype=torch.long)
+        position[idx] = torch.arange(len(idx))
+        return position
+
+    @full_precision
+    def intersections(self, idx, labels=None):
+        """Pairwise intersections (n, n) of the binary masks of the candidates idx (n,), tile by tile over the
+        masks there (all pairs: Matrix NMS ignores those of two labels)."""
+        position, inter = self._positions(idx), torch.zeros(len(idx), len(idx))
+        for pieces in self.pieces:
+            if pieces:
+                where = position[torch.cat([ids for ids, _ in pieces])]  # (m,)
+                chosen = (where >= 0).nonzero()[:, 0]
+                flat = torch.cat([hard for _, hard in pieces])[chosen].flatten(1)  # (m', th * tw)
+                inter[where[chosen, None], where[chosen]] += flat @ flat.T
+        return inter
+
+    @full_precision
+    def probabilities(self, idx):
+        """(m, H, W) probabilities of the candidates idx (m,), over the whole frame."""
+        position, out = self._positions(idx), torch.empty(len(idx), *self.size)
+        for ids, logits, chain in self.levels:
+            where = position[ids]
+            chosen = (where >= 0).nonzero()[:, 0]
+            if len(chosen):
+                out[where[chosen]] = chain.window(logits, chosen, 0, self.size[0], 0, self.size[1])
+        return out

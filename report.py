@@ -42,7 +42,8 @@ from matplotlib.backends.backend_pdf import PdfPages
 
 from atomic_files import atomic_write, remove_temporaries
 from checkpoint import check_classes, load_checkpoint, load_model, model_config, resolve_checkpoint, stored_settings
-from dataset import DATA_SETTINGS, build_datasets, object_sizes, plot_dataset_figures
+from compute_path import add_path_arguments, choose_path
+from dataset import DATA_SETTINGS, build_datasets, object_sizes, plot_dataset_figures, synthetic_options
 from engine import evaluate_and_save, plot_test_overlays
 from errors import DataError, run_script
 from loss_log import plot_loss_curve
@@ -68,7 +69,7 @@ def get_args_parser():
     parser.add_argument("--data-dir", default=None, type=str,
                         help="where the run's course files (or its synthetic sets) are now (default: the run's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=str)
-    parser.add_argument("--amp", action="store_true", help="inference in bfloat16/float16 (main_infer.py --amp)")
+    add_path_arguments(parser)  # --amp, --channels-last, as main_infer.py's
     parser.add_argument("--batch-size", default=4, type=int, help="test images per batch of the evaluation")
     parser.add_argument("--workers", default=2, type=int, help="data loading worker processes")
     parser.add_argument("--num-figures", default=5, type=int, help="images in each figure set (the handout: 5)")
@@ -235,15 +236,17 @@ def build_report(args):
     remove_temporaries(figures)
     remove_temporaries(os.path.dirname(figures), of=("report.html", "report.pdf"))
     train_set, test_set = build_datasets(run["data_dir"], run["synthetic"], run["input_height"], False,
-                                         dict(min_size=run["synthetic_min_size"]), train_data=run["train_data"],
+                                         synthetic_options(run), train_data=run["train_data"],
                                          val_data=run["val_data"], empty_images=run["empty_images"])
     check_classes(train_set.dataset.class_names, cfg.class_names, path, DataError)
     device = prepare_device(args.device, fixed_input_size=False)
-    model = load_model(checkpoint, device, source=path)
+    compute = choose_path(device, args.amp, args.channels_last)
+    model = compute.apply(load_model(checkpoint, device, source=path))
     stages = Stages(figures, args.redo)
     data_stamp = dict(run, num=args.num_figures, seed=args.seed)
     model_stamp = dict(data_stamp, checkpoint=os.path.abspath(path), epoch=checkpoint["epoch"],
-                       iteration=checkpoint["iteration"], thresh=args.plot_score_thresh)
+                       iteration=checkpoint["iteration"], thresh=args.plot_score_thresh, amp=compute.amp,
+                       channels_last=compute.channels_last)
     all_paths = lambda result: [p for p, _ in result]  # noqa: E731
 
     stats = stages.run("statistics", data_stamp, lambda: dataset_statistics(train_set, test_set,
@@ -257,9 +260,9 @@ def build_report(args):
     overlays = stages.run("inference overlays", model_stamp, lambda: [
         (p, f"test image {test_set.indices[k]} (image id {test_set.dataset.image_id(test_set.indices[k])})")
         for k, p in enumerate(plot_test_overlays(model, test_set, device, figures, args.num_figures,
-                                                 args.plot_score_thresh, args.amp))], all_paths)
+                                                 args.plot_score_thresh, compute.amp))], all_paths)
     metrics = stages.run("evaluation", model_stamp, lambda: evaluate_and_save(
-        model, test_set, device, figures, args.batch_size, args.workers, args.amp, checkpoint=path),
+        model, test_set, device, figures, args.batch_size, args.workers, compute.amp, checkpoint=path),
         lambda r: [r["map_json"], r["pr_curve"]])
     history = checkpoint["history"]
     loss_png = plot_loss_curve(history, os.path.join(figures, "loss_curve.png"))

@@ -34,7 +34,7 @@ from backbone import build_backbone
 from datafiles import default_class_names
 from dataset import BuildDataLoader, add_visual_check_args, choose_images, denormalize, visual_check_dataset
 from errors import WeightsUnavailableError, run_script
-from mask_ops import full_precision, mask_intersections, masks_to_original
+from mask_ops import DenseMasks, TiledMasks, full_precision, mask_intersections
 from plots import class_colors, detections_figure, overlay, save_figure
 
 REFERENCE_HEIGHT = 800  # the input height at which the handout's scale_ranges are given
@@ -485,28 +485,25 @@ class SOLOHead(nn.Module):
         (sum S^2, C-1)."""
         # filter: every (cell, class) above the category threshold is a candidate; cells come out ascending
         cell, cls = (cate_pred_img > cfg["cate_thresh"]).nonzero(as_tuple=True)  # (k,), (k,)
-        masks = self.cell_masks(ins_pred_img, cell)  # (k, H/4, W/4) probabilities
-        # maskness (the authors'): the mean probability over the pixels above ins_thresh. Float sums, no bool
-        # tensor: hard holds those probabilities, then 1 there (sign_), the hard masks Matrix NMS takes
-        hard = F.threshold(masks, cfg["ins_thresh"], 0)  # (k, H/4, W/4), 0 where not above the threshold
-        mass = hard.sum((1, 2))  # (k,)
-        area = hard.sign_().sum((1, 2))  # (k,) pixels above the threshold
-        # maskness-weighted scores; masks no larger than their level's stride are dropped (the authors')
-        scores = cate_pred_img[cell, cls] * mass / area  # (k,)
+        masks = self.candidate_masks(ins_pred_img, cell, cfg["ins_thresh"])  # (k, H/4, W/4) probabilities
+        # maskness (the authors'): the mean probability over the pixels above ins_thresh (masks.mass / masks.area)
+        scores = cate_pred_img[cell, cls] * masks.mass / masks.area  # (k,) maskness-weighted
+        # masks no larger than their level's stride are dropped (the authors')
         cell_stride = torch.cat([torch.full((s * s,), float(st), device=cell.device)
                                  for s, st in zip(self.seg_num_grids, self.strides)])  # (sum S^2,)
-        idx = (area > cell_stride[cell]).nonzero()[:, 0]  # (k',) into the candidates
-        # sort, Matrix NMS, keep the best; the masks are indexed only with the final choices (no copies)
+        idx = (masks.area > cell_stride[cell]).nonzero()[:, 0]  # (k',) into the candidates
+        # sort, Matrix NMS on the masks above ins_thresh, keep the best
         idx = idx[scores[idx].argsort(descending=True)[:cfg["pre_NMS_num"]]]  # (n,)
         labels = cls[idx] + 1
-        scores = self.MatrixNMS(hard[idx], scores[idx], labels if cfg["class_wise"] else None,
+        sorted_labels = labels if cfg["class_wise"] else None
+        scores = self.MatrixNMS(masks.intersections(idx, sorted_labels), scores[idx], sorted_labels,
                                 method=cfg["nms_kernel"], gauss_sigma=cfg["nms_sigma"])  # (n,)
         keep = (scores >= cfg["update_thresh"]).nonzero()[:, 0]
         keep = keep[scores[keep].argsort(descending=True)[:cfg["keep_instance"]]]  # (m,) into the n
         # the authors' resize: to the padded input, crop the padding, to the original size
-        masks = masks_to_original(masks[idx[keep]], ori_size, scaled_size)  # (m, ori_H, ori_W) in {0, 1}
+        masks = masks.to_original(idx[keep], ori_size, scaled_size)  # (m, ori_H, ori_W) bool
         scores, labels = scores[keep], labels[keep]
-        visible = masks.flatten(1).amax(1) > 0  # a mask lying wholly in the padding is no detection
+        visible = masks.flatten(1).view(torch.uint8).amax(1) > 0  # a mask wholly in the padding is no detection
         if visible.all():  # the usual case: no copy of the masks
             return scores, labels, masks
         return scores[visible], labels[visible], masks[visible]
@@ -526,7 +523,9 @@ class SOLOHead(nn.Module):
     @full_precision
     def MatrixNMS(sorted_ins, sorted_scores, sorted_labels=None, method="gauss", gauss_sigma=2.0):
         """Matrix NMS (SOLOv2, Wang et al. 2020, eq. 4), one pass, no IoU threshold.
-        Args: sorted_ins (n, H, W) binary masks in descending score order; sorted_scores (n,); sorted_labels (n,)
+        Args: sorted_ins (n, H, W) binary masks in descending score order, or their pairwise intersections (n, n)
+          (the diagonal their areas; PostProcessImg's candidate masks compute them where they hold the masks);
+          sorted_scores (n,); sorted_labels (n,)
           or None: with labels a mask is only suppressed by higher-scored masks of its class (the authors'),
           without them by every higher-scored mask (the handout's). method 'gauss' (decay exp(-sigma iou^2),
           the handout's exp(-iou^2 / 0.5) is sigma = 2) or 'linear' (1 - iou).
@@ -536,7 +535,7 @@ class SOLOHead(nn.Module):
             raise ValueError(f"MatrixNMS method must be 'gauss' or 'linear', got {method!r}")
         if n == 0:
             return sorted_scores
-        inter = mask_intersections(sorted_ins, sorted_labels)  # (n, n); 0 across classes with labels
+        inter = sorted_ins if sorted_ins.dim() == 2 else mask_intersections(sorted_ins, sorted_labels)  # (n, n)
         areas = inter.diagonal().expand(n, n)  # areas[i, j] = area_j
         iou = (inter / (areas + areas.T - inter).clamp(min=1)).triu(diagonal=1)  # iou[i, j], i scored above j
         if sorted_labels is not None:
@@ -604,22 +603,42 @@ class SOLOHead(nn.Module):
         successors need it). SOLO's are channels of its S^2 outputs."""
         return ins_pred_level[image, cell]
 
+    def cell_logits(self, ins_pred_img, cell):
+        """SOLO's mask logits of the cells `cell` (ascending indices into the levels' concatenated S^2 cells) of one
+        image with mask features ins_pred_img [(c, H_f, W_f)] per level, at the feature resolution: per level
+        holding any, (their positions in `cell` (k_l,), logits (k_l, H_f, W_f)). Only the chosen channels of each
+        level's 1x1 output conv are computed, in the network's precision (autocast's under --amp); what follows
+        is post-processing, in float32."""
+        out, start = [], 0
+        for level, local in self._cells_by_level(cell):  # conv2d rejects zero output channels: no empty level
+            out_conv = self.ins_out_list[level]
+            logits = F.conv2d(ins_pred_img[level][None], out_conv.weight[local], out_conv.bias[local])[0]
+            out.append((torch.arange(start, start + len(local), device=cell.device), logits))
+            start += len(local)
+        return out
+
     def cell_masks(self, ins_pred_img, cell):
-        """Mask probabilities (k, H/4, W/4) of the cells `cell` (ascending indices into the levels' concatenated
-        S^2 cells) of one image with mask features ins_pred_img [(c, H_f, W_f)] per level. Only the chosen
-        channels of each level's 1x1 output conv are computed; then, in the authors' order, upsampled x2 (the
-        training resolution), passed through the sigmoid and resized to H/4 (a no-op on the stride-8 levels)."""
+        """Mask probabilities (k, H/4, W/4) of the cells `cell` (see cell_logits): their logits upsampled x2 in the
+        authors' order (the training resolution), passed through the sigmoid and resized to H/4 (a no-op on the
+        stride-8 levels)."""
         mask_size = tuple(2 * s for s in ins_pred_img[0].shape[-2:])  # stride 4, as level 0 is stride 8
         masks = []
-        for level, local in self._cells_by_level(cell):  # conv2d rejects zero output channels: no empty level
-            feat = ins_pred_img[level]  # (c, H_f, W_f)
-            out_conv = self.ins_out_list[level]
-            logits = F.conv2d(feat[None], out_conv.weight[local], out_conv.bias[local])  # (1, k_l, H_f, W_f)
-            probs = upsample_sigmoid(logits, tuple(2 * s for s in feat.shape[-2:]))  # (1, k_l, 2H_f, 2W_f)
+        for _, logits in self.cell_logits(ins_pred_img, cell):
+            probs = upsample_sigmoid(logits[None].float(), tuple(2 * s for s in logits.shape[-2:]))  # (1, k_l, ...)
             if probs.shape[-2:] != mask_size:
                 probs = F.interpolate(probs, size=mask_size, mode="bilinear", align_corners=False)
-            masks.append(probs[0].float())  # (k_l, H/4, W/4)
+            masks.append(probs[0])  # (k_l, H/4, W/4)
         return torch.cat(masks) if masks else ins_pred_img[0].new_zeros(0, *mask_size, dtype=torch.float)
+
+    def candidate_masks(self, ins_pred_img, cell, thresh):
+        """The candidates' masks as post-processing reads them (maskness sums, pairwise intersections,
+        probabilities). SOLO's on the CPU: mask_ops.TiledMasks, the same probabilities computed only where they
+        can exceed thresh; a successor's, or any on a GPU (where one kernel over every pixel costs less than many
+        small ones): mask_ops.DenseMasks of cell_masks."""
+        if getattr(self.cell_masks, "__func__", None) is SOLOHead.cell_masks and cell.device.type == "cpu":
+            mask_size = tuple(2 * s for s in ins_pred_img[0].shape[-2:])
+            return TiledMasks(self.cell_logits(ins_pred_img, cell), mask_size, thresh)
+        return DenseMasks(self.cell_masks(ins_pred_img, cell).float(), thresh)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,10 +8,19 @@ Writes the four files that `dataset.BuildDataset` reads (names and layout in dat
              (pixel column c spans [c, c + 1), so x2 = last mask column + 1): the tight box of the mask.
 
 Scenes: a greyish textured background (smooth colour gradient, low-frequency blobs, mild noise) with 1 to
-`max_objects` objects whose classes differ in shape AND colour:
-  vehicle  wide rounded body + cabin with a window + two dark wheels, blue hue
-  person   tall: round head, elliptic torso with arms, two legs, red/orange hue
-  animal   horizontal elliptic body, neck, head, four legs and a tail, green/brown hue with stripes
+`max_objects` objects whose classes differ in shape (and, with palette 'class' only, in colour):
+  vehicle  wide rounded body + cabin with a pale window + two dark wheels
+  person   tall: round head, elliptic torso with arms, two darker legs
+  animal   horizontal elliptic body, neck, head, four legs and a tail, with stripes
+Colours (`palette`, --palette):
+  shared   (the default) every object's colour from one palette, whatever its class: any hue, saturation 0.45-0.9,
+           value 0.45-0.95; its parts (window, wheels, head, legs, stripes, roof, door, highlight, string) paler or
+           darker shades of that hue, balanced so that neither an object's colours nor its mean colour tell its
+           class: the classes are told apart by shape only.
+  class    each class its own hues (vehicles blue, people red/orange with skin-coloured heads, animals green/brown
+           with darker stripes, houses pale yellow under a dark red roof, balloons purple on a grey string): the look
+           of the versions before the shared palette, image for image; for figures where classes should look distinct.
+Either palette draws the same random numbers, so a seed gives the same objects, masks and boxes in both.
 The object size sqrt(w * h) is log-uniform in [min_size, max_size] pixels of the H x W frame (14..240 at
 300x400 is ~37..640 px at the 800-pixel network input, i.e. every FPN scale range of the SOLO head).
 Objects are painted in order, a later one occluding earlier ones; each mask is the VISIBLE part. An object
@@ -19,13 +28,14 @@ with less than 40% of its area or fewer than 30 pixels visible is removed from t
 left unlabelled); if that removes every object, the last one painted (never occluded) is kept.
 
 With --classes 5 (COCO format only: the course's labels are 1..3) two more classes join:
-  house    square walls with a door and a window under a dark triangular roof, pale yellow walls
-  balloon  tall ellipse with a light highlight on a thin string, purple/magenta hue
+  house    square walls with a dark door and window under a triangular roof
+  balloon  tall ellipse with a pale highlight on a thin dark string
 
 Deterministic for a seed (numpy Generator); vectorised numpy drawing.
 
 Usage (CPU only, a few seconds):
   python synthetic.py --out data/synthetic --num-images 400 --seed 0
+  python synthetic.py --palette class --out data/synthetic_class   # each class in its own hues (figures)
   python synthetic.py --format coco --classes 5 --out data/synthetic_coco   # images/*.jpg, train.json, val.json
 """
 import argparse
@@ -56,6 +66,19 @@ MIN_VISIBLE_FRAC = 0.4  # drop an object with less of its area visible ...
 MIN_VISIBLE_PIXELS = 30  # ... or fewer visible pixels than this
 NOISE_LEVELS = 4  # pixel noise: uniform integer in [-4, 4] grey levels (of 255)
 BACKGROUND_GRID = (11, 14)  # the finest background blobs are ~30 px
+PALETTES = ("shared", "class")  # render_image's palette: one for all classes (the default), or each class its own
+# palette 'shared': an object's main colour, whatever its class, from SHARED_MAIN's (hue, saturation, value) ranges;
+# each of its parts a shade of that hue (+- HUE_JITTER) with the (saturation, value) ranges SHADES[part]. The paler
+# and the darker parts of each class even out, so that an object's mean colour does not tell its class either (mean
+# R + G + B of a whole object per class: 1.31 to 1.38 of 3; with darker parts only it was 1.03 to 1.38)
+SHARED_MAIN = ((0.0, 1.0), (0.45, 0.9), (0.45, 0.95))
+HUE_JITTER = 0.02
+PALE, DARK = ((0.05, 0.25), (0.75, 0.95)), ((0.3, 0.7), (0.1, 0.3))
+SHADES = dict(window=PALE, wheels=DARK, head=PALE, roof=((0.15, 0.4), (0.5, 0.75)), door=DARK, string=DARK,
+              highlight=PALE)
+TROUSERS = {"shared": (0.55, 0.75), "class": (0.35, 0.55)}  # a person's legs: the shirt's colour times this
+STRIPES = {"shared": (0.55, 0.35), "class": (0.55, None)}  # an animal's stripes: darker ones (the fur's colour times
+# the first) and, in the shared palette, paler ones between them (the fur's colour this much of the way to white)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,9 +98,28 @@ def _round_rect(x, y, x0, y0, x1, y1, r):
 
 
 def _hsv(rng, hue, sat, val):
-    """RGB (3,) float32 from (low, high) ranges of hue (wraps around 1), saturation and value."""
+    """(RGB (3,) float32, its hue in [0, 1)) from (low, high) ranges of hue (wraps around 1), saturation and value."""
     h, s, v = (rng.uniform(*hue) % 1.0, rng.uniform(*sat), rng.uniform(*val))
-    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)
+    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32), h
+
+
+def _colour(rng, palette, own, main_hue=None, shade=None):
+    """A colour of an object (RGB (3,) float32) and its hue, drawn as three uniform numbers in either palette, so
+    that the palette changes the colours only (a seed gives the same shapes in both).
+    palette 'class': from the class's own (hue, saturation, value) ranges `own`.
+    palette 'shared': the object's main colour (main_hue None) from SHARED_MAIN whatever the class; a part's colour
+    is the SHADES[shade] of the object's main_hue (+- HUE_JITTER)."""
+    if palette == "class":
+        return _hsv(rng, *own)
+    if main_hue is None:
+        return _hsv(rng, *SHARED_MAIN)
+    return _hsv(rng, (main_hue - HUE_JITTER, main_hue + HUE_JITTER), *SHADES[shade])
+
+
+def check_palette(palette):
+    """ValueError unless palette is one of PALETTES."""
+    if palette not in PALETTES:
+        raise ValueError(f"palette must be one of {', '.join(map(repr, PALETTES))}, got {palette!r}")
 
 
 def _layer(rgb, mask, colour):
@@ -95,23 +137,26 @@ def _shading(y, h, rgb):
 
 # ----------------------------------------------------------------------------------------------------
 # Class drawers: local coordinates x (1, cw), y (ch, 1) with the object's box at [0, w] x [0, h]
-# Each returns (mask (ch, cw) bool, rgb (3, ch, cw) float32).
+# palette: PALETTES' (each colour from _colour). Each returns (mask (ch, cw) bool, rgb (3, ch, cw) float32).
 # ----------------------------------------------------------------------------------------------------
-def _draw_vehicle(x, y, w, h, rng):
+def _draw_vehicle(x, y, w, h, rng, palette):
     body = _round_rect(x, y, 0, 0.35 * h, w, 0.8 * h, 0.15 * h)
     cab_x0, cab_x1 = rng.uniform(0.12, 0.3) * w, rng.uniform(0.65, 0.85) * w
     cabin = _round_rect(x, y, cab_x0, 0, cab_x1, 0.45 * h, 0.15 * h)
     window = _round_rect(x, y, cab_x0 + 0.08 * h, 0.08 * h, cab_x1 - 0.08 * h, 0.35 * h, 0.05 * h)
     r = min(0.2 * h, 0.14 * w)  # wheel radius
     wheels = _ellipse(x, y, 0.22 * w, h - r, r, r) | _ellipse(x, y, 0.78 * w, h - r, r, r)
+    paint, hue = _colour(rng, palette, ((0.55, 0.68), (0.5, 0.9), (0.45, 0.9)))  # class: blue
+    glass, _ = _colour(rng, palette, ((0.5, 0.6), (0.05, 0.25), (0.75, 0.95)), hue, "window")
+    tyres, _ = _colour(rng, palette, ((0, 1), (0, 0.1), (0.05, 0.15)), hue, "wheels")
     rgb = np.zeros((3,) + wheels.shape, np.float32)
-    rgb = _layer(rgb, body | cabin, _shading(y, h, _hsv(rng, (0.55, 0.68), (0.5, 0.9), (0.45, 0.9))))
-    rgb = _layer(rgb, window & cabin, _hsv(rng, (0.5, 0.6), (0.05, 0.25), (0.75, 0.95)))
-    rgb = _layer(rgb, wheels, _hsv(rng, (0, 1), (0, 0.1), (0.05, 0.15)))
+    rgb = _layer(rgb, body | cabin, _shading(y, h, paint))
+    rgb = _layer(rgb, window & cabin, glass)
+    rgb = _layer(rgb, wheels, tyres)
     return body | cabin | wheels, rgb
 
 
-def _draw_person(x, y, w, h, rng):
+def _draw_person(x, y, w, h, rng, palette):
     r = min(0.11 * h, 0.4 * w)  # head radius
     head = _ellipse(x, y, 0.5 * w, 0.11 * h, r, r)
     torso = _ellipse(x, y, 0.5 * w, 0.4 * h, 0.36 * w, 0.2 * h)
@@ -120,15 +165,17 @@ def _draw_person(x, y, w, h, rng):
     for side in (0, 1):  # left, right
         arms |= _ellipse(x, y, (0.12 + 0.76 * side) * w, 0.42 * h, 0.1 * w, 0.15 * h)
         legs |= _round_rect(x, y, (0.22 + 0.32 * side) * w, 0.55 * h, (0.46 + 0.32 * side) * w, h, 0.08 * w)
-    shirt = _hsv(rng, (-0.03, 0.08), (0.65, 0.95), (0.6, 0.95))
+    shirt, hue = _colour(rng, palette, ((-0.03, 0.08), (0.65, 0.95), (0.6, 0.95)))  # class: red/orange
+    trousers = shirt * rng.uniform(*TROUSERS[palette])
+    face, _ = _colour(rng, palette, ((0.05, 0.09), (0.25, 0.5), (0.7, 0.95)), hue, "head")  # class: skin
     rgb = np.zeros((3,) + torso.shape, np.float32)
-    rgb = _layer(rgb, legs, shirt * rng.uniform(0.35, 0.55))
+    rgb = _layer(rgb, legs, trousers)
     rgb = _layer(rgb, torso | arms, _shading(y, h, shirt))
-    rgb = _layer(rgb, head, _hsv(rng, (0.05, 0.09), (0.25, 0.5), (0.7, 0.95)))
+    rgb = _layer(rgb, head, face)
     return head | torso | arms | legs, rgb
 
 
-def _draw_animal(x, y, w, h, rng):
+def _draw_animal(x, y, w, h, rng, palette):
     if rng.random() < 0.5:  # face left or right
         x = w - x
     body = _ellipse(x, y, 0.42 * w, 0.45 * h, 0.32 * w, 0.22 * h)
@@ -139,33 +186,47 @@ def _draw_animal(x, y, w, h, rng):
         legs |= _round_rect(x, y, u * w, 0.5 * h, (u + 0.07) * w, h, 0.03 * w)
     tail = _ellipse(x, y, 0.08 * w, 0.38 * h, 0.08 * w, 0.03 * h)
     mask = body | neck | head | legs | tail
-    fur = _shading(y, h, _hsv(rng, (0.08, 0.35), (0.45, 0.8), (0.4, 0.8)))  # (3, ch, 1)
-    stripes = np.sin(2 * np.pi * (x / w * rng.uniform(4, 8) + rng.random())) > 0.3  # (1, cw)
-    fur = fur * np.where(stripes, 0.55, 1.0)[None]  # (3, ch, cw)
-    return mask, _layer(np.zeros((3,) + mask.shape, np.float32), mask, fur)
+    fur = _shading(y, h, _colour(rng, palette, ((0.08, 0.35), (0.45, 0.8), (0.4, 0.8)))[0])  # (3, ch, 1) green/brown
+    wave = np.sin(2 * np.pi * (x / w * rng.uniform(4, 8) + rng.random()))[None]  # (1, 1, cw)
+    dark, pale = STRIPES[palette]
+    striped = fur * np.where(wave > 0.3, dark, 1.0)  # (3, ch, cw): shades of the fur's own colour
+    if pale is not None:
+        striped = np.where(wave < -0.3, fur + (1 - fur) * pale, striped)
+    return mask, _layer(np.zeros((3,) + mask.shape, np.float32), mask, striped)
 
 
-def _draw_house(x, y, w, h, rng):
+def _draw_house(x, y, w, h, rng, palette):
     walls = _round_rect(x, y, 0.1 * w, 0.4 * h, 0.9 * w, h, 0.01 * w)
     apex = rng.uniform(0.4, 0.6) * w
     roof = (y >= 0) & (y <= 0.45 * h) & (np.abs(x - apex) <= 0.5 * w * np.clip(y / (0.45 * h), 0, 1))
     door = _round_rect(x, y, 0.42 * w, 0.7 * h, 0.58 * w, h, 0.02 * w)
     window = _round_rect(x, y, 0.18 * w, 0.55 * h, 0.34 * w, 0.72 * h, 0.01 * w)
+    plaster, hue = _colour(rng, palette, ((0.1, 0.16), (0.2, 0.45), (0.75, 0.95)))  # class: pale yellow
+    tiles, _ = _colour(rng, palette, ((-0.02, 0.04), (0.6, 0.85), (0.25, 0.45)), hue, "roof")  # class: dark red
+    wood, _ = _colour(rng, palette, ((0.05, 0.1), (0.4, 0.7), (0.15, 0.3)), hue, "door")
     rgb = np.zeros((3,) + walls.shape, np.float32)
-    rgb = _layer(rgb, walls, _hsv(rng, (0.1, 0.16), (0.2, 0.45), (0.75, 0.95)))
-    rgb = _layer(rgb, roof, _hsv(rng, (-0.02, 0.04), (0.6, 0.85), (0.25, 0.45)))
-    rgb = _layer(rgb, door | window, _hsv(rng, (0.05, 0.1), (0.4, 0.7), (0.15, 0.3)))
+    rgb = _layer(rgb, walls, plaster)
+    rgb = _layer(rgb, roof, tiles)
+    rgb = _layer(rgb, door | window, wood)
     return walls | roof, rgb
 
 
-def _draw_balloon(x, y, w, h, rng):
+def _draw_balloon(x, y, w, h, rng, palette):
     body = _ellipse(x, y, 0.5 * w, 0.36 * h, 0.5 * w, 0.36 * h)
     string = (np.abs(x - 0.5 * w - 0.05 * w * np.sin(y / h * 12)) <= max(0.04 * w, 0.6)) & (y >= 0.7 * h)
     highlight = _ellipse(x, y, 0.35 * w, 0.22 * h, 0.1 * w, 0.08 * h)
+    # the string is drawn first in the class palette (grey); the balloon's colour leads in the shared one
+    if palette == "class":
+        cord, _ = _colour(rng, palette, ((0, 1), (0, 0.1), (0.2, 0.35)))
+        skin, hue = _colour(rng, palette, ((0.75, 0.9), (0.55, 0.9), (0.6, 0.95)))  # purple/magenta
+    else:
+        skin, hue = _colour(rng, palette, None)
+        cord, _ = _colour(rng, palette, None, hue, "string")
+    shine, _ = _colour(rng, palette, ((0.75, 0.9), (0.1, 0.25), (0.9, 1.0)), hue, "highlight")
     rgb = np.zeros((3,) + body.shape, np.float32)
-    rgb = _layer(rgb, string, _hsv(rng, (0, 1), (0, 0.1), (0.2, 0.35)))
-    rgb = _layer(rgb, body, _shading(y, h, _hsv(rng, (0.75, 0.9), (0.55, 0.9), (0.6, 0.95))))
-    rgb = _layer(rgb, highlight & body, _hsv(rng, (0.75, 0.9), (0.1, 0.25), (0.9, 1.0)))
+    rgb = _layer(rgb, string, cord)
+    rgb = _layer(rgb, body, _shading(y, h, skin))
+    rgb = _layer(rgb, highlight & body, shine)
     return body | string, rgb
 
 
@@ -195,7 +256,7 @@ def _background(rng, height, width):
     return _upsample(medium, height, width)  # one full-size interpolation: cheap
 
 
-def _sample_object(rng, height, width, min_size, max_size, num_classes):
+def _sample_object(rng, height, width, min_size, max_size, num_classes, palette):
     """One object: (label, (row slice, col slice), full mask crop (ch, cw), rgb crop (3, ch, cw))."""
     label = int(rng.integers(1, num_classes + 1))
     size = np.exp(rng.uniform(np.log(min_size), np.log(max_size)))  # sqrt(w * h) in pixels
@@ -208,7 +269,7 @@ def _sample_object(rng, height, width, min_size, max_size, num_classes):
     rows = slice(int(np.floor(y0)), int(np.ceil(y0 + h)))
     x = (np.arange(cols.start, cols.stop, dtype=np.float32) + 0.5 - x0)[None, :]  # (1, cw) pixel centres
     y = (np.arange(rows.start, rows.stop, dtype=np.float32) + 0.5 - y0)[:, None]  # (ch, 1)
-    mask, rgb = DRAWERS[label](x, y, w, h, rng)
+    mask, rgb = DRAWERS[label](x, y, w, h, rng, palette)
     return label, (rows, cols), mask, rgb
 
 
@@ -230,13 +291,15 @@ def _tight_boxes(masks):
     return boxes
 
 
-def render_image(rng, height=300, width=400, max_objects=5, min_size=14, max_size=240, num_classes=3):
-    """One synthetic scene.
+def render_image(rng, height=300, width=400, max_objects=5, min_size=14, max_size=240, num_classes=3,
+                 palette="shared"):
+    """One synthetic scene; palette 'shared' (one palette for every class) or 'class' (each class its own hues).
 
     Returns: image uint8 (3, H, W), masks uint8 (n, H, W) visible parts in {0, 1}, labels int64 (n,) in
     1..num_classes, boxes float32 (n, 4) tight x1 y1 x2 y2 (pixel-edge) with 1 <= n <= max_objects.
     """
-    objects = [_sample_object(rng, height, width, min_size, max_size, num_classes)
+    check_palette(palette)
+    objects = [_sample_object(rng, height, width, min_size, max_size, num_classes, palette)
                for _ in range(int(rng.integers(1, max_objects + 1)))]
     full_area = np.array([obj[2].sum() for obj in objects])  # (n0,)
     owner = _visible_owner(objects, np.ones(len(objects), bool), height, width)
@@ -284,8 +347,8 @@ def _leave_stopping_to_the_owner():
 
 
 def write_synthetic_dataset(out_dir, num_images=200, seed=0, max_objects=5, min_size=14, max_size=240,
-                            height=300, width=400, workers=2):
-    """Write a synthetic dataset into `out_dir` (created if needed) and return its four paths.
+                            height=300, width=400, workers=2, palette="shared"):
+    """Write a synthetic dataset into `out_dir` (created if needed) and return its four paths; palette: render_image's.
 
     Same file names, h5 key "data", dtypes and layout as the real data (see the module docstring), so
     `BuildDataset(write_synthetic_dataset(...))` works. The same seed gives identical arrays; image i only
@@ -293,11 +356,13 @@ def write_synthetic_dataset(out_dir, num_images=200, seed=0, max_objects=5, min_
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    scene = dict(height=height, width=width, max_objects=max_objects, min_size=min_size, max_size=max_size)
+    check_palette(palette)
+    scene = dict(height=height, width=width, max_objects=max_objects, min_size=min_size, max_size=max_size,
+                 palette=palette)
     return write_dataset(out_dir, _rendered_images(num_images, seed, workers, scene), num_images, height, width)
 
 
-def write_synthetic_folder(folder, num_images=200, seed=0, **options):
+def write_synthetic_folder(folder, num_images=200, seed=0, palette="shared", **options):
     """write_synthetic_dataset(folder, ...), whole or not at all, for a set that several runs may need at once
     (dataset.write_synthetic_if_missing: --synthetic N). Returns its four paths.
 
@@ -312,9 +377,12 @@ def write_synthetic_folder(folder, num_images=200, seed=0, **options):
     close writes), and freeing that file's objects later crashes the process that wrote it (a segfault; h5py issues
     914 and 2160). Where `folder` exists without the complete set (an empty folder, or one a version before this
     wrote in place), the new files are moved into it one by one, the ones it lacks last.
-    options: write_synthetic_dataset's (max_objects, min_size, workers, ...)."""
+    palette, options: write_synthetic_dataset's (max_objects, min_size, workers, ...). A set already in `folder` is
+    used whatever its palette: the folder's name tells the sets apart (dataset.resolve_data_dir)."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    check_palette(palette)  # here, not in the child process
+    options = dict(options, palette=palette)
     parent, name = os.path.split(os.path.abspath(folder))
     tmp = os.path.join(parent, f".{name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -435,16 +503,17 @@ def _move_into_place(tmp, folder):
 
 
 def write_synthetic_coco(out_dir, num_images=200, seed=0, max_objects=5, min_size=14, max_size=240, height=300,
-                         width=400, workers=2, num_classes=5, image_format="jpg", category_ids=None):
+                         width=400, workers=2, num_classes=5, image_format="jpg", category_ids=None, palette="shared"):
     """Write a synthetic dataset in COCO format into out_dir: images/NNNNNN.<image_format>, train.json and
     val.json (the 80/20 split every script makes of the course files); returns the two json paths. The scenes
-    are write_synthetic_dataset's (with num_classes=3 and the same seed, the same images and objects)."""
+    are write_synthetic_dataset's (with num_classes=3 and the same seed and palette, the same images and objects)."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if not 1 <= num_classes <= len(CLASS_NAMES_5):
         raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES_5)}, got {num_classes}")
+    check_palette(palette)
     scene = dict(height=height, width=width, max_objects=max_objects, min_size=min_size, max_size=max_size,
-                 num_classes=num_classes)
+                 num_classes=num_classes, palette=palette)
     train, val = split_indices(num_images)
     return write_coco(out_dir, _rendered_images(num_images, seed, workers, scene), CLASS_NAMES_5[:num_classes],
                       {"train.json": train, "val.json": val}, image_format, category_ids)
@@ -463,6 +532,9 @@ def get_args_parser():
                         help="'course': the four h5/npy files; 'coco': JPEG images, train.json and val.json")
     parser.add_argument("--classes", default=3, type=int, choices=(3, 4, 5),
                         help="object classes (4 and 5 add house and balloon; COCO format only)")
+    parser.add_argument("--palette", default="shared", choices=PALETTES,
+                        help="'shared': every class in one palette (told apart by shape only); 'class': each class "
+                             "its own hues (vehicles blue, people red, animals green: figures)")
     return parser
 
 
@@ -470,13 +542,14 @@ def main(args):
     start = time.perf_counter()
     if args.format == "coco":
         paths = write_synthetic_coco(args.out, args.num_images, args.seed, args.max_objects, args.min_size,
-                                     args.max_size, workers=args.workers, num_classes=args.classes)
+                                     args.max_size, workers=args.workers, num_classes=args.classes,
+                                     palette=args.palette)
         print(f"wrote {args.num_images} images and {', '.join(paths)} in {time.perf_counter() - start:.1f} s")
         return
     if args.classes != len(CLASS_NAMES):
         raise SystemExit(f"error: --classes {args.classes} needs --format coco (the course's labels are 1..3)")
     paths = write_synthetic_dataset(args.out, args.num_images, args.seed, args.max_objects, args.min_size,
-                                    args.max_size, workers=args.workers)
+                                    args.max_size, workers=args.workers, palette=args.palette)
     seconds = time.perf_counter() - start
     labels = np.load(paths[2], allow_pickle=True)  # the object array this run has just written
     counts = np.bincount(np.concatenate(labels), minlength=len(CLASS_NAMES) + 1)[1:]

@@ -7,6 +7,7 @@ import os
 import sys
 
 from checkpoint import latest_checkpoint, load_checkpoint, stored_settings
+from compute_path import choose_path
 from dataset import check_input_height
 from errors import CheckpointError
 from finetune import init_settings
@@ -120,6 +121,11 @@ def resolve_args(parser, argv):
     for field in SETTABLE:  # one attribute per model setting: --set's, a flag's, the preset's or the default
         value = model_settings.get(field, getattr(args, field, getattr(defaults, field)))
         setattr(args, field, list(value) if isinstance(value, tuple) else value)
+    try:  # the compute path the run takes, as booleans: what the checkpoint stores and a resumed run keeps
+        compute = choose_path(args.device, args.amp)
+    except ValueError as e:
+        parser.error(str(e))
+    args.amp, args.channels_last = compute.amp, compute.channels_last
     if args.train_data and not args.resume:
         if "synthetic" in given and args.synthetic:
             parser.error("--synthetic and --train-data choose the data twice: give one of them")
@@ -163,6 +169,7 @@ def resume_args(parser, args, given):
                                   f"and epoch_NNN.pth): start a run with main_train.py, or pass a checkpoint file")
     defaults = {**vars(argparse.ArgumentParser.parse_args(parser, [])), **dataclasses.asdict(ModelConfig())}
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    defaults.update(amp=False, channels_last=False)  # stored as the path the run took (resolve_args)
     checkpoint = load_checkpoint(path, mmap=True)
     if "converted_from" in checkpoint:
         raise CheckpointError(f"--resume {path}: a converted published model (convert.py), not a training run: "
@@ -176,6 +183,10 @@ def resume_args(parser, args, given):
                               f" Start a new run (another --output-dir) to change them")
     merged = vars(args).copy()
     merged.update({k: v for k, v in stored.items() if k in merged and k not in given})
+    if "channels_last" not in stored:  # a run from before the layout was chosen: NCHW
+        merged["channels_last"] = False
+    if "synthetic_palette" not in stored:  # a run from before the shared palette: per-class hues
+        merged["synthetic_palette"] = "class"
     merged.update(resume=path, overwrite=args.overwrite, test_only=args.test_only)  # this command's, not the run's
     if "output_dir" not in given:  # the run folder is the checkpoint's own
         merged["output_dir"] = os.path.dirname(path) or "."

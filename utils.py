@@ -1,8 +1,7 @@
-"""Helpers the scripts share: devices and mixed precision, distributed set-up, RNG states, the lr schedule, and
+"""Helpers the scripts share: devices, distributed set-up, RNG states, the lr schedule, and
 how an error or a signal ends a script."""
 import contextlib
 import os
-import platform
 import random
 import signal
 import threading
@@ -16,11 +15,10 @@ from errors import DeviceError, UserError
 BASE_LR, BASE_BATCH = 0.01, 16  # the authors' lr for 16 images per iteration
 LR_GAMMA = 0.1  # the lr is multiplied by this at each of the lr steps (handout 7.1: divided by 10)
 WARMUP_FACTOR = 1 / 3  # the authors' linear warm-up starts at lr / 3
-CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Devices, mixed precision, distributed mode
+# Devices, distributed mode
 # ----------------------------------------------------------------------------------------------------
 def init_distributed(device):
     """(rank, world_size, device) from torchrun's RANK/WORLD_SIZE/LOCAL_RANK (each process takes
@@ -60,43 +58,6 @@ def prepare_device(device, fixed_input_size):
             torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = fixed_input_size
     return device
-
-
-def autocast_settings(device, amp):
-    """(autocast dtype or None, use a GradScaler): bfloat16 on CPUs (native with AVX512-BF16 or AMX, emulated
-    otherwise: docs/demo.md says when --amp pays) and on GPUs of compute capability 8+ (A100, H100); float16 +
-    GradScaler on older GPUs (T4, V100: torch.cuda.is_bf16_supported() says True there too, for emulated bfloat16)."""
-    if not amp:
-        return None, False
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        return torch.float16, True
-    return torch.bfloat16, False
-
-
-
-def autocast(device, amp):
-    """The mixed-precision context of a forward pass: torch.autocast in autocast_settings' dtype, or a context that
-    changes nothing without amp."""
-    dtype, _ = autocast_settings(device, amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-def device_name(device):
-    """The GPU, or the CPU model with the instruction sets that decide its speed (from /proc/cpuinfo on Linux)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, compute capability {torch.cuda.get_device_capability(device)}"
-    model, flags = platform.processor() or platform.machine(), set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    features = " ".join(f for f in CPU_FEATURES if f in flags) or "none of " + " ".join(CPU_FEATURES)
-    return (f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; {features}; torch kernels "
-            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 # ----------------------------------------------------------------------------------------------------

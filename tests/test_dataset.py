@@ -332,14 +332,35 @@ class TestVisualisation:
     def test_resolve_data_dir_writes_a_synthetic_set_of_n_images_once(self, tmp_path, capsys):
         assert ds.resolve_data_dir(str(tmp_path), 0) == str(tmp_path)  # the real data
         folder = ds.resolve_data_dir(str(tmp_path), 4)
-        assert folder == os.path.join(str(tmp_path), "synthetic_4") and len(BuildDataset(dataset_paths(folder))) == 4
+        assert folder == os.path.join(str(tmp_path), "synthetic_4_paletteshared")
+        assert len(BuildDataset(dataset_paths(folder))) == 4
         assert "writing a synthetic dataset" in capsys.readouterr().out
         assert ds.resolve_data_dir(str(tmp_path), 4) == folder and capsys.readouterr().out == ""
 
     def test_resolve_data_dir_names_the_folder_after_the_scene_options(self, tmp_path):
         folder = ds.resolve_data_dir(str(tmp_path), 3, min_size=30, max_objects=2)
-        assert folder == os.path.join(str(tmp_path), "synthetic_3_max_objects2_min_size30")
+        assert folder == os.path.join(str(tmp_path), "synthetic_3_max_objects2_min_size30_paletteshared")
         assert max(BuildDataset(dataset_paths(folder), input_height=64).num_objects) <= 2
+
+    def test_a_run_keeps_the_palette_of_its_synthetic_set(self, tmp_path):
+        """A new run stores the shared palette and its test split is that set; a run stored before the shared
+        palette (no synthetic_palette among its settings) trained on per-class hues, and so does its test split
+        and its resumed run."""
+        from checkpoint import CHECKPOINT_KEYS
+        from conftest import parse_train
+
+        assert parse_train(["--demo"]).synthetic_palette == "shared"
+        new_run = dict(data_dir=str(tmp_path), synthetic=5, input_height=64, synthetic_min_size=14,
+                       synthetic_palette="shared")
+        assert ds.build_test_split(new_run).dataset.paths[0].startswith(str(tmp_path / "synthetic_5_min_size14_"
+                                                                                       "paletteshared"))
+        old_run = {k: v for k, v in new_run.items() if k != "synthetic_palette"}
+        assert ds.synthetic_options(old_run) == dict(min_size=14, palette="class")
+        assert ds.build_test_split(old_run).dataset.paths[0].startswith(str(tmp_path / "synthetic_5_min_size14_"
+                                                                                       "paletteclass"))
+        torch.save({**dict.fromkeys(CHECKPOINT_KEYS), "format": "solo-checkpoint-v1", "epoch": 0, "iteration": 1,
+                    "args": old_run}, tmp_path / "old.pth")
+        assert parse_train(["--resume", str(tmp_path / "old.pth")]).synthetic_palette == "class"
 
     def test_the_figure_shows_each_mask_in_its_class_colour_with_its_box_and_name(self, small):
         index = int(np.argmax(small.num_objects))  # the most crowded image

@@ -150,7 +150,7 @@ def test_photos_need_no_pytorch_and_give_main_infers_overlays(exported, tmp_path
     assert sorted(os.listdir(tmp_path / "onnx")) == ["a_jpg_infer.png", "grey_png_infer.png"]
     main_infer.main(main_infer.get_args_parser().parse_args(
         ["--checkpoint", checkpoint, "--images", str(photos), "--figures-dir", str(tmp_path / "torch"),
-         "--plot-score-thresh", "0", "--device", "cpu"]))
+         "--plot-score-thresh", "0", "--device", "cpu", "--amp", "off"]))  # float32, as the graph
     photo = np.asarray(Image.open(photos / "a.jpg")).astype(np.float32) / 255  # (150, 200, 3)
     save_figure(detections_figure(photo, [], [], np.zeros((0, 150, 200)), ["a", "b", "c"], ["r", "g", "b"]),
                 str(tmp_path / "bare.png"))
@@ -168,7 +168,7 @@ def test_evaluation_gives_main_infers_map(exported, tmp_path):
                                                             str(tmp_path / "onnx")]))
     theirs = main_infer.main(main_infer.get_args_parser().parse_args(
         ["--checkpoint", checkpoint, "--figures-dir", str(tmp_path / "torch"), "--device", "cpu", "--workers", "0",
-         "--num-figures", "0"]))
+         "--num-figures", "0", "--amp", "off"]))  # float32, as the exported graph
     assert ours["num_detections"] == theirs["num_detections"] > 0
     for key in ("AP", "AP50", "AP75"):
         assert ours[key] == pytest.approx(theirs[key], abs=1e-3, nan_ok=True)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import compute_path
 import dataset as ds
 import engine
 import utils
@@ -64,12 +65,12 @@ class TestAutocastSettings:
     ])
     def test_bfloat16_only_where_the_gpu_computes_it_natively(self, monkeypatch, capability, expected):
         pretend_gpu(monkeypatch, capability)
-        assert utils.autocast_settings(torch.device("cuda", 0), True) == expected
-        assert utils.autocast_settings(torch.device("cuda", 0), False) == (None, False)
+        assert compute_path.autocast_settings(torch.device("cuda", 0), True) == expected
+        assert compute_path.autocast_settings(torch.device("cuda", 0), False) == (None, False)
 
     def test_cpu(self):
-        assert utils.autocast_settings(torch.device("cpu"), True) == (torch.bfloat16, False)
-        assert utils.autocast_settings(torch.device("cpu"), False) == (None, False)
+        assert compute_path.autocast_settings(torch.device("cpu"), True) == (torch.bfloat16, False)
+        assert compute_path.autocast_settings(torch.device("cpu"), False) == (None, False)
 
 
 class TestPrepareDevice:
@@ -135,7 +136,7 @@ def one_step(batch, amp_dtype, scaler, clip_grad, monkeypatch):
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    monkeypatch.setattr(utils, "autocast_settings", lambda device, amp: (amp_dtype, amp_dtype is torch.float16))
+    monkeypatch.setattr(compute_path, "autocast_settings", lambda device, amp: (amp_dtype, amp_dtype is torch.float16))
     settings = SimpleNamespace(amp=amp_dtype is not None, input_height=HEIGHT, clip_grad=clip_grad)
     losses = engine.train_step(model, batch, optimizer, scaler, torch.device("cpu"), settings)  # (3,) float32
     return losses, before, [p.detach() for p in params], optimizer

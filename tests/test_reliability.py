@@ -642,7 +642,7 @@ class TestRoundTwoSyntheticSet:
                     yield item
             return real_write(out_dir, failing(), *args, **kwargs)
         monkeypatch.setattr(synthetic, "write_dataset", full_disk)
-        folder = tmp_path / "synthetic_4"
+        folder = tmp_path / "synthetic_4_paletteshared"
         with pytest.raises(WriteError) as raised:
             resolve_data_dir(str(tmp_path), 4)
         assert str(raised.value) == f"cannot write {folder}: No space left on device"
@@ -650,10 +650,10 @@ class TestRoundTwoSyntheticSet:
         monkeypatch.undo()
         gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a writer killed with kill -9 left its copy
         gone.wait(timeout=60)
-        (tmp_path / f".synthetic_4.{gone.pid}@{socket.gethostname()}.0123abcd.tmp").mkdir()
+        (tmp_path / f".synthetic_4_paletteshared.{gone.pid}@{socket.gethostname()}.0123abcd.tmp").mkdir()
         assert resolve_data_dir(str(tmp_path), 4) == str(folder)
         assert len(BuildDataset(write_synthetic_if_missing(str(folder), 4))) == 4
-        assert os.listdir(tmp_path) == ["synthetic_4"]
+        assert os.listdir(tmp_path) == ["synthetic_4_paletteshared"]
 
     def test_two_processes_writing_one_synthetic_set_at_once_both_use_it(self, tmp_path):
         marks, folder = tmp_path / "marks", tmp_path / "data" / "synthetic_4"

@@ -455,7 +455,7 @@ class TestMasksToOriginal:
         masks = F.interpolate(torch.rand(1, 8, 8, 11), size=QUARTER, mode="bilinear")[0]  # smooth, many edges
         reference = reference_masks_to_original(masks, ORI)
         out = masks_to_original(masks, ORI)
-        differ = out != (reference > 0.5).float()
+        differ = out != (reference > 0.5)
         assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
         assert differ.sum() <= 2 and out.shape == (8, *ORI)
 
@@ -474,7 +474,7 @@ class TestMasksToOriginal:
         masks[4, :, 80:] = 0.9  # against the right edge, partly in the padding
         masks[6] = 0.8  # masks[5] stays below 0.5 everywhere
         out = masks_to_original(masks, ORI)
-        assert torch.equal(out, (reference_masks_to_original(masks, ORI) > 0.5).float())
+        assert torch.equal(out, reference_masks_to_original(masks, ORI) > 0.5)
         assert not out[5].any() and out[6].all() and out[0, 0, 0] == 1 and out[3].sum() > 0
 
     def test_no_mask(self):
@@ -523,9 +523,9 @@ class TestBatchedMasksToOriginal:
         masks[1, :, -10:] = 0.9  # against the right edge, partly in the padding
         cpu = masks_to_original(masks, ORI)
         out = batched_branch(masks, ORI)
-        assert out.shape == (10, *ORI) and out.dtype == torch.float32
+        assert out.shape == (10, *ORI) and out.dtype == torch.bool
         reference = reference_masks_to_original(masks, ORI)
-        differ = (out != cpu) | (out != (reference > 0.5).float())
+        differ = (out != cpu) | (out != (reference > 0.5))
         assert ((reference - 0.5).abs()[differ] < 1e-5).all()  # only float rounding at exactly 0.5 may differ
         assert differ.sum() <= 2 and not out[0].any() and out[1].any()
 
@@ -571,7 +571,7 @@ class TestInfer:
             assert 3 <= len(scores[b]) <= post_cfg["keep_instance"]
             assert (scores[b][:-1] >= scores[b][1:]).all() and (scores[b] >= post_cfg["update_thresh"]).all()
             assert labels[b].dtype == torch.int64 and set(labels[b].tolist()) <= {1, 2, 3}
-            assert masks[b].shape == (len(scores[b]), *ORI) and set(masks[b].unique().tolist()) <= {0.0, 1.0}
+            assert masks[b].shape == (len(scores[b]), *ORI) and masks[b].dtype == torch.bool
             assert masks[b].flatten(1).any(1).all()
 
     def test_the_candidates_masks_are_those_of_every_cell(self, model_with_candidates):
@@ -648,3 +648,97 @@ class TestMaskIntersections:
         flat = masks.flatten(1).double()
         expected = ((flat @ flat.T) * (labels[:, None] == labels[None, :])).float()
         assert torch.equal(mask_intersections(masks, labels), expected)
+
+
+# ------------------------------------------------------------------ SOLO's candidate masks held tile by tile
+TILED_INPUT = (320, 448)  # padded input: levels of 40 x 56 (stride 8, twice), 20 x 28, 10 x 14 (twice)
+TILED_QUARTER = (80, 112)
+
+
+def solo_level_logits(seed, k=24):
+    """[(ids, logits (k_l, h, w))] of SOLO's five levels: soft blobs of logit up to ~8 (some across a tile border
+    or against the image's edges), plus a mask with no positive logit, one positive everywhere and one of noise
+    in each level."""
+    g = torch.Generator().manual_seed(seed)
+    levels, start = [], 0
+    for stride in (8, 8, 16, 32, 32):
+        h, w = TILED_INPUT[0] // stride, TILED_INPUT[1] // stride
+        ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+        cy, cx = torch.rand(k, 1, 1, generator=g) * h, torch.rand(k, 1, 1, generator=g) * w
+        cy[0], cx[0] = 0, w - 1  # a corner
+        radius = 1 + torch.rand(k, 1, 1, generator=g) * h / 3
+        logits = 8 * (radius - ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt()) / radius  # (k, h, w)
+        logits[1] = -3  # no pixel above any threshold
+        logits[2] = 3  # every pixel above 0.5
+        logits[3] = 4 * torch.randn(h, w, generator=g)  # noise: every tile
+        levels.append((torch.arange(start, start + k), logits))
+        start += k
+    return levels
+
+
+def dense_probabilities(levels, size):
+    """SOLOHead.cell_masks' dense way: each level's logits upsampled x2, sigmoid, resized to size."""
+    masks = []
+    for _, logits in levels:
+        probs = F.interpolate(logits[None], scale_factor=2, mode="bilinear", align_corners=False).sigmoid()
+        masks.append(F.interpolate(probs, size=size, mode="bilinear", align_corners=False)[0])
+    return torch.cat(masks)
+
+
+class TestTiledMasks:
+    """SOLO's candidate masks on the CPU (mask_ops.TiledMasks) hold the probabilities of its dense cell masks only
+    in the tiles where they can exceed the threshold: the maskness sums, the binary masks' intersections and the
+    chosen masks' probabilities and their masks in the original frame are the dense ones', up to float rounding
+    (a pixel or two may fall on the other side of a threshold, its probability within 1e-6 of it)."""
+
+    @pytest.mark.parametrize("thresh", [0.3, 0.5, 0.7])
+    @pytest.mark.parametrize("tile", [16, 64, 1000])
+    def test_the_same_sums_intersections_and_probabilities_as_the_dense_masks(self, thresh, tile):
+        levels = solo_level_logits(seed=int(10 * thresh) + tile)
+        dense = mask_ops.DenseMasks(dense_probabilities(levels, TILED_QUARTER), thresh)
+        tiled = mask_ops.TiledMasks(levels, TILED_QUARTER, thresh, tile=tile)
+        assert (tiled.area - dense.area).abs().max() <= 1
+        torch.testing.assert_close(tiled.mass, dense.mass, rtol=1e-5, atol=1.0)
+        assert tiled.area[1::24].eq(0).all() and tiled.area[2::24].eq(TILED_QUARTER[0] * TILED_QUARTER[1]).all()
+        idx = torch.randperm(120, generator=torch.Generator().manual_seed(tile))[:70]
+        inter = tiled.intersections(idx)
+        assert (inter - dense.intersections(idx)).abs().max() <= 1
+        assert torch.equal(inter.diagonal(), tiled.area[idx])
+        torch.testing.assert_close(tiled.probabilities(idx[:20]), dense.probabilities(idx[:20]), rtol=0, atol=1e-6)
+        for ori, scaled in (((240, 336), None), ((200, 250), (250, 313))):  # the handout's frame, mmdetection's
+            original = tiled.to_original(idx[:30], ori, scaled)
+            assert original.dtype == torch.bool and original.shape == (30, *ori)
+            assert (original != masks_to_original(dense.probabilities(idx[:30]), ori, scaled)).sum() <= 2
+
+    def test_object_sized_masks_are_computed_in_a_few_tiles(self):
+        levels = [(torch.arange(20 * level, 20 * level + 20), logits[4:])  # the blobs only
+                  for level, (_, logits) in enumerate(solo_level_logits(seed=3))]
+        tiled = mask_ops.TiledMasks(levels, TILED_QUARTER, 0.5, tile=16)
+        pixels = sum(hard.numel() for pieces in tiled.pieces for _, hard in pieces)
+        assert pixels < 0.4 * tiled.count * TILED_QUARTER[0] * TILED_QUARTER[1]
+
+    def test_float32_from_bfloat16_logits_and_under_autocast(self):
+        levels = [(ids, logits.bfloat16()) for ids, logits in solo_level_logits(seed=4)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tiled = mask_ops.TiledMasks(levels, TILED_QUARTER, 0.5)
+            probs = tiled.probabilities(torch.arange(10))
+        assert tiled.mass.dtype == probs.dtype == torch.float32
+        as_float = mask_ops.TiledMasks([(ids, logits.float()) for ids, logits in levels], TILED_QUARTER, 0.5)
+        assert torch.equal(tiled.mass, as_float.mass)
+
+    def test_post_processing_on_the_cpu_takes_them_for_solo_only(self, head):
+        feats = [torch.randn(32, h, w) for h, w in ((8, 11), (8, 11), (4, 6), (2, 3), (2, 3))]
+        cell = torch.tensor([0, 5, 70, 130])
+        small = SOLOHead(num_grids=GRIDS, seg_feat_channels=32, stacked_convs=1)
+        assert isinstance(small.candidate_masks(feats, cell, 0.5), mask_ops.TiledMasks)
+        assert isinstance(GivenMasksHead(num_grids=GRIDS).candidate_masks(
+            [torch.rand(s * s, 16, 22) for s in GRIDS], cell, 0.5), mask_ops.DenseMasks)
+        small.cell_masks = lambda ins_pred_img, cell: torch.rand(len(cell), 16, 22)  # a test's own masks
+        assert isinstance(small.candidate_masks(feats, cell, 0.5), mask_ops.DenseMasks)
+
+    def test_masks_over_most_tiles_are_computed_as_one_whole_frame_tile(self):
+        g = torch.Generator().manual_seed(6)
+        levels = [(ids, 4 * torch.randn(logits.shape, generator=g)) for ids, logits in solo_level_logits(seed=6)]
+        tiled = mask_ops.TiledMasks(levels, TILED_QUARTER, 0.5, tile=16)
+        dense = mask_ops.DenseMasks(dense_probabilities(levels, TILED_QUARTER), 0.5)
+        assert len(tiled.pieces) == 1 and (tiled.area - dense.area).abs().max() <= 1

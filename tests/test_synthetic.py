@@ -1,12 +1,17 @@
-"""Specification of synthetic.py: the real data's file format, learnable scenes, determinism."""
+"""Specification of synthetic.py: the real data's file format, learnable scenes, determinism, the palettes."""
+import colorsys
+import hashlib
 import os
 
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
-from datafiles import FILE_NAMES
-from synthetic import render_image, write_synthetic_dataset
+from datafiles import FILE_NAMES, dataset_paths
+from dataset import resolve_data_dir
+from synthetic import (get_args_parser, main, render_image, write_synthetic_coco, write_synthetic_dataset,
+                       write_synthetic_folder)
 
 # the SOLO head's scale ranges (sqrt(w * h) at an 800-pixel-high input) and that input's scale from 300x400
 SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
@@ -35,11 +40,52 @@ def touching(a, b):
     return bool((grown & (b > 0)).any())
 
 
+def first_scene(seed, **scene):
+    """The scene that a set written with this seed holds as its image 0 (each image draws from a child seed)."""
+    return render_image(np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0]), **scene)
+
+
+def object_colours(scenes):
+    """(mean RGB (n, 3) of each object's visible pixels, label (n,)) over the scenes, in scene order."""
+    colours = [image[:, mask > 0].mean(1) for image, masks, _, _ in scenes for mask in masks]
+    return np.array(colours), np.concatenate([labels for _, _, labels, _ in scenes])
+
+
+def nearest_mean_accuracy(scenes, num_classes):
+    """Accuracy of a nearest-class-mean classifier on an object's mean colour: the class means taken from the
+    first half of the objects, the accuracy measured on the second half."""
+    colours, labels = object_colours(scenes)
+    half = len(labels) // 2
+    means = np.array([colours[:half][labels[:half] == k].mean(0) for k in range(1, num_classes + 1)])
+    guess = 1 + np.argmin(((colours[half:, None] - means[None]) ** 2).sum(-1), 1)
+    return float((guess == labels[half:]).mean())
+
+
+def hue_sixths(scenes, label):
+    """The sixths of the hue circle (0 red, 2 green, 4 blue) that the mean colours of the objects of a class fall in."""
+    colours, labels = object_colours(scenes)
+    return {int(colorsys.rgb_to_hsv(*(c / 255))[0] * 6) % 6 for c in colours[labels == label]}
+
+
 @pytest.fixture(scope="module")
 def scenes():
     """60 rendered scenes (image, masks, labels, boxes): enough to see every size and class."""
     rng = np.random.default_rng(1)
     return [render_image(rng) for _ in range(60)]
+
+
+@pytest.fixture(scope="module")
+def palette_scenes():
+    """palette_scenes(palette, num_classes): 60 scenes (seed 1) in that palette."""
+    cache = {}
+
+    def rendered(palette, num_classes=3):
+        if (palette, num_classes) not in cache:
+            rng = np.random.default_rng(1)
+            cache[palette, num_classes] = [render_image(rng, num_classes=num_classes, palette=palette)
+                                           for _ in range(60)]
+        return cache[palette, num_classes]
+    return rendered
 
 
 class TestFileFormat:
@@ -104,19 +150,13 @@ class TestScenes:
         for low, high in SCALE_RANGES:
             assert ((size_800 >= low) & (size_800 <= high)).any(), (low, high)
 
-    def test_classes_differ_in_shape_and_colour(self, scenes):
+    def test_classes_differ_in_shape(self, scenes):
         aspect = {1: [], 2: [], 3: []}  # box w / h
-        colour = {1: [], 2: [], 3: []}  # mean RGB under the mask
-        for image, masks, labels, boxes in scenes:
-            for mask, label, box in zip(masks, labels, boxes):
+        for _, _, labels, boxes in scenes:
+            for label, box in zip(labels, boxes):
                 aspect[label].append((box[2] - box[0]) / (box[3] - box[1]))
-                colour[label].append(image[:, mask > 0].mean(1))
         assert np.median(aspect[2]) < 0.7  # person: tall
         assert 1.2 < np.median(aspect[3]) < np.median(aspect[1])  # animal wide, vehicle wider
-        vehicle, person, animal = (np.mean(colour[k], 0) for k in (1, 2, 3))  # mean (R, G, B)
-        assert vehicle[2] > max(vehicle[0], person[2], animal[2])  # vehicles: blue
-        assert person[0] > max(person[1], person[2])  # persons: red/orange
-        assert animal[1] > animal[2]  # animals: green/brown
 
     def test_background_is_textured_not_flat(self, scenes):
         image, masks, _, _ = scenes[0]
@@ -142,3 +182,117 @@ class TestDeterminism:
     def test_no_images_is_an_error(self, tmp_path):
         with pytest.raises(ValueError, match="num_images must be >= 1, got 0"):
             write_synthetic_dataset(tmp_path, num_images=0)
+
+
+class TestPalette:
+    """palette 'shared' (the default): the classes share one palette and differ in shape only; 'class': each class
+    its own hues, the scenes of the versions before the shared palette."""
+
+    def test_the_default_palette_is_shared(self, synthetic_paths):
+        rng_default, rng_shared, rng_class = (np.random.default_rng(0) for _ in range(3))
+        default, shared, by_class = (render_image(rng_default), render_image(rng_shared, palette="shared"),
+                                     render_image(rng_class, palette="class"))
+        assert all(np.array_equal(a, b) for a, b in zip(default, shared))
+        assert not np.array_equal(default[0], by_class[0])
+        np.testing.assert_array_equal(read_files(synthetic_paths)[0][0], first_scene(0, palette="shared")[0])
+
+    @pytest.mark.parametrize("num_classes", [3, 5])
+    def test_every_class_takes_every_hue_in_the_shared_palette_and_its_own_in_the_class_one(self, palette_scenes,
+                                                                                              num_classes):
+        for label in range(1, num_classes + 1):
+            assert hue_sixths(palette_scenes("shared", num_classes), label) == set(range(6)), label
+            assert len(hue_sixths(palette_scenes("class", num_classes), label)) <= 3, label
+
+    @pytest.mark.parametrize("num_classes", [3, 5])
+    def test_an_objects_mean_colour_tells_its_class_only_in_the_class_palette(self, palette_scenes, num_classes):
+        """A nearest-class-mean classifier on an object's mean colour, fit on half of 60 scenes' objects and scored
+        on the other half (~85), scores chance with the shared palette (1/3 or 1/5; measured 0.39 and 0.27 here,
+        0.24 to 0.39 over seeds 1-5 with 3 classes) and near perfect with the class palette (0.99 and 0.94). The
+        bound, chance + 0.2, is about 4 standard deviations of a chance score on ~85 objects: no seed's luck fails
+        the shared palette, and the class palette, with its ~0.95, fails the bound by far."""
+        chance = 1 / num_classes
+        assert nearest_mean_accuracy(palette_scenes("shared", num_classes), num_classes) < chance + 0.2
+        assert nearest_mean_accuracy(palette_scenes("class", num_classes), num_classes) > 0.8
+
+    def test_the_class_palette_gives_each_class_its_hue(self, palette_scenes):
+        colours, labels = object_colours(palette_scenes("class"))
+        vehicle, person, animal = (colours[labels == k].mean(0) for k in (1, 2, 3))  # mean (R, G, B)
+        assert vehicle[2] > max(vehicle[0], person[2], animal[2])  # vehicles: blue
+        assert person[0] > max(person[1], person[2])  # persons: red/orange
+        assert animal[1] > animal[2]  # animals: green/brown
+
+    def test_the_palette_changes_the_colours_only(self, palette_scenes):
+        for shared, by_class in zip(palette_scenes("shared", 5), palette_scenes("class", 5)):
+            assert all(np.array_equal(a, b) for a, b in zip(shared[1:], by_class[1:]))  # masks, labels, boxes
+            assert not np.array_equal(shared[0], by_class[0])
+
+    @pytest.mark.skipif(np.lib.NumpyVersion(np.__version__) < "2.0.0",
+                        reason="numpy 1 computes some coordinates in float32 (no NEP 50): a few pixels differ")
+    def test_the_class_palette_draws_the_scenes_of_the_version_before_the_shared_one(self):
+        digest = hashlib.sha256()
+        rng = np.random.default_rng(0)
+        for _ in range(4):  # all five classes
+            for array in render_image(rng, num_classes=5, palette="class"):
+                digest.update(np.ascontiguousarray(array).tobytes())
+        # sha256 of what render_image(np.random.default_rng(0), num_classes=5) rendered before the palettes
+        assert digest.hexdigest() == "0dea73a6f9de3138007a0c613c5497447fa2f8d730654e6d1a6dae7e3e20272b"
+
+    def test_the_writers_take_the_palette(self, tmp_path):
+        expected = first_scene(0, palette="class")[0]  # (3, H, W)
+        paths = write_synthetic_dataset(tmp_path / "course", num_images=1, workers=1, palette="class")
+        np.testing.assert_array_equal(read_files(paths)[0][0], expected)
+        write_synthetic_coco(tmp_path / "coco", num_images=1, workers=1, num_classes=3, image_format="png",
+                             palette="class")
+        picture = np.asarray(Image.open(tmp_path / "coco" / "images" / "000000.png")).transpose(2, 0, 1)
+        np.testing.assert_array_equal(picture, expected)
+        folder = write_synthetic_folder(tmp_path / "folder", num_images=1, workers=1, palette="class")
+        np.testing.assert_array_equal(read_files(folder)[0][0], expected)
+
+    @pytest.mark.parametrize("write", [write_synthetic_dataset, write_synthetic_folder, write_synthetic_coco])
+    def test_an_unknown_palette_is_an_error_naming_the_ones_there_are(self, tmp_path, write):
+        message = "palette must be one of 'shared', 'class', got 'rainbow'"
+        with pytest.raises(ValueError, match=message):
+            render_image(np.random.default_rng(0), palette="rainbow")
+        with pytest.raises(ValueError, match=message):
+            write(tmp_path / "out", num_images=2, workers=1, palette="rainbow")
+        assert os.listdir(tmp_path) == []  # nothing written
+
+    def test_the_command_line_takes_the_palette(self, tmp_path, capsys):
+        assert get_args_parser().parse_args([]).palette == "shared"
+        main(get_args_parser().parse_args(["--out", str(tmp_path), "--num-images", "1", "--workers", "1",
+                                           "--palette", "class"]))
+        np.testing.assert_array_equal(read_files(dataset_paths(tmp_path))[0][0], first_scene(0, palette="class")[0])
+        with pytest.raises(SystemExit):
+            get_args_parser().parse_args(["--palette", "rainbow"])
+        error = capsys.readouterr().err  # argparse's wording of the choices varies with the Python version
+        assert "argument --palette: invalid choice" in error and "rainbow" in error
+
+
+class TestCachedSets:
+    """The set that --synthetic N and --demo train on (dataset.resolve_data_dir) is found by its folder's name,
+    which holds the palette: a set of another palette, or one written before there were palettes, is not reused."""
+
+    def test_a_set_written_before_the_palettes_is_not_taken_for_a_shared_one(self, tmp_path):
+        old = write_synthetic_dataset(tmp_path / "synthetic_4", num_images=4, workers=1, palette="class")
+        before = read_files(old)[0]
+        folder = resolve_data_dir(str(tmp_path), 4)
+        assert folder == str(tmp_path / "synthetic_4_paletteshared")
+        np.testing.assert_array_equal(read_files(dataset_paths(folder))[0][0], first_scene(0, palette="shared")[0])
+        np.testing.assert_array_equal(read_files(old)[0], before)  # the old set is left alone
+
+    def test_each_palette_has_its_own_set(self, tmp_path, capsys):
+        shared = resolve_data_dir(str(tmp_path), 2, min_size=30)
+        by_class = resolve_data_dir(str(tmp_path), 2, min_size=30, palette="class")
+        assert os.path.basename(shared) == "synthetic_2_min_size30_paletteshared"
+        assert os.path.basename(by_class) == "synthetic_2_min_size30_paletteclass"
+        np.testing.assert_array_equal(read_files(dataset_paths(shared))[0][0], first_scene(0, min_size=30)[0])
+        np.testing.assert_array_equal(read_files(dataset_paths(by_class))[0][0],
+                                      first_scene(0, min_size=30, palette="class")[0])
+        capsys.readouterr()
+        assert resolve_data_dir(str(tmp_path), 2, min_size=30) == shared
+        assert capsys.readouterr().out == ""  # found again, not written again
+
+    def test_an_unknown_palette_writes_no_folder(self, tmp_path):
+        with pytest.raises(ValueError, match="palette must be one of 'shared', 'class', got 'rainbow'"):
+            resolve_data_dir(str(tmp_path), 2, palette="rainbow")
+        assert os.listdir(tmp_path) == []

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import compute_path
 import engine
 import main_train
 import resume_train
@@ -569,7 +570,7 @@ def test_cuda_training_step_synchronises_only_to_read_the_losses(data_dir, tmp_p
     ours = [names for names in syncs if not {"target", "loss"} & set(names)]
     callers = [names[names.index("train_one_epoch") + 1] for names in ours]  # the function train_one_epoch called
     # float16 (a GPU without bfloat16) adds the GradScaler's read of its inf check, in train_step
-    scaled = utils.autocast_settings(torch.device("cuda"), True)[1]
+    scaled = compute_path.autocast_settings(torch.device("cuda"), True)[1]
     allowed = {"read_losses", "train_step"} if scaled else {"read_losses"}
     assert callers.count("read_losses") == 2 and set(callers) <= allowed, ours
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)  # no map_location: as saved
