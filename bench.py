@@ -72,8 +72,8 @@ from errors import UserError, error_message
 from model import ARCHS, ModelConfig, build_model
 from solo_head import POSTPROCESS_MAP, SOLOHead, image_of
 from synthetic import write_synthetic_dataset
-from train_settings import DEMO
-from utils import prepare_device, scaled_lr
+from train_settings import DEMO, DEMO_ARCH_LR
+from utils import build_optimizer, prepare_device, scaled_lr
 
 PHASES = ("data to device", "forward", "target", "loss", "backward and optimizer step")
 
@@ -157,11 +157,11 @@ def bench_model(cfg, device, args):
 
 def bench_train(cfg, run, batch, device, args, repeats, warmup):
     """Median ms of each phase of engine.train_step and of the whole step. run: the main_train.py settings it
-    reads (amp, input_height, clip_grad). The phases are engine.train_step's parts (batch_to_device, the forward
+    reads (amp, input_height, clip_grad, lr, optimizer). The phases are engine.train_step's parts (batch_to_device, the forward
     under autocast, SOLOHead.target and loss, optimizer_step) called one by one, with the device's clock read
     between them. result["gflop"]: the FLOPs of one forward and backward, counted once before the timed runs."""
     model = bench_model(cfg, device, args).train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=run.lr, momentum=0.9)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], run.optimizer, run.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_settings(device, args.amp)[1])
 
     def forward_backward():
@@ -308,7 +308,8 @@ def main(args):
 
     # 1. training steps, from the loader's host batch (raw on CUDA, as main_train.py loads it)
     demo_cfg = ModelConfig.from_args(SimpleNamespace(**DEMO, arch=args.arch))
-    demo_run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0, lr=DEMO["lr"])
+    demo_run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0, lr=DEMO["lr"],
+                               optimizer=DEMO["optimizer"])
     demo = bench_train(demo_cfg, demo_run, host_batch(paths, DEMO["input_height"], DEMO["batch_size"], gpu),
                        device, args, *light)
     print(f"train demo: --demo --arch {args.arch} model, {DEMO['input_height']}x192, batch {DEMO['batch_size']}, "
@@ -323,7 +324,8 @@ def main(args):
     if args.quick:
         print("train 800: skipped (--quick)")
     else:
-        run_800 = SimpleNamespace(amp=args.amp, input_height=800, clip_grad=35.0, lr=scaled_lr(args.batch_800))
+        run_800 = SimpleNamespace(amp=args.amp, input_height=800, clip_grad=35.0, lr=scaled_lr(args.batch_800),
+                                  optimizer="sgd")
         big = bench_train(handout_cfg, run_800, host_batch(paths, 800, args.batch_800, gpu), device, args,
                           *train_800)
         print(f"train 800: {big_model}, RANDOM backbone weights (trained too), 800x1088, "
@@ -450,7 +452,8 @@ def head_train_costs(arch, data_dir, args):
     """In a fresh process: the --demo training step of head `arch` (ms, peak memory of the process)."""
     device = prepare_device(args.device, fixed_input_size=True)
     cfg = ModelConfig.from_args(SimpleNamespace(**DEMO, arch=arch))
-    run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0, lr=DEMO["lr"])
+    run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0,
+                          lr=DEMO_ARCH_LR.get(arch, DEMO["lr"]), optimizer=DEMO["optimizer"])
     batch = host_batch(dataset_paths(data_dir), DEMO["input_height"], DEMO["batch_size"], device.type == "cuda")
     step = bench_train(cfg, run, batch, device, args, args.repeats, args.warmup)["step"]
     return dict(step=step, memory=peak_memory_mib(device))

@@ -54,10 +54,10 @@ from model import ARCHS, ModelConfig, build_model
 from run_folder import remove_old_epochs, run_folder, stopped_message
 from train_settings import AUGMENTATIONS, RESUME_OVERRIDES, SETTABLE, TrainingArgumentParser, demo_description
 from compute_path import SWITCHES, ComputePath, autocast_settings, device_name
-from utils import (build_scheduler, deferred_stop, init_distributed,
+from utils import (build_optimizer, build_scheduler, deferred_stop, init_distributed,
                    is_main_process, prepare_device, scaled_lr, seed_everything, stop_on_sigterm)
 
-MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
+
 
 
 def get_args_parser(add_help=True):
@@ -90,6 +90,8 @@ def get_args_parser(add_help=True):
     # and its palette (synthetic.py: one for all classes); hflip and multiscale: --augment's two switches
     # (train_settings.resolve_args sets them)
     parser.set_defaults(synthetic_min_size=14, synthetic_palette="shared", hflip=False, multiscale=False)
+    # the optimiser and the lr after warm-up: the authors' SGD and steps; the --demo preset's may differ
+    parser.set_defaults(optimizer="sgd", schedule="step")
 
     model = parser.add_argument_group("model (model.ModelConfig; every field settable with --set)")
     model.add_argument("--arch", default=ModelConfig.arch, choices=ARCHS,
@@ -191,8 +193,9 @@ def train(args, rank, world_size, device):
             print(report)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    scheduler = build_scheduler(optimizer, iters_per_epoch, args.lr_steps, args.warmup_iters)
+    optimizer = build_optimizer(params, args.optimizer, args.lr)
+    scheduler = build_scheduler(optimizer, iters_per_epoch, args.lr_steps, args.warmup_iters, args.schedule,
+                                args.epochs * iters_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_settings(device, args.amp)[1])
     history, start_epoch = None, 0
     if checkpoint:

@@ -256,7 +256,7 @@ class TiledMasks:
         if self.thresh != 0.5:
             return masks_to_original(self.probabilities(idx), ori_size, scaled_size)
         rows, cols = original_matrices(self.size, ori_size, scaled_size)
-        position, boxes = self._positions(idx), torch.tensor([[self.size[0], -1, self.size[1], -1]] * len(idx))
+        position, boxes = self._positions(idx), torch.tensor([self.size[0], -1, self.size[1], -1]).repeat(len(idx), 1)
         for (y0, _, x0, _), pieces in zip(self.tiles, self.pieces):
             for ids, hard in pieces:
                 where = position[ids]

@@ -1,6 +1,7 @@
-"""Helpers the scripts share: devices, distributed set-up, RNG states, the lr schedule, and
+"""Helpers the scripts share: devices, distributed set-up, RNG states, the optimiser and lr schedule, and
 how an error or a signal ends a script."""
 import contextlib
+import math
 import os
 import random
 import signal
@@ -61,7 +62,7 @@ def prepare_device(device, fixed_input_size):
 
 
 # ----------------------------------------------------------------------------------------------------
-# RNG states and the lr schedule
+# RNG states, the optimiser and the lr schedule
 # ----------------------------------------------------------------------------------------------------
 def seed_everything(seed):
     random.seed(seed)
@@ -92,27 +93,43 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
+ADAMW_WEIGHT_DECAY = 0.05  # AdamW's decoupled weight decay (the CPU demo's optimiser, docs/demo.md)
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(params, name, lr):
+    """SGD with momentum (the handout's and the authors'), or AdamW (the --demo preset's, for its random-weight
+    backbone: a setting of the preset, stored with the run, not a flag)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)
+    return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+
 def scaled_lr(batch_size, world_size=1):
     """The linear scaling rule: 0.01 for 16 images per iteration (the authors' 8 GPUs x 2 images)."""
     return BASE_LR * batch_size * world_size / BASE_BATCH
 
 
-def lr_factor(iteration, iters_per_epoch, lr_steps=(27, 33), warmup_iters=500):
-    """Multiplier of the base lr at a global iteration (0-based): LR_GAMMA for each of lr_steps the epoch has
-    reached, times a linear warm-up from WARMUP_FACTOR at iteration 0 to 1 at iteration warmup_iters."""
-    epoch = iteration // iters_per_epoch
-    factor = LR_GAMMA ** sum(epoch >= step for step in lr_steps)
+def lr_factor(iteration, iters_per_epoch, lr_steps=(27, 33), warmup_iters=500, schedule="step", total_iters=None):
+    """Multiplier of the base lr at a global iteration (0-based): with schedule 'step' (the authors') LR_GAMMA for
+    each of lr_steps the epoch has reached, with 'cosine' half a cosine from 1 to 0 over total_iters; times a
+    linear warm-up from WARMUP_FACTOR at iteration 0 to 1 at iteration warmup_iters."""
+    if schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(iteration, total_iters) / total_iters))
+    else:
+        factor = LR_GAMMA ** sum(iteration // iters_per_epoch >= step for step in lr_steps)
     if iteration < warmup_iters:
         alpha = iteration / warmup_iters
         factor *= WARMUP_FACTOR * (1 - alpha) + alpha
     return factor
 
 
-def build_scheduler(optimizer, iters_per_epoch, lr_steps, warmup_iters):
-    """Per-iteration LambdaLR (step() after every iteration, so last_epoch counts the iterations done); its
-    state_dict resumes it exactly."""
+def build_scheduler(optimizer, iters_per_epoch, lr_steps, warmup_iters, schedule="step", total_iters=None):
+    """Per-iteration LambdaLR of lr_factor (step() after every iteration, so last_epoch counts the iterations
+    done); its state_dict resumes it exactly."""
     def lr_lambda(iteration):
-        return lr_factor(iteration, iters_per_epoch, lr_steps, warmup_iters)
+        return lr_factor(iteration, iters_per_epoch, lr_steps, warmup_iters, schedule, total_iters)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 

@@ -24,6 +24,7 @@ from errors import CheckpointError
 from finetune import CATE_OUT, load_init_weights
 from model import ModelConfig, build_model
 from solo_head import PRIOR_BIAS
+from train_settings import DEMO
 from test_train import REPO, TINY, TINY_MODEL, read_csv, resume, train_args
 
 RUN = TINY[len(TINY_MODEL):]  # TINY's data and run flags; the model comes from the file
@@ -172,7 +173,7 @@ def test_the_demo_preset_keeps_the_files_model_and_set_may_change_two_settings(o
     args = parse_train(["--demo", "--init-from", str(our_run), "--set", "trainable_backbone=true", "cate_norm=mean"])
     assert (args.backbone, args.stacked_convs, args.seg_feat_channels, args.num_grids) == (
         "resnet18", 1, 32, [8, 6, 4, 3, 2])  # the file's, not the preset's (2 convs of 64 channels)
-    assert (args.input_height, args.synthetic, args.lr) == (128, 600, 0.06)  # the preset's data and schedule
+    assert (args.input_height, args.synthetic, args.lr) == (128, 600, DEMO["lr"])  # the preset's data and schedule
     assert (args.trainable_backbone, args.cate_norm) == (True, "mean")
     # flags equal to the file's are accepted
     assert parse_train(TINY + ["--init-from", str(our_run)]).stacked_convs == 1

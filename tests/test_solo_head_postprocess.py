@@ -592,9 +592,10 @@ class TestInfer:
             assert torch.equal(fast[1][b], dense[1][b]) and fast[2][b].shape == dense[2][b].shape
             assert (fast[2][b] != dense[2][b]).float().mean() < 1e-4
 
-    def test_no_candidate_gives_empty_tensors(self, model_with_candidates):
+    @pytest.mark.parametrize("none_left", [dict(cate_thresh=1.0), dict(update_thresh=1.0)], ids=["candidates", "kept"])
+    def test_no_candidate_or_none_kept_gives_empty_tensors(self, model_with_candidates, none_left):
         model, img = model_with_candidates
-        scores, labels, masks = model.infer(img, ORI, cfg={**POSTPROCESS_MAP, "cate_thresh": 1.0})
+        scores, labels, masks = model.infer(img, ORI, cfg={**POSTPROCESS_MAP, **none_left})
         assert [s.shape for s in scores] == [(0,), (0,)] and [m.shape for m in masks] == [(0, *ORI)] * 2
         assert labels[0].dtype == torch.int64
 

@@ -150,6 +150,28 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data_dir, stra
         assert read_csv(straight_run[0] / name) == read_csv(tmp_path / name)
 
 
+def test_an_adamw_cosine_run_resumes_exactly(data_dir, tmp_path):
+    """The --demo preset's optimiser and schedule (settings, not flags: stored with the run): AdamW's moments and
+    the cosine schedule over the run's epochs come back from the checkpoint, so the resumed run ends where an
+    uninterrupted one does."""
+    def run(folder, epochs):
+        args = train_args(data_dir, folder, "--epochs", epochs, "--workers", 0, "--lr", 0.001)
+        args.optimizer, args.schedule = "adamw", "cosine"
+        return main_train.main(args)
+    run(tmp_path / "straight", 2)
+    args = train_args(data_dir, tmp_path / "resumed", "--epochs", 2, "--workers", 0, "--lr", 0.001)
+    args.optimizer, args.schedule, args.epochs = "adamw", "cosine", 2
+    main_train.main(args)  # 2 epochs planned: the cosine's length
+    (tmp_path / "resumed" / "epoch_001.pth").unlink()
+    os.replace(tmp_path / "resumed" / "epoch_000.pth", tmp_path / "resumed" / "checkpoint.pth")
+    resume("--checkpoint", str(tmp_path / "resumed" / "checkpoint.pth"), "--overwrite")
+    straight, resumed = (load_checkpoint(tmp_path / name / "checkpoint.pth") for name in ("straight", "resumed"))
+    assert resumed["args"]["optimizer"] == "adamw" and resumed["args"]["schedule"] == "cosine"
+    assert all(torch.equal(v, resumed["model"][k]) for k, v in straight["model"].items())
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
 class TestResumeSettings:
     """--resume takes every setting from the checkpoint; RESUME_OVERRIDES may be given another value, any other
     flag that differs is refused (a value printed but not used would mislead)."""
@@ -202,7 +224,12 @@ def test_demo_preset_gives_settings_that_flags_and_set_override_and_help_shows_i
     assert (demo.backbone, demo.backbone_weights, demo.input_height, demo.synthetic) == ("resnet18", "none", 128, 600)
     assert (demo.seg_feat_channels, demo.num_grids, demo.synthetic_min_size) == (64, [16, 12, 10, 8, 6], 30)
     assert (demo.epochs, demo.stacked_convs, demo.output_dir) == (3, 3, "checkpoints/demo")  # the flags win
-    assert (parse(["--demo"]).lr, parse(["--demo", "--arch", "solov2"]).lr) == (0.06, 0.01)
+    assert (parse(["--demo"]).lr, parse(["--demo", "--arch", "solov2"]).lr) == (0.0015, 0.001)
+    assert (demo.optimizer, demo.schedule, parse([]).optimizer, parse([]).schedule) == ("adamw", "cosine", "sgd",
+                                                                                        "step")
+    with pytest.raises(SystemExit):  # the preset's cosine has no steps
+        parse(["--demo", "--lr-steps", "5"])
+    assert "--lr-steps: this run's lr follows a cosine over its epochs" in capsys.readouterr().err
     assert parse(["--dem"]).backbone == "resnet18"  # argparse's abbreviation counts too
     plain = parse([])
     assert (plain.backbone, plain.input_height, plain.epochs, plain.stacked_convs) == ("resnet50", 800, 36, 7)
@@ -212,7 +239,7 @@ def test_demo_preset_gives_settings_that_flags_and_set_override_and_help_shows_i
         parse(["--help"])
     shown = capsys.readouterr().out.split("--demo stands for ")[1]
     for words in ("--input-height 128", "--backbone resnet18", "stacked_convs=2", "num_grids=16,12,10,8,6",
-                  "--arch solov2: --lr 0.01", "at least 30 pixels"):
+                  "--arch solov2: --lr 0.001", "AdamW and a cosine lr", "at least 30 pixels"):
         assert words in " ".join(shown.split()), words
 
 
@@ -474,6 +501,14 @@ class TestLrSchedule:
         _, scheduler = self.make(args.lr_steps, args.warmup_iters, iters_per_epoch=10)
         factor = scheduler.lr_lambdas[0]
         assert [factor(i) for i in (0, 19, 20, 100)] == pytest.approx([1.0, 1.0, 0.1, 0.1])
+
+    def test_cosine_from_the_full_lr_to_zero_over_the_run(self):
+        """The --demo preset's schedule: the warm-up, then half a cosine from the lr to 0 at the run's last
+        iteration (lr_steps play no part)."""
+        factor = lambda i: utils.lr_factor(i, 10, [2], 5, schedule="cosine", total_iters=100)  # noqa: E731
+        assert factor(0) == pytest.approx(1 / 3) and factor(5) == pytest.approx(math.cos(math.pi * 0.05) / 2 + 0.5)
+        assert factor(50) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0) and factor(120) == 0.0
+        assert all(factor(i) > factor(i + 1) for i in range(5, 100))
 
     def test_state_dict_resumes_the_schedule(self):
         optimizer, scheduler = self.make(iters_per_epoch=100)
