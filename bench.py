@@ -64,7 +64,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_inputs import model_settings, shape_only_preds
-from compute_path import autocast, autocast_settings, choose_path, device_name
+from compute_path import autocast, autocast_settings, choose_path, device_name, memory_format
 from datafiles import dataset_paths
 from dataset import BuildDataLoader, BuildDataset, COCODataset, course_to_coco
 from engine import batch_to_device, optimizer_step
@@ -147,8 +147,7 @@ def torch_calls(fn):
 
 def bench_model(cfg, device, args):
     """A model of cfg on `device`, in channels_last and with its backbone and head compiled if asked."""
-    model = build_model(cfg).to(device, memory_format=torch.channels_last if args.channels_last
-                                else torch.contiguous_format)
+    model = build_model(cfg).to(device, memory_format=memory_format(args.channels_last))
     if args.compile:
         model.backbone.compile(dynamic=False)
         model.head.compile(dynamic=False)
@@ -156,10 +155,10 @@ def bench_model(cfg, device, args):
 
 
 def bench_train(cfg, run, batch, device, args, repeats, warmup):
-    """Median ms of each phase of engine.train_step and of the whole step. run: the main_train.py settings it
-    reads (amp, input_height, clip_grad, lr, optimizer). The phases are engine.train_step's parts (batch_to_device, the forward
-    under autocast, SOLOHead.target and loss, optimizer_step) called one by one, with the device's clock read
-    between them. result["gflop"]: the FLOPs of one forward and backward, counted once before the timed runs."""
+    """Median ms of each phase of engine.train_step and of the whole step. run: the main_train.py settings it reads
+    (amp, input_height, clip_grad, lr, optimizer). The phases are engine.train_step's parts (batch_to_device, the
+    forward under autocast, SOLOHead.target and loss, optimizer_step) called one by one, with the device's clock
+    read between them. result["gflop"]: the FLOPs of one forward and backward, counted once before the timed runs."""
     model = bench_model(cfg, device, args).train()
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], run.optimizer, run.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_settings(device, args.amp)[1])
@@ -233,7 +232,7 @@ def blob_model(num_grids, ins_pred_list, device):
     logits = blob_logits(c, size, device)[None]  # (1, c, H/4, W/4)
     nhwc = ins_pred_list[0].is_contiguous(memory_format=torch.channels_last) and not ins_pred_list[0].is_contiguous()
     features = [F.interpolate(logits, size=level.shape[-2:], mode="bilinear", align_corners=False).to(
-        level.dtype, memory_format=torch.channels_last if nhwc else torch.contiguous_format) for level in ins_pred_list]
+        level.dtype, memory_format=memory_format(nhwc)) for level in ins_pred_list]
     with torch.no_grad():
         for conv in head.ins_out_list:
             cells = torch.arange(conv.weight.shape[0], device=device)
@@ -357,7 +356,8 @@ def main(args):
             f"{torch_calls(fn)}")
 
     # 3. inference at 800x1088
-    img = host_batch(paths, 800, 1, False)[0].to(device, memory_format=model_format(args))  # (1, 3, 800, 1088)
+    img = host_batch(paths, 800, 1, False)[0]  # (1, 3, 800, 1088)
+    img = img.to(device, memory_format=memory_format(args.channels_last))
     amp_dtype, _ = autocast_settings(device, args.amp)
     ori_size = data_800.ori_size
 
@@ -395,7 +395,7 @@ def main(args):
             f"{blob_ms:.1f}, {100 * blob_ms / backbone_ms:.1f}")
     if not args.quick:
         bz = args.infer_batch
-        batch_img = host_batch(paths, 800, bz, False)[0].to(device, memory_format=model_format(args))
+        batch_img = host_batch(paths, 800, bz, False)[0].to(device, memory_format=memory_format(args.channels_last))
         batch_ms = timed(lambda: model.infer(batch_img, ori_size, POSTPROCESS_MAP), heavy)[0]
         row(f"SOLO.infer, batch {bz}", bz * 1000 / batch_ms, "images/s", 2)
 
@@ -534,7 +534,7 @@ def onnx_costs(arch, data_dir, input_height, model_settings, args):
         export_model(model, arch, dict(input_height=input_height), os.path.join(tmp, "model.onnx"))
         seconds = time.perf_counter() - start
         session = ExportedSOLO(os.path.join(tmp, "model.onnx"))
-        model = model.to(memory_format=model_format(args))
+        model = model.to(memory_format=memory_format(args.channels_last))
         dtype = autocast_settings(torch.device("cpu"), args.amp)[0]
         with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             eager = median_ms(lambda: model.infer(img, (300, 400), POSTPROCESS_MAP), torch.device("cpu"),
@@ -558,10 +558,6 @@ def compare_onnx(args, data_dir):
         for what, key in (("PyTorch eager (ms/image)", "eager"), ("onnxruntime (ms/image)", "onnx")):
             print(f"  {name + ': ' + what:<44}" + "".join(f"{results[a][key]:>14.1f}" for a in ARCHS), flush=True)
         print(f"  {name + ': export.py (s)':<44}" + "".join(f"{results[a]['export']:>14.0f}" for a in ARCHS))
-
-
-def model_format(args):
-    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 if __name__ == "__main__":

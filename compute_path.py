@@ -42,6 +42,11 @@ def device_name(device):
 # ----------------------------------------------------------------------------------------------------
 # The path: precision and layout
 # ----------------------------------------------------------------------------------------------------
+def memory_format(channels_last):
+    """torch's memory format for a model or input in the channels_last layout or not."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @dataclasses.dataclass(frozen=True)
 class ComputePath:
     """amp: the network's forward under autocast (autocast_settings' dtype); channels_last: the model's
@@ -52,7 +57,7 @@ class ComputePath:
 
     def apply(self, model):
         """The model in this path's layout (in place, as Module.to; the weights' values do not change)."""
-        return model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return model.to(memory_format=memory_format(self.channels_last))
 
     def __str__(self):
         words = f"{'bfloat16 autocast' if self.amp else 'float32'}, {'channels_last' if self.channels_last else 'NCHW'}"

@@ -53,7 +53,7 @@ from loss_log import LossLog
 from model import ARCHS, ModelConfig, build_model
 from run_folder import remove_old_epochs, run_folder, stopped_message
 from train_settings import AUGMENTATIONS, RESUME_OVERRIDES, SETTABLE, TrainingArgumentParser, demo_description
-from compute_path import SWITCHES, ComputePath, autocast_settings, device_name
+from compute_path import SWITCHES, ComputePath, autocast_settings, device_name, memory_format
 from utils import (build_optimizer, build_scheduler, deferred_stop, init_distributed,
                    is_main_process, prepare_device, scaled_lr, seed_everything, stop_on_sigterm)
 
@@ -191,7 +191,7 @@ def train(args, rank, world_size, device):
         report = load_init_weights(model, model_cfg, init_from)
         if is_main_process():
             print(report)
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    model = model.to(device, memory_format=memory_format(args.channels_last))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, args.optimizer, args.lr)
     scheduler = build_scheduler(optimizer, iters_per_epoch, args.lr_steps, args.warmup_iters, args.schedule,

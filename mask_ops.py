@@ -148,7 +148,6 @@ class DenseMasks:
         self.hard = F.threshold(probs, thresh, 0)  # (k, H, W): the probabilities above thresh, else 0
         self.mass = self.hard.sum((1, 2))  # (k,)
         self.area = self.hard.sign_().sum((1, 2))  # (k,); hard now holds the 0/1 masks
-        self.size = tuple(probs.shape[-2:])
 
     def intersections(self, idx, labels=None):
         """Pairwise intersections (n, n) of the binary masks of the candidates idx (n,) (mask_intersections)."""
