@@ -4,7 +4,7 @@ A benchmark, not a test.
   CPU:  python bench.py --device cpu [--quick]     (several minutes on 2 cores; --quick about a minute)
   GPU:  python bench.py --device cuda [--amp] [--channels-last] [--compile]
   the heads side by side:  python bench.py --heads  (SOLO, Decoupled SOLO, SOLOv2; a few minutes on 2 cores)
-  PyTorch against onnxruntime:  python bench.py --onnx  (each head exported and timed at 128x192 and 800x1088)
+  PyTorch against onnxruntime:  python bench.py --onnx  (each head exported and timed at the demo's input and 800x1088)
   another head, or a run's model:  --arch decoupled|solov2, or --checkpoint checkpoints/solov2/checkpoint.pth
 
 Every figure is the median of --repeats runs after --warmup runs (--quick: 1 run, 1 warm-up), timed with
@@ -15,7 +15,7 @@ Rows:
                   float16 where --amp uses it), timed in the same run: the practical limit of a dtype on this device.
                   The training and inference rows below give their achieved GFLOP/s (FLOPs counted once by
                   torch.utils.flop_counter) as a share of the rate of the dtype they compute in.
-  train demo      one training step of the --demo model (random ResNet-18 FPN, 2 x 64-channel towers) at 128x192,
+  train demo      one training step of the --demo model (random ResNet-18 FPN, 2 x 64-channel towers) at 160x224,
                   batch 8, as engine.train_step runs it, split into data to device (on CUDA the raw uint8 batch
                   preprocessed there, as main_train.py does), forward, target, loss, backward and optimizer step;
                   the whole step in images/s and the target + loss share of it.
@@ -309,9 +309,10 @@ def main(args):
     demo_cfg = ModelConfig.from_args(SimpleNamespace(**DEMO, arch=args.arch))
     demo_run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0, lr=DEMO["lr"],
                                optimizer=DEMO["optimizer"])
-    demo = bench_train(demo_cfg, demo_run, host_batch(paths, DEMO["input_height"], DEMO["batch_size"], gpu),
-                       device, args, *light)
-    print(f"train demo: --demo --arch {args.arch} model, {DEMO['input_height']}x192, batch {DEMO['batch_size']}, "
+    demo_batch = host_batch(paths, DEMO["input_height"], DEMO["batch_size"], gpu)
+    demo = bench_train(demo_cfg, demo_run, demo_batch, device, args, *light)
+    print(f"train demo: --demo --arch {args.arch} model, {'x'.join(map(str, demo_batch[0].shape[-2:]))}, "
+          f"batch {DEMO['batch_size']}, "
           f"{'raw batch preprocessed on the device' if gpu else 'preprocessed batch copied'}")
     for phase in PHASES:
         row(phase, demo[phase], "ms")
@@ -492,7 +493,7 @@ def in_fresh_process(fn, *fn_args):
 
 
 def compare_heads(args, data_dir):
-    """The --heads table: each head at the demo configuration (training step and inference at 128x192) and at
+    """The --heads table: each head at the demo configuration (training step and inference at its input, 160x224) and at
     the handout's (inference at 800x1088), every figure from a fresh process."""
     demo_model = {k: v for k, v in DEMO.items() if k in ModelConfig.__dataclass_fields__}
     handout_model = dict(backbone_weights="none")
@@ -546,13 +547,13 @@ def onnx_costs(arch, data_dir, input_height, model_settings, args):
 
 def compare_onnx(args, data_dir):
     """The --onnx table: PyTorch eager against onnxruntime, per image (batch 1), for each head at the demo
-    configuration (128x192) and the handout's (800x1088), random weights, each in a fresh process."""
+    configuration (160x224) and the handout's (800x1088), random weights, each in a fresh process."""
     demo_model = {k: v for k, v in DEMO.items() if k in ModelConfig.__dataclass_fields__}
     print(f"PyTorch eager (SOLO.infer, {torch.get_num_threads()} threads) against onnxruntime (export.py's graph, "
           f"onnx_infer's numpy post-processing, its default threads), batch 1, POSTPROCESS_MAP, random weights (few "
           f"candidates: the network's time)")
     print(f"  {'':<44}" + "".join(f"{arch:>14}" for arch in ARCHS))
-    for name, height, settings in (("demo 128x192", DEMO["input_height"], demo_model),
+    for name, height, settings in ((f"demo, input height {DEMO['input_height']}", DEMO["input_height"], demo_model),
                                    ("handout 800x1088", 800, dict(backbone_weights="none"))):
         results = {arch: in_fresh_process(onnx_costs, arch, data_dir, height, settings, args) for arch in ARCHS}
         for what, key in (("PyTorch eager (ms/image)", "eager"), ("onnxruntime (ms/image)", "onnx")):

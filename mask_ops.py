@@ -83,18 +83,6 @@ def resize_matrix(size_in, size_up, crop, size_out, device=None):
     return F.interpolate(up, size=size_out, mode="linear", align_corners=False)[0].T  # (size_out, size_in)
 
 
-def read_ranges(matrix):
-    """For a resize matrix (out, in) whose rows read consecutive sources: a function (first, last) of a source
-    range -> (s0, s1, o0, o1), the sources [s0, s1) to read so that the outputs [o0, o1), those reading any of
-    first..last, are computed in full (the outputs outside read only sources outside first..last)."""
-    lo, hi = extent(matrix > 0).T.tolist()  # (out,) first and last source of each output, both non-decreasing
-
-    def read(first, last):
-        o0, o1 = bisect.bisect_left(hi, first), bisect.bisect_right(lo, last)  # outputs reading first..last
-        return (lo[o0], hi[o1 - 1] + 1, o0, o1) if o0 < o1 else (0, 0, 0, 0)
-    return read
-
-
 def original_matrices(size, ori_size, scaled_size=None, device=None):
     """(rows (ori_H, H/4), cols (ori_W, W/4)): masks_to_original's two resizes composed, per axis, for masks of
     size (H/4, W/4)."""
@@ -120,18 +108,20 @@ def masks_to_original(masks, ori_size, scaled_size=None):
 
 
 def resize_boxes(boxes, window, rows, cols):
-    """masks_to_original on the CPU, for masks given by their boxes (k, 4) of pixels above 0.5 and a function
-    window(j, y0, y1, x0, x1) -> mask j's probabilities there. Every output pixel is a convex combination
-    (weights >= 0, summing to 1) of the source pixels it reads, so only one reading a source pixel above 0.5 can
-    pass the threshold. Each mask is resized over its box, with the margin of source pixels that the outputs
-    there also read; the rest stays 0: the same values for a fraction of the multiply-adds of an object-sized
-    mask. The output comes from numpy's zeros, whose memory the OS hands over already cleared."""
+    """masks_to_original on the CPU, for masks given by boxes (k, 4) holding every pixel above 0.5 (inclusive
+    top, bottom, left, right in the (H/4, W/4) frame) and a function window(j, y0, y1, x0, x1) -> mask j's
+    probabilities there. Every output pixel is a convex combination (weights >= 0, summing to 1) of the source
+    pixels it reads, so only one reading a source pixel above 0.5 can pass the threshold. Each mask is resized
+    over its box, with the margin of source pixels that the outputs there also read; the rest stays 0: the same
+    values for a fraction of the multiply-adds of an object-sized mask. The output comes from numpy's zeros, whose
+    memory the OS hands over already cleared."""
     out = torch.from_numpy(np.zeros((len(boxes), len(rows), len(cols)), dtype=bool))  # (k, ori_H, ori_W)
-    row_reads, col_reads = read_ranges(rows), read_ranges(cols)
+    row_resize, col_resize = Resize(rows), Resize(cols)
     for j, (top, bottom, left, right) in enumerate(boxes.tolist()):
-        if bottom < top:  # no pixel above 0.5
+        (oy0, oy1), (ox0, ox1) = row_resize.outputs(top, bottom), col_resize.outputs(left, right)
+        if oy0 >= oy1 or ox0 >= ox1:  # no pixel above 0.5
             continue
-        (y0, y1, oy0, oy1), (x0, x1, ox0, ox1) = row_reads(top, bottom), col_reads(left, right)
+        (y0, y1), (x0, x1) = row_resize.sources(oy0, oy1), col_resize.sources(ox0, ox1)
         out[j, oy0:oy1, ox0:ox1] = rows[oy0:oy1, y0:y1] @ window(j, y0, y1, x0, x1) @ cols[ox0:ox1, x0:x1].T > 0.5
     return out
 
@@ -170,15 +160,21 @@ def linear_matrix(size_in, size_out, device=None):
 
 
 class Resize:
-    """A 1-D bilinear resize (align_corners=False) from size_in to size_out as a matrix (linear_matrix), with the
-    sources [s0, s1) that any run of outputs o0..o1-1 reads (each output reads consecutive sources)."""
+    """A 1-D resize as a matrix (out, in) whose rows read consecutive sources, both ends non-decreasing (a
+    bilinear resize's, linear_matrix, or resize_matrix's two): which sources a run of outputs reads, and which
+    outputs read a run of sources."""
 
-    def __init__(self, size_in, size_out):
-        self.matrix = linear_matrix(size_in, size_out)  # (size_out, size_in)
-        self.first, self.last = extent(self.matrix > 0).T.tolist()  # (size_out,) each, both non-decreasing
+    def __init__(self, matrix):
+        self.matrix = matrix  # (size_out, size_in)
+        self.first, self.last = extent(matrix > 0).T.tolist()  # (size_out,) each, both non-decreasing
 
     def sources(self, o0, o1):
+        """[s0, s1): the sources the outputs [o0, o1) (o0 < o1) read."""
         return self.first[o0], self.last[o1 - 1] + 1
+
+    def outputs(self, first, last):
+        """[o0, o1): the outputs that read any of the sources first..last (inclusive); o0 >= o1 for none."""
+        return bisect.bisect_left(self.last, first), bisect.bisect_right(self.first, last)
 
 
 class MaskChain:
@@ -188,8 +184,8 @@ class MaskChain:
 
     def __init__(self, level_size, size):
         up_size = tuple(2 * n for n in level_size)
-        self.up = [Resize(n, 2 * n) for n in level_size]  # rows, columns
-        self.down = None if up_size == tuple(size) else [Resize(u, n) for u, n in zip(up_size, size)]
+        self.up = [Resize(linear_matrix(n, 2 * n)) for n in level_size]  # rows, columns
+        self.down = None if up_size == tuple(size) else [Resize(linear_matrix(u, n)) for u, n in zip(up_size, size)]
 
     def _reads(self, y0, y1, x0, x1):
         """The upsampled window ((p0, p1), (q0, q1)) and the level's ((s0, s1), (t0, t1)) that the output window
@@ -202,15 +198,24 @@ class MaskChain:
         """((s0, s1), (t0, t1)): the level's rows and columns that the output window reads."""
         return self._reads(y0, y1, x0, x1)[1]
 
+    def outputs(self, top, bottom, left, right):
+        """(y0, y1, x0, x1): the output window whose pixels read any of the level's logits in the box top..bottom,
+        left..right (inclusive); y0 >= y1 or x0 >= x1 for none."""
+        window = [resize.outputs(*ends) for resize, ends in zip(self.up, ((top, bottom), (left, right)))]
+        if self.down is not None and all(o0 < o1 for o0, o1 in window):
+            window = [resize.outputs(o0, o1 - 1) for resize, (o0, o1) in zip(self.down, window)]
+        return (*window[0], *window[1])
+
     def window(self, logits, which, y0, y1, x0, x1):
         """(m, y1 - y0, x1 - x0) float32 probabilities over that output window of the masks `which` (m,) of the
         level's logits (k_l, h, w); only the logits the window reads are gathered."""
         ((p0, p1), (q0, q1)), ((s0, s1), (t0, t1)) = self._reads(y0, y1, x0, x1)
         rows, cols = self.up[0].matrix[p0:p1, s0:s1], self.up[1].matrix[q0:q1, t0:t1]
-        probs = (rows @ logits[which, s0:s1, t0:t1].float() @ cols.T).sigmoid_()  # (m, p1 - p0, q1 - q0)
+        # the columns first: a (m, s, t) @ (t, q) product is one matrix product over all m masks
+        probs = (rows @ (logits[which, s0:s1, t0:t1].float() @ cols.T)).sigmoid_()  # (m, p1 - p0, q1 - q0)
         if self.down is None:
             return probs
-        return self.down[0].matrix[y0:y1, p0:p1] @ probs @ self.down[1].matrix[x0:x1, q0:q1].T
+        return self.down[0].matrix[y0:y1, p0:p1] @ (probs @ self.down[1].matrix[x0:x1, q0:q1].T)
 
 
 class TiledMasks:
@@ -231,7 +236,9 @@ class TiledMasks:
         tiles = [(y, min(y + tile, size[0]), x, min(x + tile, size[1]))
                  for y in range(0, size[0], tile) for x in range(0, size[1], tile)]
         bound = math.log(thresh / (1 - thresh)) - self.MARGIN
-        reach = [self._reach(logits, chain, tiles, bound) for _, logits, chain in self.levels]  # [[(m,)] per tile]
+        # per level, each mask's box (k_l, 4) of logits above bound: what it can reach in the frame
+        self.boxes = [mask_boxes(logits, bound) for _, logits, _ in self.levels]
+        reach = [self._reach(boxes, chain, tiles) for boxes, (_, _, chain) in zip(self.boxes, self.levels)]
         if sum(len(r) for level in reach for r in level) > TILED_SHARE * self.count * len(tiles):
             # most masks in most tiles (a random model's noise): one tile, the whole frame, and no box test
             tiles = [(0, size[0], 0, size[1])]
@@ -250,34 +257,27 @@ class TiledMasks:
     @full_precision
     def to_original(self, idx, ori_size, scaled_size=None):
         """masks_to_original of the candidates idx (m,): (m, ori_H, ori_W) bool, each mask's probabilities
-        computed only over the box of its pixels above 0.5, which its tiles' binary masks give where thresh is
-        0.5 (the authors' ins_thresh; at another every probability is computed)."""
+        computed only over the window that its box of logits above logit(0.5) reaches (every pixel above 0.5 is
+        in it), where thresh is 0.5 (the authors' ins_thresh; at another every probability is computed)."""
         if self.thresh != 0.5:
             return masks_to_original(self.probabilities(idx), ori_size, scaled_size)
-        rows, cols = original_matrices(self.size, ori_size, scaled_size)
-        position, boxes = self._positions(idx), torch.tensor([self.size[0], -1, self.size[1], -1]).repeat(len(idx), 1)
-        for (y0, _, x0, _), pieces in zip(self.tiles, self.pieces):
-            for ids, hard in pieces:
-                where = position[ids]
-                chosen = (where >= 0).nonzero()[:, 0]
-                box = mask_boxes(hard[chosen], 0) + torch.tensor([y0, y0, x0, x0])  # (m', 4) in the frame
-                here = (box[:, 1] >= box[:, 0]).nonzero()[:, 0]  # the masks with a pixel in this tile
-                for column, reduce in enumerate(("amin", "amax", "amin", "amax")):
-                    boxes[:, column].scatter_reduce_(0, where[chosen[here]], box[here, column], reduce)
-        owner = {}  # candidate -> (its level's logits, its index there, the level's chain)
-        for ids, logits, chain in self.levels:
-            owner.update((c, (logits, i, chain)) for i, c in enumerate(ids.tolist()))
+        owner = {}  # candidate -> (its level's logits, its index there, the level's chain, its box of logits)
+        for (ids, logits, chain), boxes in zip(self.levels, self.boxes):
+            owner.update((c, (logits, i, chain, box)) for i, (c, box) in enumerate(zip(ids.tolist(),
+                                                                                      boxes.tolist())))
         chosen = [owner[c] for c in idx.tolist()]
+        windows = torch.tensor([chain.outputs(*box) for _, _, chain, box in chosen]).view(-1, 4)  # (m, 4)
+        boxes = windows - torch.tensor([0, 1, 0, 1])  # inclusive top, bottom, left, right in the (H, W) frame
 
         def window(j, y0, y1, x0, x1):
-            logits, i, chain = chosen[j]
+            logits, i, chain, _ = chosen[j]
             return chain.window(logits, [i], y0, y1, x0, x1)[0]
-        return resize_boxes(boxes, window, rows, cols)
+        return resize_boxes(boxes, window, *original_matrices(self.size, ori_size, scaled_size))
 
     @staticmethod
-    def _reach(logits, chain, tiles, bound):
-        """Per tile, the masks (m,) of a level whose box of logits above bound reaches the logits it reads."""
-        top, bottom, left, right = mask_boxes(logits, bound).T  # (k_l,) each, at the level's resolution
+    def _reach(boxes, chain, tiles):
+        """Per tile, the masks (m,) of a level whose box of logits (k_l, 4) reaches the logits it reads."""
+        top, bottom, left, right = boxes.T  # (k_l,) each, at the level's resolution
         out = []
         for window in tiles:
             (s0, s1), (t0, t1) = chain.sources(*window)

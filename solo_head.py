@@ -612,7 +612,11 @@ class SOLOHead(nn.Module):
         out, start = [], 0
         for level, local in self._cells_by_level(cell):  # conv2d rejects zero output channels: no empty level
             out_conv = self.ins_out_list[level]
-            logits = F.conv2d(ins_pred_img[level][None], out_conv.weight[local], out_conv.bias[local])[0]
+            feat = ins_pred_img[level]  # (c, H_f, W_f), NCHW or channels_last: a view (c, H_f * W_f) either way
+            # the 1x1 conv as the product it is, each cell's map in one piece (conv2d on one image of a
+            # channels_last batch took oneDNN's slow path and wrote the maps interleaved)
+            logits = torch.addmm(out_conv.bias[local, None], out_conv.weight[local].flatten(1), feat.flatten(1))
+            logits = logits.view(-1, *feat.shape[-2:])  # (k_l, H_f, W_f)
             out.append((torch.arange(start, start + len(local), device=cell.device), logits))
             start += len(local)
         return out

@@ -15,12 +15,12 @@ from model import ModelConfig
 
 # The reduced configuration that learns on a CPU in minutes (docs/demo.md): the same target, loss and
 # post-processing code as the full model; what shrinks is the model (a random ResNet-18 FPN, 2 convs of 64
-# channels per tower, smaller grids, 64 SOLOv2 mask feature channels), the data (128x192 inputs of synthetic
-# scenes without tiny objects) and the schedule.
+# channels per tower, smaller grids, 64 SOLOv2 mask feature channels), the data (160x224 inputs of synthetic
+# scenes without tiny objects: the masks, at stride 4, are 40x56 maps) and the schedule.
 DEMO_MODEL = dict(backbone="resnet18", backbone_weights="none", stacked_convs=2, seg_feat_channels=64,
                   mask_feat_channels=64, num_grids=(16, 12, 10, 8, 6))
-DEMO_DATA = dict(data_dir="data", synthetic=600, synthetic_min_size=30, input_height=128, augment=["hflip"])
-DEMO_RUN = dict(batch_size=8, epochs=14, lr=0.0015, warmup_iters=30, device="cpu", log_every=10,
+DEMO_DATA = dict(data_dir="data", synthetic=600, synthetic_min_size=30, input_height=160, augment=["hflip"])
+DEMO_RUN = dict(batch_size=8, epochs=12, lr=0.0015, warmup_iters=30, device="cpu", log_every=10,
                 output_dir="checkpoints/demo")
 # the preset's settings that are not flags (stored with the run): AdamW and a cosine lr, which train the random
 # backbone in fewer epochs than SGD's steps (docs/demo.md's ablation)

@@ -75,7 +75,7 @@ def test_the_html_has_every_section_and_figure(tiny_run):
     assert {"lr", "batch_size", "input_height", "hflip", "arch", "num_grids", "epochs"} <= set(page.rows["settings"])
     assert {"AP", "AP50", "AP75", "vehicle", "person", "animal"} <= set(page.rows["map"])
     assert "training time" in page.rows["training"] and "device" in page.rows["training"]
-    assert "SOLO on synthetic data (40 images), input 128x170" in open(result["html"]).read()
+    assert "SOLO on synthetic data (40 images), input 160x213" in open(result["html"]).read()
 
 
 def test_the_pdf_has_a_page_per_section_and_figure(tiny_run):

@@ -495,13 +495,13 @@ def batched_branch(monkeypatch):
         devices.append(device)
         return real_resize_matrix(size_in, size_up, crop, size_out)
 
-    real_reads, batched = mask_ops.read_ranges, []
+    real_resize_boxes, batched = mask_ops.resize_boxes, []
 
-    def reads(matrix):
+    def resize_boxes(*args):
         assert not batched, "the CPU path ran"
-        return real_reads(matrix)
+        return real_resize_boxes(*args)
     monkeypatch.setattr(mask_ops, "resize_matrix", resize_matrix)
-    monkeypatch.setattr(mask_ops, "read_ranges", reads)
+    monkeypatch.setattr(mask_ops, "resize_boxes", resize_boxes)
 
     def run(masks, ori_size):
         batched.append(True)
@@ -743,3 +743,54 @@ class TestTiledMasks:
         tiled = mask_ops.TiledMasks(levels, TILED_QUARTER, 0.5, tile=16)
         dense = mask_ops.DenseMasks(dense_probabilities(levels, TILED_QUARTER), 0.5)
         assert len(tiled.pieces) == 1 and (tiled.area - dense.area).abs().max() <= 1
+
+    @pytest.mark.parametrize("size_in, size_out", [(10, 20), (20, 80), (13, 40), (40, 13)])
+    def test_a_resize_knows_which_sources_a_run_of_outputs_reads_and_which_outputs_read_a_run_of_sources(
+            self, size_in, size_out):
+        resize = mask_ops.Resize(mask_ops.linear_matrix(size_in, size_out))
+        reads = resize.matrix > 0  # (out, in): output o reads source s
+        for first in range(size_in):
+            for last in range(first, size_in):
+                readers = reads[:, first:last + 1].any(1).nonzero()[:, 0]  # the outputs reading first..last
+                o0, o1 = resize.outputs(first, last)
+                if len(readers):
+                    assert (o0, o1) == (readers.min().item(), readers.max().item() + 1)
+                else:  # sources that a downscale skips
+                    assert o0 >= o1
+        for o0 in range(size_out):
+            read = reads[o0:o0 + 3].any(0).nonzero()[:, 0]  # the sources outputs o0..o0+2 read
+            assert resize.sources(o0, min(o0 + 3, size_out)) == (read.min().item(), read.max().item() + 1)
+        assert resize.outputs(size_in, -1)[0] >= resize.outputs(size_in, -1)[1]  # no source: no output
+
+    def test_the_window_of_a_box_of_positive_logits_holds_every_pixel_above_one_half(self):
+        """to_original resizes each kept mask over the window its box of logits above logit(0.5) reaches: every
+        pixel above 0.5 of the dense probabilities lies in it, and the window is not much larger."""
+        levels = solo_level_logits(seed=7)
+        dense = dense_probabilities(levels, TILED_QUARTER) > 0.5  # (k, H/4, W/4)
+        for ids, logits in levels:
+            chain = mask_ops.MaskChain(logits.shape[-2:], TILED_QUARTER)
+            for j, box in zip(ids.tolist(), mask_ops.mask_boxes(logits, -mask_ops.TiledMasks.MARGIN).tolist()):
+                y0, y1, x0, x1 = chain.outputs(*box)
+                inside = torch.zeros(TILED_QUARTER, dtype=torch.bool)
+                inside[max(y0, 0):y1, max(x0, 0):x1] = True
+                assert not (dense[j] & ~inside).any(), j
+                if dense[j].any():
+                    rows, cols = dense[j].any(1).nonzero()[:, 0], dense[j].any(0).nonzero()[:, 0]
+                    margin = 2 * TILED_QUARTER[0] // logits.shape[-2]  # two of the level's pixels
+                    assert y0 >= rows.min() - margin and y1 <= rows.max() + 1 + margin, j
+                    assert x0 >= cols.min() - margin and x1 <= cols.max() + 1 + margin, j
+
+    def test_cell_logits_read_a_channels_last_image_as_an_nchw_one(self):
+        """A channels_last model's mask features give the same logits, each cell's map in one piece."""
+        torch.manual_seed(8)
+        small = SOLOHead(num_grids=GRIDS, seg_feat_channels=32, stacked_convs=1).eval()
+        batch = [torch.randn(2, 32, h, w) for h, w in ((8, 11), (8, 11), (4, 6), (2, 3), (2, 3))]
+        cell = torch.tensor([0, 5, 70, 130, 150])
+        with torch.no_grad():
+            nchw = small.cell_logits([level[1] for level in batch], cell)
+            last = small.cell_logits([level.contiguous(memory_format=torch.channels_last)[1] for level in batch],
+                                     cell)
+        assert [ids.tolist() for ids, _ in last] == [ids.tolist() for ids, _ in nchw]
+        for (_, a), (_, b) in zip(nchw, last):
+            assert b.is_contiguous()
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

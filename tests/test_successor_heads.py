@@ -322,13 +322,13 @@ def test_each_head_trains_resumes_and_runs_through_main_infer(arch, three_images
 
 # ---------------------------------------------------------------- every head learns
 # iterations of batch 8 (the same 8 images) after which each head clears the floor with a margin (docs/tests.md);
-# SOLOv2 trains at the demo's 6x lower lr (utils.DEMO_ARCH_LR)
+# SOLOv2 trains at the demo's lower lr for it (train_settings.DEMO_ARCH_LR)
 OVERFIT_ITERATIONS = dict(solo=160, decoupled=200, solov2=280)
 
 
 @pytest.fixture(scope="module")
 def eight_images(tmp_path_factory):
-    """8 synthetic images with objects of 30 px or more (as --demo), at the demo's 128x192 input."""
+    """8 synthetic images with objects of 30 px or more (as --demo), at the demo's input height."""
     paths = write_synthetic_dataset(str(tmp_path_factory.mktemp("eight")), num_images=8, seed=0, min_size=30,
                                     workers=1)
     return BuildDataset(paths, input_height=DEMO["input_height"])

@@ -221,7 +221,7 @@ def test_test_only_prints_the_checkpoints_test_losses(straight_run, capsys):
 def test_demo_preset_gives_settings_that_flags_and_set_override_and_help_shows_it(capsys):
     parse = main_train.get_args_parser().parse_args
     demo = parse(["--demo", "--epochs", "3", "--set", "stacked_convs=3"])
-    assert (demo.backbone, demo.backbone_weights, demo.input_height, demo.synthetic) == ("resnet18", "none", 128, 600)
+    assert (demo.backbone, demo.backbone_weights, demo.input_height, demo.synthetic) == ("resnet18", "none", 160, 600)
     assert (demo.seg_feat_channels, demo.num_grids, demo.synthetic_min_size) == (64, [16, 12, 10, 8, 6], 30)
     assert (demo.epochs, demo.stacked_convs, demo.output_dir) == (3, 3, "checkpoints/demo")  # the flags win
     assert (parse(["--demo"]).lr, parse(["--demo", "--arch", "solov2"]).lr) == (0.0015, 0.001)
@@ -238,7 +238,7 @@ def test_demo_preset_gives_settings_that_flags_and_set_override_and_help_shows_i
     with pytest.raises(SystemExit):
         parse(["--help"])
     shown = capsys.readouterr().out.split("--demo stands for ")[1]
-    for words in ("--input-height 128", "--backbone resnet18", "stacked_convs=2", "num_grids=16,12,10,8,6",
+    for words in ("--input-height 160", "--backbone resnet18", "stacked_convs=2", "num_grids=16,12,10,8,6",
                   "--arch solov2: --lr 0.001", "AdamW and a cosine lr", "at least 30 pixels"):
         assert words in " ".join(shown.split()), words
 
