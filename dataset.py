@@ -637,15 +637,18 @@ def build_datasets(data_dir="data", synthetic=0, input_height=800, hflip=False, 
     return Subset(train_base, train_indices), Subset(test_base, test_indices)
 
 
-# the training run's data settings that inference reads from a checkpoint, with main_train.py's defaults (types)
-DATA_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_min_size=14, train_data=None,
-                     val_data=None, max_long_side=None)  # max_long_side: a converted model's frame (convert.py)
+# the training run's data settings that inference reads from a checkpoint (and export.py copies into a model
+# file), with main_train.py's defaults (types). synthetic_palette: what a run stored before the shared palette
+# had, per-class hues (synthetic.py's 'class'); every run since stores its own. max_long_side: a converted
+# model's frame (convert.py)
+DATA_SETTINGS = dict(data_dir="data", synthetic=0, input_height=800, synthetic_min_size=14, synthetic_palette="class",
+                     train_data=None, val_data=None, max_long_side=None)
 
 
 def synthetic_options(settings):
-    """The scene options of a run's synthetic set from its stored settings: the smallest object and the palette.
-    A run stored before the shared palette has none: its set had per-class hues (synthetic.py's 'class')."""
-    return dict(min_size=settings["synthetic_min_size"], palette=settings.get("synthetic_palette", "class"))
+    """The scene options of a run's synthetic set from its stored settings: the smallest object and the palette."""
+    return dict(min_size=settings["synthetic_min_size"],
+                palette=settings.get("synthetic_palette", DATA_SETTINGS["synthetic_palette"]))
 
 
 def build_test_split(train_args, data_dir=None, synthetic=None, val_data=None):

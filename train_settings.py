@@ -8,7 +8,7 @@ import sys
 
 from checkpoint import latest_checkpoint, load_checkpoint, stored_settings
 from compute_path import choose_path
-from dataset import check_input_height
+from dataset import DATA_SETTINGS, check_input_height
 from errors import CheckpointError
 from finetune import init_settings
 from model import ModelConfig
@@ -31,7 +31,8 @@ DEMO_OPTIMISATION = dict(optimizer="adamw", schedule="cosine")
 DEMO_ARCH_LR = dict(solov2=0.001)
 DEMO = {**DEMO_DATA, **DEMO_MODEL, **DEMO_RUN, **DEMO_OPTIMISATION}  # the whole preset, as bench.py's rows read it
 # settings a run stores that runs stored before them did not: the value they had then (resume_args)
-STORED_SINCE = dict(channels_last=False, synthetic_palette="class", optimizer="sgd", schedule="step")
+STORED_SINCE = dict(channels_last=False, synthetic_palette=DATA_SETTINGS["synthetic_palette"], optimizer="sgd",
+                    schedule="step")
 
 AUGMENTATIONS = ("hflip", "multiscale")  # main_train.py --augment's choices: args.hflip, args.multiscale
 

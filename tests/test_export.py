@@ -179,6 +179,39 @@ def test_evaluation_gives_main_infers_map(exported, tmp_path):
     np.testing.assert_allclose([d[2] for d in ours_dets], [d[2] for d in theirs_dets], atol=1e-3)
 
 
+@pytest.mark.parametrize("stored_palette", ["shared", None])  # a run since the shared palette; one before it
+def test_evaluation_reads_a_synthetic_runs_set_in_its_palette(stored_palette, tmp_path):
+    """The model file carries the palette of the run's synthetic set, so deploy.py --evaluate scores the very
+    images main_infer.py scores: a run without a stored palette (before the shared one) keeps the per-class set."""
+    torch.manual_seed(0)
+    cfg = dict(arch="solo", backbone="resnet18", backbone_weights="none", stacked_convs=1, seg_feat_channels=32,
+               num_grids=(8, 6, 4, 3, 2))
+    model = build_model(cfg)
+    torch.nn.init.constant_(model.head.cate_out.bias, -1.0)  # scores around 0.27: candidates in every image
+    args = dict(data_dir=str(tmp_path / "data"), synthetic=10, synthetic_min_size=30, input_height=INPUT_HEIGHT)
+    if stored_palette:
+        args["synthetic_palette"] = stored_palette
+    checkpoint = {"format": "solo-checkpoint-v1", "model": model.state_dict(), "model_cfg": cfg, "optimizer": {},
+                  "scheduler": {}, "scaler": None, "epoch": 0, "iteration": 1, "history": {"train": [], "test": []},
+                  "rng": {}, "args": args}
+    save_checkpoint(checkpoint, str(tmp_path / "checkpoint.pth"))
+    theirs = main_infer.main(main_infer.get_args_parser().parse_args(
+        ["--checkpoint", str(tmp_path / "checkpoint.pth"), "--figures-dir", str(tmp_path / "torch"), "--device",
+         "cpu", "--workers", "0", "--num-figures", "0", "--amp", "off"]))  # writes the set it reads
+    written = sorted(os.listdir(tmp_path / "data"))
+    assert written == [f"synthetic_10_min_size30_palette{stored_palette or 'class'}"]
+    export.main(export.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "checkpoint.pth"), "--out",
+                                                     str(tmp_path / "model.onnx"), "--no-check"]))
+    assert ExportedSOLO(str(tmp_path / "model.onnx")).meta["data"]["synthetic_palette"] == (stored_palette or "class")
+    ours = deploy.main(deploy.get_args_parser().parse_args(["--model", str(tmp_path / "model.onnx"), "--evaluate",
+                                                            "--figures-dir", str(tmp_path / "onnx")]))
+    assert sorted(os.listdir(tmp_path / "data")) == written  # no set of another palette written
+    ours_dets, theirs_dets = (sorted((d["image_id"], d["category_id"], d["score"]) for d in json.load(open(r)))
+                              for r in (ours["results_json"], theirs["results_json"]))
+    assert len(ours_dets) == len(theirs_dets) > 0 and [d[:2] for d in ours_dets] == [d[:2] for d in theirs_dets]
+    np.testing.assert_allclose([d[2] for d in ours_dets], [d[2] for d in theirs_dets], atol=1e-3)
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--model .*nothing.onnx: no such file \(export.py writes one"):
         deploy.main(deploy.get_args_parser().parse_args(["--model", str(tmp_path / "nothing.onnx"), "--evaluate"]))
