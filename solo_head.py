@@ -610,7 +610,7 @@ class SOLOHead(nn.Module):
         level's 1x1 output conv are computed, in the network's precision (autocast's under --amp); what follows
         is post-processing, in float32."""
         out, start = [], 0
-        for level, local in self._cells_by_level(cell):  # conv2d rejects zero output channels: no empty level
+        for level, local in self._cells_by_level(cell):  # the levels holding any
             out_conv = self.ins_out_list[level]
             feat = ins_pred_img[level]  # (c, H_f, W_f), NCHW or channels_last: a view (c, H_f * W_f) either way
             # the 1x1 conv as the product it is, each cell's map in one piece (conv2d on one image of a

@@ -173,7 +173,8 @@ def test_the_demo_preset_keeps_the_files_model_and_set_may_change_two_settings(o
     args = parse_train(["--demo", "--init-from", str(our_run), "--set", "trainable_backbone=true", "cate_norm=mean"])
     assert (args.backbone, args.stacked_convs, args.seg_feat_channels, args.num_grids) == (
         "resnet18", 1, 32, [8, 6, 4, 3, 2])  # the file's, not the preset's (2 convs of 64 channels)
-    assert (args.input_height, args.synthetic, args.lr) == (DEMO["input_height"], 600, DEMO["lr"])  # the preset's data and schedule
+    # the preset's data and schedule
+    assert (args.input_height, args.synthetic, args.lr) == (DEMO["input_height"], 600, DEMO["lr"])
     assert (args.trainable_backbone, args.cate_norm) == (True, "mean")
     # flags equal to the file's are accepted
     assert parse_train(TINY + ["--init-from", str(our_run)]).stacked_convs == 1
