@@ -307,8 +307,8 @@ def main(args):
 
     # 1. training steps, from the loader's host batch (raw on CUDA, as main_train.py loads it)
     demo_cfg = ModelConfig.from_args(SimpleNamespace(**DEMO, arch=args.arch))
-    demo_run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0, lr=DEMO["lr"],
-                               optimizer=DEMO["optimizer"])
+    demo_run = SimpleNamespace(amp=args.amp, input_height=DEMO["input_height"], clip_grad=35.0,
+                               lr=DEMO_ARCH_LR.get(args.arch, DEMO["lr"]), optimizer=DEMO["optimizer"])
     demo_batch = host_batch(paths, DEMO["input_height"], DEMO["batch_size"], gpu)
     demo = bench_train(demo_cfg, demo_run, demo_batch, device, args, *light)
     print(f"train demo: --demo --arch {args.arch} model, {'x'.join(map(str, demo_batch[0].shape[-2:]))}, "

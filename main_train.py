@@ -58,8 +58,6 @@ from utils import (build_optimizer, build_scheduler, deferred_stop, init_distrib
                    is_main_process, prepare_device, scaled_lr, seed_everything, stop_on_sigterm)
 
 
-
-
 def get_args_parser(add_help=True):
     """The flags, grouped as torchvision's train.py groups them. Its parse_args resolves the run's settings
     (train_settings.resolve_args: --demo, --set, --resume)."""

@@ -100,7 +100,9 @@ OPTIMIZERS = ("sgd", "adamw")
 
 def build_optimizer(params, name, lr):
     """SGD with momentum (the handout's and the authors'), or AdamW (the --demo preset's, for its random-weight
-    backbone: a setting of the preset, stored with the run, not a flag)."""
+    backbone: a setting of the preset, stored with the run, not a flag). ValueError for another name."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)
     return torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

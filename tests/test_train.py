@@ -172,6 +172,15 @@ def test_an_adamw_cosine_run_resumes_exactly(data_dir, tmp_path):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
+
+def test_the_optimiser_is_sgd_or_adamw_and_another_name_is_refused():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    sgd, adamw = (utils.build_optimizer(params, name, 0.01) for name in ("sgd", "adamw"))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="optimizer 'adam': expected one of sgd, adamw"):
+        utils.build_optimizer(params, "adam", 0.01)
+
 class TestResumeSettings:
     """--resume takes every setting from the checkpoint; RESUME_OVERRIDES may be given another value, any other
     flag that differs is refused (a value printed but not used would mislead)."""
