@@ -104,19 +104,21 @@ def masks_to_original(masks, ori_size, scaled_size=None):
     masks = masks.float()
     if masks.device.type != "cpu":  # one batched product: on a GPU, launches cost more than arithmetic
         return (rows @ masks @ cols.T) > 0.5
-    return resize_boxes(mask_boxes(masks, 0.5), lambda j, y0, y1, x0, x1: masks[j, y0:y1, x0:x1], rows, cols)
+    return resize_boxes(mask_boxes(masks, 0.5), lambda j, y0, y1, x0, x1: masks[j, y0:y1, x0:x1],
+                        *original_resizes(masks.shape[-2:], ori_size, scaled_size))
 
 
-def resize_boxes(boxes, window, rows, cols):
+def resize_boxes(boxes, window, row_resize, col_resize):
     """masks_to_original on the CPU, for masks given by boxes (k, 4) holding every pixel above 0.5 (inclusive
-    top, bottom, left, right in the (H/4, W/4) frame) and a function window(j, y0, y1, x0, x1) -> mask j's
-    probabilities there. Every output pixel is a convex combination (weights >= 0, summing to 1) of the source
-    pixels it reads, so only one reading a source pixel above 0.5 can pass the threshold. Each mask is resized
+    top, bottom, left, right in the (H/4, W/4) frame), a function window(j, y0, y1, x0, x1) -> mask j's
+    probabilities there, and the resizes of the rows and of the columns (original_resizes). Every output pixel
+    is a convex combination (weights >= 0, summing to 1) of the source pixels it reads, so only one reading a
+    source pixel above 0.5 can pass the threshold. Each mask is resized
     over its box, with the margin of source pixels that the outputs there also read; the rest stays 0: the same
     values for a fraction of the multiply-adds of an object-sized mask. The output comes from numpy's zeros, whose
     memory the OS hands over already cleared."""
+    rows, cols = row_resize.matrix, col_resize.matrix  # (ori_H, H/4), (ori_W, W/4)
     out = torch.from_numpy(np.zeros((len(boxes), len(rows), len(cols)), dtype=bool))  # (k, ori_H, ori_W)
-    row_resize, col_resize = Resize(rows), Resize(cols)
     for j, (top, bottom, left, right) in enumerate(boxes.tolist()):
         (oy0, oy1), (ox0, ox1) = row_resize.outputs(top, bottom), col_resize.outputs(left, right)
         if oy0 >= oy1 or ox0 >= ox1:  # no pixel above 0.5
@@ -134,10 +136,16 @@ class DenseMasks:
     the sum of the probabilities above thresh and the number of those pixels (the authors' maskness)."""
 
     def __init__(self, probs, thresh):
-        self.probs = probs
+        self.probs, self.thresh = probs, thresh
         self.hard = F.threshold(probs, thresh, 0)  # (k, H, W): the probabilities above thresh, else 0
         self.mass = self.hard.sum((1, 2))  # (k,)
         self.area = self.hard.sign_().sum((1, 2))  # (k,); hard now holds the 0/1 masks
+
+    def add(self, probs):
+        """More candidates' probabilities (k', H, W), held after the others (ids k..k+k'-1)."""
+        more = DenseMasks(probs, self.thresh)
+        self.probs, self.hard, self.mass, self.area = (torch.cat([mine, theirs]) for mine, theirs in zip(
+            (self.probs, self.hard, self.mass, self.area), (more.probs, more.hard, more.mass, more.area)))
 
     def intersections(self, idx, labels=None):
         """Pairwise intersections (n, n) of the binary masks of the candidates idx (n,) (mask_intersections)."""
@@ -207,8 +215,8 @@ class MaskChain:
         return (*window[0], *window[1])
 
     def window(self, logits, which, y0, y1, x0, x1):
-        """(m, y1 - y0, x1 - x0) float32 probabilities over that output window of the masks `which` (m,) of the
-        level's logits (k_l, h, w); only the logits the window reads are gathered."""
+        """(m, y1 - y0, x1 - x0) float32 probabilities over that output window of the masks `which` (m,), or a
+        slice, of the level's logits (k_l, h, w); only the logits the window reads are gathered."""
         ((p0, p1), (q0, q1)), ((s0, s1), (t0, t1)) = self._reads(y0, y1, x0, x1)
         rows, cols = self.up[0].matrix[p0:p1, s0:s1], self.up[1].matrix[q0:q1, t0:t1]
         # the columns first: a (m, s, t) @ (t, q) product is one matrix product over all m masks
@@ -218,6 +226,26 @@ class MaskChain:
         return self.down[0].matrix[y0:y1, p0:p1] @ (probs @ self.down[1].matrix[x0:x1, q0:q1].T)
 
 
+@functools.lru_cache(maxsize=32)
+def mask_chain(level_size, size):
+    """MaskChain(level_size, size), built once per pair of sizes: its matrices are only read (and made outside
+    inference mode, so that any caller may use them)."""
+    with torch.inference_mode(False):
+        return MaskChain(level_size, size)
+
+
+def original_resizes(size, ori_size, scaled_size=None):
+    """(Resize of the rows, Resize of the columns) of original_matrices on the CPU, built once per set of sizes
+    (as mask_chain's); sizes as any pairs."""
+    return _original_resizes(tuple(size), tuple(ori_size), scaled_size and tuple(scaled_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _original_resizes(size, ori_size, scaled_size):
+    with torch.inference_mode(False):
+        return tuple(Resize(matrix) for matrix in original_matrices(size, ori_size, scaled_size))
+
+
 class TiledMasks:
     """SOLO's candidate masks on the CPU: the probabilities of its dense cell masks (MaskChain), computed and held
     only where they can exceed thresh. A probability above thresh needs an upsampled logit above logit(thresh),
@@ -225,31 +253,39 @@ class TiledMasks:
     above logit(thresh) among them: each mask is computed only in the tiles of a `tile`-pixel grid whose
     sources its box of such logits reaches (an object is a few tiles of the image). mass, area (k,) as
     DenseMasks'. levels: [(ids (k_l,), logits (k_l, h, w), any float dtype)], the ids of all levels 0..k-1;
-    size (H, W); float32 arithmetic throughout."""
+    size (H, W); float32 arithmetic throughout. add() takes more candidates into the same tiles."""
     MARGIN = 1e-3  # the box test takes logits above logit(thresh) - MARGIN: float rounding never loses a pixel
 
-    @full_precision
     def __init__(self, levels, size, thresh, tile=64):
-        self.size = tuple(size)
-        self.count = sum(len(ids) for ids, _ in levels)
-        self.levels = [(ids, logits, MaskChain(logits.shape[-2:], size)) for ids, logits in levels]
-        tiles = [(y, min(y + tile, size[0]), x, min(x + tile, size[1]))
-                 for y in range(0, size[0], tile) for x in range(0, size[1], tile)]
-        bound = math.log(thresh / (1 - thresh)) - self.MARGIN
+        self.size, self.thresh, self.tile = tuple(size), thresh, tile
+        self.count, self.levels, self.boxes, self.tiles = 0, [], [], None
+        self.mass, self.area = torch.zeros(0), torch.zeros(0)
+        self.add(levels)
+
+    @full_precision
+    def add(self, levels):
+        """More candidates, levels as the constructor's with ids 0..k'-1, held after the others (ids k..k+k'-1)."""
+        size, tile = self.size, self.tile
+        levels = [(ids + self.count, logits, mask_chain(tuple(logits.shape[-2:]), size)) for ids, logits in levels]
+        added = sum(len(ids) for ids, _, _ in levels)
+        tiles = self.tiles or [(y, min(y + tile, size[0]), x, min(x + tile, size[1]))
+                               for y in range(0, size[0], tile) for x in range(0, size[1], tile)]
+        bound = math.log(self.thresh / (1 - self.thresh)) - self.MARGIN
         # per level, each mask's box (k_l, 4) of logits above bound: what it can reach in the frame
-        self.boxes = [mask_boxes(logits, bound) for _, logits, _ in self.levels]
-        reach = [self._reach(boxes, chain, tiles) for boxes, (_, _, chain) in zip(self.boxes, self.levels)]
-        if sum(len(r) for level in reach for r in level) > TILED_SHARE * self.count * len(tiles):
+        boxes = [mask_boxes(logits, bound) for _, logits, _ in levels]
+        reach = [self._reach(level_boxes, chain, tiles) for level_boxes, (_, _, chain) in zip(boxes, levels)]
+        if self.tiles is None and sum(len(r) for level in reach for r in level) > TILED_SHARE * added * len(tiles):
             # most masks in most tiles (a random model's noise): one tile, the whole frame, and no box test
             tiles = [(0, size[0], 0, size[1])]
-            reach = [[torch.arange(len(ids))] for ids, _ in levels]
-        self.tiles, self.thresh = tiles, thresh
-        self.pieces = [[] for _ in tiles]  # per tile: (ids (m,), 0/1 masks (m, th, tw)) of each level reaching it
-        self.mass, self.area = torch.zeros(self.count), torch.zeros(self.count)
-        for (ids, logits, chain), level_reach in zip(self.levels, reach):
-            for pieces, window, which in zip(self.pieces, tiles, level_reach):
+            reach = [[torch.arange(len(ids))] for ids, _, _ in levels]
+        if self.tiles is None:  # per tile: (ids (m,), 0/1 masks (m, th, tw)) of each level reaching it
+            self.tiles, self.pieces = tiles, [[] for _ in tiles]
+        self.levels, self.boxes, self.count = self.levels + levels, self.boxes + boxes, self.count + added
+        self.mass, self.area = torch.cat([self.mass, torch.zeros(added)]), torch.cat([self.area, torch.zeros(added)])
+        for (ids, logits, chain), level_reach in zip(levels, reach):
+            for pieces, window, which in zip(self.pieces, self.tiles, level_reach):
                 if len(which):
-                    hard = F.threshold(chain.window(logits, which, *window), thresh, 0)  # (m, th, tw)
+                    hard = F.threshold_(chain.window(logits, which, *window), self.thresh, 0)  # (m, th, tw), in place
                     self.mass.index_add_(0, ids[which], hard.sum((1, 2)))
                     self.area.index_add_(0, ids[which], hard.sign_().sum((1, 2)))
                     pieces.append((ids[which], hard))
@@ -271,8 +307,8 @@ class TiledMasks:
 
         def window(j, y0, y1, x0, x1):
             logits, i, chain, _ = chosen[j]
-            return chain.window(logits, [i], y0, y1, x0, x1)[0]
-        return resize_boxes(boxes, window, *original_matrices(self.size, ori_size, scaled_size))
+            return chain.window(logits, slice(i, i + 1), y0, y1, x0, x1)[0]  # a view: no gather
+        return resize_boxes(boxes, window, *original_resizes(self.size, ori_size, scaled_size))
 
     @staticmethod
     def _reach(boxes, chain, tiles):

@@ -325,6 +325,44 @@ class TestPostProcess:
         assert labels.tolist() == [1, 3]
         torch.testing.assert_close(scores, torch.tensor([0.9, 0.5 * math.exp(-0.5)]))
 
+    def test_only_candidates_that_can_make_the_pre_nms_best_have_their_masks_computed(self, head, monkeypatch):
+        """Maskness is at most 1, so no candidate scores above its category score. pre_NMS_num 2: the masks of the
+        best 3 (FIRST_SHARE 1.25 x 2, rounded up) by category score come first, 0.9, 0.85, 0.8 with maskness 0.55:
+        scores 0.495, 0.4675, 0.44. Then those whose category score reaches the second best so far (0.4675): 0.7
+        and 0.6, maskness 0.97, which take the top two. 0.3's mask is never computed. Computing every mask
+        gives the same detections."""
+        spans = [(0, 0), (0, 15), (0, 30), (0, 45), (20, 0), (20, 15)]  # disjoint 10 x 10 masks: no decay
+        cates = [0.9, 0.85, 0.8, 0.7, 0.6, 0.3]
+        objects = [(0, 1, k, 1, cate, quarter_rect(top, left, 10, 10, 0.55 if cate > 0.75 else INSIDE))
+                   for k, ((top, left), cate) in enumerate(zip(spans, cates))]
+        cate, ins = eval_preds([objects])
+        computed = []
+        monkeypatch.setattr(head, "cell_masks", lambda ins_pred_img, cell: computed.append(len(cell)) or
+                            torch.cat(ins_pred_img)[cell])
+        scores, labels, masks = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(pre_NMS_num=2)))
+        assert computed == [3, 2]
+        torch.testing.assert_close(scores, torch.tensor([0.7, 0.6]) * INSIDE)
+        assert iou(masks[0], ori_rect(0, 135, 30, 30)) > 0.95 and iou(masks[1], ori_rect(60, 0, 30, 30)) > 0.95
+        monkeypatch.setattr(solo_head, "FIRST_SHARE", 100)  # every mask in the first round
+        computed.clear()
+        every = [x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(pre_NMS_num=2))]
+        assert computed == [6]
+        assert torch.equal(every[0], scores) and torch.equal(every[1], labels) and torch.equal(every[2], masks)
+
+    def test_candidates_are_all_computed_while_too_few_large_masks_score(self, head, monkeypatch):
+        """Where fewer than pre_NMS_num of the first masks are larger than their level's stride, no score bounds
+        the others: every remaining candidate's mask is computed. pre_NMS_num 1: the first 2 (1.25, rounded up)
+        are both dropped, and the third, the only detection, follows."""
+        objects = [(0, 1, 0, 1, 0.9, quarter_rect(0, 0, 2, 2)),  # 4 pixels, not above stride 8: dropped
+                   (0, 1, 1, 2, 0.8, quarter_rect(0, 15, 2, 3)), (0, 1, 2, 3, 0.3, quarter_rect(0, 30, 10, 10))]
+        cate, ins = eval_preds([objects])
+        computed = []
+        monkeypatch.setattr(head, "cell_masks", lambda ins_pred_img, cell: computed.append(len(cell)) or
+                            torch.cat(ins_pred_img)[cell])
+        scores, labels, _ = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(pre_NMS_num=1,
+                                                                                     keep_instance=5)))
+        assert computed == [2, 1] and labels.tolist() == [3]
+
     def test_a_mask_wholly_in_the_padding_is_no_detection(self, head):
         # quarter columns 86-87 are input columns 344-351, all padding (the image ends at 341)
         in_padding = (0, 1, 1, 2, 0.95, quarter_rect(10, 86, 20, 2, 1.0, 0.0))
@@ -592,6 +630,30 @@ class TestInfer:
             assert torch.equal(fast[1][b], dense[1][b]) and fast[2][b].shape == dense[2][b].shape
             assert (fast[2][b] != dense[2][b]).float().mean() < 1e-4
 
+    def test_the_candidates_left_out_could_not_change_the_detections(self, model_with_candidates, monkeypatch):
+        """With pre_NMS_num below the number of candidates, the masks of some are never computed
+        (scored_candidates); SOLO's masks on the CPU (TiledMasks, in two rounds) give the detections of every
+        candidate's mask."""
+        model, img = model_with_candidates
+        post_cfg = dict(POSTPROCESS_MAP, pre_NMS_num=20, keep_instance=10)
+        computed, real = [], mask_ops.TiledMasks.add
+
+        def add(masks, levels):
+            computed.append(sum(len(ids) for ids, _ in levels))
+            return real(masks, levels)
+        monkeypatch.setattr(mask_ops.TiledMasks, "add", add)
+        with torch.no_grad():
+            cate, feats = model(img, eval=True)
+            some = model.head.PostProcess(feats, cate, ORI, cfg=post_cfg)
+            monkeypatch.setattr(solo_head, "FIRST_SHARE", 100)
+            every = model.head.PostProcess(feats, cate, ORI, cfg=post_cfg)
+        candidates = [int((c[b] > post_cfg["cate_thresh"]).sum()) for b in range(2) for c in [torch.cat(
+            [c.flatten(1) for c in cate], 1)]]
+        assert sum(computed[:-2]) < sum(candidates) and computed[-2:] == candidates
+        for b in range(2):
+            torch.testing.assert_close(some[0][b], every[0][b], rtol=1e-6, atol=1e-7)
+            assert torch.equal(some[1][b], every[1][b]) and (some[2][b] != every[2][b]).float().mean() < 1e-5
+
     @pytest.mark.parametrize("none_left", [dict(cate_thresh=1.0), dict(update_thresh=1.0)], ids=["candidates", "kept"])
     def test_no_candidate_or_none_kept_gives_empty_tensors(self, model_with_candidates, none_left):
         model, img = model_with_candidates
@@ -710,6 +772,46 @@ class TestTiledMasks:
             original = tiled.to_original(idx[:30], ori, scaled)
             assert original.dtype == torch.bool and original.shape == (30, *ori)
             assert (original != masks_to_original(dense.probabilities(idx[:30]), ori, scaled)).sum() <= 2
+
+    def test_candidates_added_later_are_held_as_if_given_together(self):
+        """add() takes more candidates (ids 0..k'-1 of their own) after the ones held: the sums, intersections,
+        probabilities and masks in the original frame are those of all given at once (up to float rounding)."""
+        levels = solo_level_logits(seed=9)
+        first = [(torch.arange(10) + 10 * level, logits[:10]) for level, (_, logits) in enumerate(levels)]  # 0..49
+        later = [(torch.arange(14) + 14 * level, logits[10:]) for level, (_, logits) in enumerate(levels)]
+        tiled = mask_ops.TiledMasks(first, TILED_QUARTER, 0.5, tile=16)
+        tiled.add(later)  # 70 more: ids 50..119
+        order = torch.cat([ids[:10] for ids, _ in levels] + [ids[10:] for ids, _ in levels])  # held -> together
+        together = mask_ops.TiledMasks(levels, TILED_QUARTER, 0.5, tile=16)
+        assert tiled.count == 120 and (tiled.area - together.area[order]).abs().max() <= 1
+        torch.testing.assert_close(tiled.mass, together.mass[order], rtol=1e-5, atol=1.0)
+        idx = torch.randperm(120, generator=torch.Generator().manual_seed(9))[:70]
+        assert (tiled.intersections(idx) - together.intersections(order[idx])).abs().max() <= 1
+        torch.testing.assert_close(tiled.probabilities(idx[:20]), together.probabilities(order[idx[:20]]),
+                                   rtol=0, atol=1e-6)
+        assert (tiled.to_original(idx[:30], (240, 336)) != together.to_original(order[idx[:30]], (240, 336))
+                ).sum() <= 2
+        probs = dense_probabilities(levels, TILED_QUARTER)
+        dense = mask_ops.DenseMasks(probs[:60], 0.5)
+        dense.add(probs[60:])
+        whole = mask_ops.DenseMasks(probs, 0.5)
+        assert all(torch.equal(getattr(dense, name), getattr(whole, name)) for name in ("mass", "area", "probs"))
+        assert torch.equal(dense.intersections(idx), whole.intersections(idx))
+
+    def test_resize_matrices_built_under_inference_mode_serve_autograd(self):
+        """The chains' and the original frame's resize matrices are built once per size and kept: built under
+        torch.inference_mode, they still serve a later call with autograd on (an inference tensor cannot be saved
+        for backward)."""
+        mask_ops.mask_chain.cache_clear()
+        mask_ops._original_resizes.cache_clear()
+        levels = solo_level_logits(seed=10)
+        with torch.inference_mode():
+            quiet = mask_ops.TiledMasks(levels, TILED_QUARTER, 0.5)
+            quiet_original = quiet.to_original(torch.arange(30), (240, 336))
+        tracked = mask_ops.TiledMasks([(ids, logits.clone().requires_grad_()) for ids, logits in levels],
+                                      TILED_QUARTER, 0.5)
+        assert tracked.mass.requires_grad and torch.equal(tracked.mass.detach(), quiet.mass)
+        assert torch.equal(tracked.to_original(torch.arange(30), (240, 336)), quiet_original)
 
     def test_object_sized_masks_are_computed_in_a_few_tiles(self):
         levels = [(torch.arange(20 * level, 20 * level + 20), logits[4:])  # the blobs only
