@@ -15,10 +15,11 @@ Rows:
                   float16 where --amp uses it), timed in the same run: the practical limit of a dtype on this device.
                   The training and inference rows below give their achieved GFLOP/s (FLOPs counted once by
                   torch.utils.flop_counter) as a share of the rate of the dtype they compute in.
-  train demo      one training step of the --demo model (random ResNet-18 FPN, 2 x 64-channel towers) at 160x224,
-                  batch 8, as engine.train_step runs it, split into data to device (on CUDA the raw uint8 batch
-                  preprocessed there, as main_train.py does), forward, target, loss, backward and optimizer step;
-                  the whole step in images/s and the target + loss share of it.
+  train demo      one training step of the --demo model (random ResNet-18 FPN, 2 x 64-channel towers) at the
+                  preset's input size (train_settings.DEMO_DATA), batch 8, as engine.train_step runs it, split into
+                  data to device (on CUDA the raw uint8 batch preprocessed there, as main_train.py does), forward,
+                  target, loss, backward and optimizer step; the whole step in images/s and the target + loss share
+                  of it.
   train 800       the same for the handout's model (ResNet-50 FPN, 7 x 256-channel towers) at 800x1088, batch
                   --batch-800, with RANDOM, trainable backbone weights (no COCO file offline), so the backbone also
                   runs backward. Skipped with --quick.
@@ -493,8 +494,8 @@ def in_fresh_process(fn, *fn_args):
 
 
 def compare_heads(args, data_dir):
-    """The --heads table: each head at the demo configuration (training step and inference at its input, 160x224) and at
-    the handout's (inference at 800x1088), every figure from a fresh process."""
+    """The --heads table: each head at the demo configuration (training step and inference at the preset's input) and
+    at the handout's (inference at 800x1088), every figure from a fresh process."""
     demo_model = {k: v for k, v in DEMO.items() if k in ModelConfig.__dataclass_fields__}
     handout_model = dict(backbone_weights="none")
     memory = "max_memory_allocated" if args.device.startswith("cuda") else "max RSS of the process"
@@ -547,7 +548,7 @@ def onnx_costs(arch, data_dir, input_height, model_settings, args):
 
 def compare_onnx(args, data_dir):
     """The --onnx table: PyTorch eager against onnxruntime, per image (batch 1), for each head at the demo
-    configuration (160x224) and the handout's (800x1088), random weights, each in a fresh process."""
+    configuration (the preset's input) and the handout's (800x1088), random weights, each in a fresh process."""
     demo_model = {k: v for k, v in DEMO.items() if k in ModelConfig.__dataclass_fields__}
     print(f"PyTorch eager (SOLO.infer, {torch.get_num_threads()} threads) against onnxruntime (export.py's graph, "
           f"onnx_infer's numpy post-processing, its default threads), batch 1, POSTPROCESS_MAP, random weights (few "

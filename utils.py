@@ -96,6 +96,7 @@ def set_rng_state(state):
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4  # SGD (handout 7.1)
 ADAMW_WEIGHT_DECAY = 0.05  # AdamW's decoupled weight decay (the CPU demo's optimiser, docs/demo.md)
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
 
 
 def build_optimizer(params, name, lr):
@@ -116,7 +117,10 @@ def scaled_lr(batch_size, world_size=1):
 def lr_factor(iteration, iters_per_epoch, lr_steps=(27, 33), warmup_iters=500, schedule="step", total_iters=None):
     """Multiplier of the base lr at a global iteration (0-based): with schedule 'step' (the authors') LR_GAMMA for
     each of lr_steps the epoch has reached, with 'cosine' half a cosine from 1 to 0 over total_iters; times a
-    linear warm-up from WARMUP_FACTOR at iteration 0 to 1 at iteration warmup_iters."""
+    linear warm-up from WARMUP_FACTOR at iteration 0 to 1 at iteration warmup_iters. ValueError for another
+    schedule (a stored run's, edited by hand)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
     if schedule == "cosine":
         factor = 0.5 * (1 + math.cos(math.pi * min(iteration, total_iters) / total_iters))
     else:

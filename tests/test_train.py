@@ -181,6 +181,16 @@ def test_the_optimiser_is_sgd_or_adamw_and_another_name_is_refused():
     with pytest.raises(ValueError, match="optimizer 'adam': expected one of sgd, adamw"):
         utils.build_optimizer(params, "adam", 0.01)
 
+
+def test_the_lr_schedule_is_step_or_cosine_and_another_name_is_refused():
+    """Only a hand-edited run can carry another schedule (there is no flag): it is refused when the scheduler is
+    built, before any step, instead of running as the step schedule."""
+    assert utils.lr_factor(25, 10, [2], 0, schedule="step") == pytest.approx(0.1)  # epoch 2: one decay
+    assert utils.lr_factor(50, 10, [2], 0, schedule="cosine", total_iters=100) == pytest.approx(0.5)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.01)
+    with pytest.raises(ValueError, match="lr schedule 'linear': expected one of step, cosine"):
+        utils.build_scheduler(optimizer, 10, [2], 5, schedule="linear", total_iters=100)
+
 class TestResumeSettings:
     """--resume takes every setting from the checkpoint; RESUME_OVERRIDES may be given another value, any other
     flag that differs is refused (a value printed but not used would mislead)."""
