@@ -100,12 +100,12 @@ def masks_to_original(masks, ori_size, scaled_size=None):
     threshold 0.5. Both resizes are linear and separable, so
     they compose into one (ori_H, H/4) matrix on the rows and one (ori_W, W/4) on the columns (the same values
     up to float rounding, with no (k, H, W) intermediate)."""
-    rows, cols = original_matrices(masks.shape[-2:], ori_size, scaled_size, masks.device)
     masks = masks.float()
-    if masks.device.type != "cpu":  # one batched product: on a GPU, launches cost more than arithmetic
-        return (rows @ masks @ cols.T) > 0.5
-    return resize_boxes(mask_boxes(masks, 0.5), lambda j, y0, y1, x0, x1: masks[j, y0:y1, x0:x1],
-                        *original_resizes(masks.shape[-2:], ori_size, scaled_size))
+    if masks.device.type == "cpu":
+        return resize_boxes(mask_boxes(masks, 0.5), lambda j, y0, y1, x0, x1: masks[j, y0:y1, x0:x1],
+                            *original_resizes(masks.shape[-2:], ori_size, scaled_size))
+    rows, cols = original_matrices(masks.shape[-2:], ori_size, scaled_size, masks.device)
+    return (rows @ masks @ cols.T) > 0.5  # one batched product: on a GPU, launches cost more than arithmetic
 
 
 def resize_boxes(boxes, window, row_resize, col_resize):

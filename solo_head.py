@@ -515,9 +515,10 @@ class SOLOHead(nn.Module):
         large (k',) bool: more pixels above ins_thresh than their level's stride, the authors' test of a mask).
         Maskness is at most 1, so no candidate scores above its category score: the masks of the best
         FIRST_SHARE x pre_NMS_num by category score come first; after them, those of any other candidate whose
-        category score reaches the pre_NMS_num-th best score of large masks so far. The rest could not make the
-        pre_NMS_num best: the same detections as from every candidate's mask, for less work where there are more
-        candidates than pre_NMS_num."""
+        category score reaches the pre_NMS_num-th best score of large masks so far (where fewer large masks than
+        pre_NMS_num, every other candidate's). The rest could not make the pre_NMS_num best: the same detections
+        as from every candidate's mask (apart from the order of exactly equal scores), for less work where there
+        are more than FIRST_SHARE x pre_NMS_num candidates."""
         cell_stride = torch.cat([torch.full((s * s,), float(st), device=cell.device)
                                  for s, st in zip(self.seg_num_grids, self.strides)])  # (sum S^2,)
         order, n = cate_scores.argsort(descending=True), cfg["pre_NMS_num"]
@@ -528,7 +529,10 @@ class SOLOHead(nn.Module):
             scores = cate_scores[which] * masks.mass / masks.area
             large = masks.area > cell_stride[cell[which]]
             if large.sum() >= n:  # else every candidate may still make the best
-                rest = rest[cate_scores[rest] >= scores[large].topk(n).values[-1]]
+                # the n-th best large score, less a float rounding margin (cate x mass / area may round an ulp
+                # above cate where maskness is 1); a top 0 takes none
+                bound = scores[large].topk(n).values[-1] * (1 - 1e-6) if n else math.inf
+                rest = rest[cate_scores[rest] >= bound]
             if len(rest):
                 rest = rest.sort().values
                 masks = self.candidate_masks(ins_pred_img, cell[rest], cfg["ins_thresh"], held=masks)

@@ -279,6 +279,8 @@ class TestPostProcess:
         assert labels.tolist() == [1, 2] and masks.shape == (2, *ORI)
         scores, labels, masks = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(pre_NMS_num=1)))
         assert labels.tolist() == [1]
+        scores, labels, masks = (x[0] for x in head.PostProcess(ins, cate, ORI, cfg=cfg(pre_NMS_num=0)))
+        assert len(scores) == len(labels) == 0 and masks.shape == (0, *ORI)
 
     def test_masks_not_larger_than_stride_dropped(self, head):
         # level 0 (stride 8): 2 x 4 = 8 px dropped, 3 x 3 = 9 px kept;
@@ -649,7 +651,9 @@ class TestInfer:
             every = model.head.PostProcess(feats, cate, ORI, cfg=post_cfg)
         candidates = [int((c[b] > post_cfg["cate_thresh"]).sum()) for b in range(2) for c in [torch.cat(
             [c.flatten(1) for c in cate], 1)]]
-        assert sum(computed[:-2]) < sum(candidates) and computed[-2:] == candidates
+        first, second = computed[0:4:2], computed[1:4:2]  # per image; then every mask, one round per image
+        assert first == [25, 25] and all(n > 0 for n in second) and computed[4:] == candidates
+        assert all(f + s < c for f, s, c in zip(first, second, candidates))  # some masks never computed
         for b in range(2):
             torch.testing.assert_close(some[0][b], every[0][b], rtol=1e-6, atol=1e-7)
             assert torch.equal(some[1][b], every[1][b]) and (some[2][b] != every[2][b]).float().mean() < 1e-5
