@@ -467,8 +467,9 @@ def head_infer_costs(arch, data_dir, input_height, model_settings, args, candida
     head-specific step of PostProcess), peak memory of the process."""
     device = prepare_device(args.device, fixed_input_size=True)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**model_settings, arch=arch)).to(device).eval()
-    img = host_batch(dataset_paths(data_dir), input_height, 1, False)[0].to(device)  # (1, 3, H, W)
+    layout = memory_format(args.channels_last)  # and autocast below: the path the main table measures
+    model = build_model(ModelConfig(**model_settings, arch=arch)).to(device, memory_format=layout).eval()
+    img = host_batch(dataset_paths(data_dir), input_height, 1, False)[0].to(device, memory_format=layout)
     amp_dtype, _ = autocast_settings(device, args.amp)
     repeats = (args.repeats, args.warmup) if device.type == "cuda" or input_height < 800 else (2, 1)
     cells = torch.randperm(sum(s * s for s in model.head.seg_num_grids), device=device)[:candidates].sort().values
