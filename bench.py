@@ -483,9 +483,13 @@ def head_infer_costs(arch, data_dir, input_height, model_settings, args, candida
             with FlopCounterMode(display=False) as counter:
                 model(img, eval=eval_mode)
             flops.append(counter.get_total_flops() / 1e9)
+    feature = ins_pred_list[0]  # the path as the forward ran it, read off the head's mask features
+    feature = feature[-1] if isinstance(feature, tuple) else feature  # SOLOv2's: (kernels, mask features)
+    nhwc = feature.is_contiguous(memory_format=torch.channels_last) and not feature.is_contiguous()
     return dict(params=sum(p.numel() for p in model.parameters()) / 1e6,
                 head_params=sum(p.numel() for p in model.head.parameters()) / 1e6, gflops=flops,
-                forward=forward_ms, masks=masks_ms, memory=memory)
+                forward=forward_ms, masks=masks_ms, memory=memory,
+                path=f"{'NHWC' if nhwc else 'NCHW'} {str(feature.dtype).removeprefix('torch.')}")
 
 
 def in_fresh_process(fn, *fn_args):
@@ -515,6 +519,7 @@ def compare_heads(args, data_dir):
     line("demo: train step, batch 8 (images/s)", lambda r: f"{DEMO['batch_size'] * 1000 / r['train']['step']:.2f}")
     line("demo: peak memory of the train step (MiB)", lambda r: f"{r['train']['memory']:.0f}")
     line("demo: inference forward + masks (ms/image)", lambda r: f"{r['demo']['forward'] + r['demo']['masks']:.1f}")
+    line("inference path run (NHWC: channels_last)", lambda r: r["big"]["path"])
     line("800x1088: parameters (M), of which head", lambda r: "{params:.1f}, {head_params:.1f}".format(**r["big"]))
     line("800x1088: forward GFLOPs, training / eval", lambda r: "{:.0f} / {:.0f}".format(*r["big"]["gflops"]))
     line("800x1088: forward(eval=True) (ms)", lambda r: f"{r['big']['forward']:.0f}")

@@ -3,10 +3,8 @@ the rate of the dtype it computes in; and its side tables run the path asked for
 asserted (they are the machine's), only that the table holds them, named, and that they are rates a CPU can
 reach."""
 import re
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 import bench
 
@@ -31,24 +29,12 @@ def test_the_table_gives_each_path_as_a_share_of_its_dtypes_gemm_rate(capsys, fl
         assert float(achieved.rstrip(",")) > 0 and 0 < float(share) < 150
 
 
-@pytest.mark.parametrize("amp, channels_last", [(False, False), (True, True)])
-def test_the_heads_rows_run_the_path_asked_for(three_images, monkeypatch, amp, channels_last):
-    """--heads measures each head's inference on the path the main table measures: the model and the image in
-    channels_last with --channels-last, the forward under bfloat16 autocast with --amp (its rows once ran NCHW)."""
-    seen = []
-
-    def build_model(cfg):
-        model = real_build_model(cfg)
-        model.register_forward_pre_hook(lambda module, args: seen.append(dict(
-            image=args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous(),
-            weights=model.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last),
-            autocast=torch.is_autocast_enabled("cpu"))))
-        return model
-    real_build_model = bench.build_model
-    monkeypatch.setattr(bench, "build_model", build_model)
-    args = SimpleNamespace(device="cpu", amp=amp, channels_last=channels_last, repeats=1, warmup=0)
-    tiny = dict(backbone="resnet18", backbone_weights="none", stacked_convs=1, seg_feat_channels=32,
-                num_grids=[8, 6, 4, 3, 2])
-    costs = bench.head_infer_costs("solo", three_images, 64, tiny, args, candidates=5)
-    assert costs["forward"] > 0 and costs["masks"] > 0
-    assert seen and all(call == dict(image=channels_last, weights=channels_last, autocast=amp) for call in seen)
+@pytest.mark.slow
+def test_the_heads_table_runs_the_path_asked_for(capsys):
+    """--heads measures each head's inference on the path asked for, as the main table does: with --amp
+    --channels-last the head's features come out channels_last in bfloat16 (its rows once ran NCHW)."""
+    bench.main(bench.get_args_parser().parse_args(["--heads", "--amp", "--channels-last", "--device", "cpu",
+                                                   "--repeats", "1", "--warmup", "0"]))
+    out = capsys.readouterr().out
+    path, = [line for line in out.splitlines() if "inference path run (NHWC: channels_last)" in line]
+    assert path.split(")")[1].split() == ["NHWC", "bfloat16"] * 3  # SOLO, Decoupled, SOLOv2
