@@ -65,7 +65,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_inputs import model_settings, shape_only_preds
-from compute_path import autocast, autocast_settings, choose_path, device_name, memory_format
+from compute_path import autocast, autocast_settings, choose_path, device_name, is_channels_last, memory_format
 from datafiles import dataset_paths
 from dataset import BuildDataLoader, BuildDataset, COCODataset, course_to_coco
 from engine import batch_to_device, optimizer_step
@@ -231,9 +231,9 @@ def blob_model(num_grids, ins_pred_list, device):
     head = SOLOHead(num_grids=num_grids).to(device).eval()
     c, size = head.seg_feat_channels, tuple(2 * s for s in ins_pred_list[0].shape[-2:])
     logits = blob_logits(c, size, device)[None]  # (1, c, H/4, W/4)
-    nhwc = ins_pred_list[0].is_contiguous(memory_format=torch.channels_last) and not ins_pred_list[0].is_contiguous()
+    layout = memory_format(is_channels_last(ins_pred_list[0]))
     features = [F.interpolate(logits, size=level.shape[-2:], mode="bilinear", align_corners=False).to(
-        level.dtype, memory_format=memory_format(nhwc)) for level in ins_pred_list]
+        level.dtype, memory_format=layout) for level in ins_pred_list]
     with torch.no_grad():
         for conv in head.ins_out_list:
             cells = torch.arange(conv.weight.shape[0], device=device)
@@ -485,11 +485,10 @@ def head_infer_costs(arch, data_dir, input_height, model_settings, args, candida
             flops.append(counter.get_total_flops() / 1e9)
     feature = ins_pred_list[0]  # the path as the forward ran it, read off the head's mask features
     feature = feature[-1] if isinstance(feature, tuple) else feature  # SOLOv2's: (kernels, mask features)
-    nhwc = feature.is_contiguous(memory_format=torch.channels_last) and not feature.is_contiguous()
     return dict(params=sum(p.numel() for p in model.parameters()) / 1e6,
                 head_params=sum(p.numel() for p in model.head.parameters()) / 1e6, gflops=flops,
                 forward=forward_ms, masks=masks_ms, memory=memory,
-                path=f"{'NHWC' if nhwc else 'NCHW'} {str(feature.dtype).removeprefix('torch.')}")
+                path=f"{'NHWC' if is_channels_last(feature) else 'NCHW'} {str(feature.dtype).removeprefix('torch.')}")
 
 
 def in_fresh_process(fn, *fn_args):

@@ -47,6 +47,12 @@ def memory_format(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def is_channels_last(tensor):
+    """Whether a 4-D tensor is laid out channels_last, memory_format's inverse (a tensor both layouts describe, as
+    one of a single channel or pixel, counts as NCHW)."""
+    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
 @dataclasses.dataclass(frozen=True)
 class ComputePath:
     """amp: the network's forward under autocast (autocast_settings' dtype); channels_last: the model's

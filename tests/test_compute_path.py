@@ -8,7 +8,7 @@ import compute_path
 import main_infer
 import report
 from checkpoint import CHECKPOINT_KEYS
-from compute_path import choose_path, cpu_info
+from compute_path import choose_path, cpu_info, is_channels_last, memory_format
 from conftest import parse_train
 from errors import CheckpointError
 from model import build_model
@@ -117,3 +117,10 @@ def test_a_resumed_run_keeps_its_stored_path_whatever_this_cpu_would_choose(monk
     assert parse_train(["--resume", str(tmp_path / "a.pth"), "--amp", "off"]).amp is False
     with pytest.raises(CheckpointError, match=r"these differ: --amp \(the run has False, the command line True\)"):
         parse_train(["--resume", str(tmp_path / "a.pth"), "--amp", "auto"])
+
+
+def test_is_channels_last_reads_back_the_layout_memory_format_sets():
+    x = torch.randn(2, 3, 4, 5)
+    assert not is_channels_last(x) and is_channels_last(x.contiguous(memory_format=memory_format(True)))
+    one_channel = torch.randn(2, 1, 4, 5).contiguous(memory_format=memory_format(True))  # both layouts describe it
+    assert not is_channels_last(one_channel)
